@@ -1,0 +1,171 @@
+"""Command line: `llmclf train | predict | evaluate | export`.
+
+User errors (`LlmclfError`) print one message and exit with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+from llmclf.config import CLASS_WEIGHT_CHOICES, QUANTIZE_CHOICES
+from llmclf.errors import LlmclfError
+
+# flag, config section (None: top level), field, type, help
+TRAIN_FLAGS: list[tuple[str, str | None, str, Any, str]] = [
+    (
+        "--data",
+        "data",
+        "path",
+        str,
+        "CSV/TSV/JSONL/Parquet file, datasets folder, hub dataset name, or 'demo'",
+    ),
+    ("--text-column", "data", "text_column", str, "column with the text (default: text)"),
+    ("--label-column", "data", "label_column", str, "column with the label (default: label)"),
+    ("--eval-data", "data", "eval_data", str, "separate labelled file used as the test split"),
+    ("--train-per-class", "data", "train_per_class", int, "training examples sampled per class"),
+    ("--val-per-class", "data", "val_per_class", int, "validation examples sampled per class"),
+    ("--test-per-class", "data", "test_per_class", int, "test examples sampled per class"),
+    ("--val-fraction", "data", "val_fraction", float, "share of each class for validation (default 0.1)"),
+    ("--test-fraction", "data", "test_fraction", float, "share of each class for test (default 0.1)"),
+    ("--max-length", "data", "max_length", int, "tokens per text; longer texts are truncated (default 512)"),
+    ("--model", "model", "name", str, "smollm2-135m (default), a local folder, a .gguf file, or a hub id"),
+    ("--quantize", "model", "quantize", QUANTIZE_CHOICES, "auto: 4-bit NF4 on a CUDA GPU (default)"),
+    ("--lora-r", "lora", "r", int, "LoRA rank (default 16)"),
+    ("--lora-alpha", "lora", "alpha", float, "LoRA alpha (default 8)"),
+    ("--lora-dropout", "lora", "dropout", float, "LoRA dropout (default 0.05)"),
+    ("--lora-targets", "lora", "targets", str, "auto (q/k/v/o), all-linear, or comma-separated module names"),
+    ("--epochs", "train", "epochs", float, "passes over the training data (default 1)"),
+    ("--lr", "train", "lr", float, "learning rate (default 1e-4)"),
+    ("--batch-size", "train", "batch_size", int, "training batch size (default 8)"),
+    ("--eval-batch-size", "train", "eval_batch_size", int, "inference batch size (default 32)"),
+    ("--weight-decay", "train", "weight_decay", float, "AdamW weight decay (default 0.01)"),
+    ("--class-weights", "train", "class_weights", CLASS_WEIGHT_CHOICES, "auto: inverse frequency (default)"),
+    ("--seed", "train", "seed", int, "random seed (default 42)"),
+    (
+        "--report-to",
+        "train",
+        "report_to",
+        str,
+        "Trainer logging integration, e.g. tensorboard (default none)",
+    ),
+    ("--output", None, "output", str, "run folder to write (default runs/latest)"),
+]
+TRAIN_SWITCHES = [
+    ("--drop-invalid", "data", "drop_invalid", "drop rows with empty text or missing label (counted)"),
+    ("--trust-remote-code", "model", "trust_remote_code", "allow model code from the hub (runs Python)"),
+]
+
+
+def _dest(section: str | None, name: str) -> str:
+    return f"{section}.{name}" if section else name
+
+
+def _add_train(sub: Any) -> None:
+    p = sub.add_parser(
+        "train",
+        help="fine-tune, evaluate before/after, save a run folder",
+        description="Fine-tune a classifier. Flags override the --config file.",
+    )
+    p.add_argument("--config", help="YAML file with sections data/model/lora/train/output")
+    for flag, section, name, kind, text in TRAIN_FLAGS:
+        if isinstance(kind, tuple):
+            p.add_argument(flag, dest=_dest(section, name), choices=kind, default=None, help=text)
+        else:
+            p.add_argument(flag, dest=_dest(section, name), type=kind, default=None, help=text)
+    for flag, section, name, text in TRAIN_SWITCHES:
+        p.add_argument(
+            flag, dest=_dest(section, name), action="store_const", const=True, default=None, help=text
+        )
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+
+
+def _add_predict(sub: Any) -> None:
+    p = sub.add_parser("predict", help="label new texts with a trained run")
+    p.add_argument("run_dir", help="run folder written by `llmclf train`")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--input", help="CSV/TSV/JSONL/Parquet file to label")
+    src.add_argument("--text", action="append", help="a text to label (repeatable); prints the result")
+    p.add_argument("--output", help="file to write (format by extension); required with --input")
+    p.add_argument("--text-column", default=None, help="text column of --input (default: as in training)")
+    p.add_argument(
+        "--prediction-column", default="label", help="name of the added label column (default label)"
+    )
+    p.add_argument("--batch-size", type=int, default=None, help="texts per forward pass (default 32)")
+
+
+def _add_evaluate(sub: Any) -> None:
+    p = sub.add_parser("evaluate", help="metrics of a trained run on a labelled file")
+    p.add_argument("run_dir", help="run folder written by `llmclf train`")
+    p.add_argument("--data", required=True, help="labelled CSV/TSV/JSONL/Parquet file")
+    p.add_argument("--text-column", default=None, help="default: as in training")
+    p.add_argument("--label-column", default=None, help="default: as in training")
+    p.add_argument("--output", help="metrics JSON to write (default RUN_DIR/evaluation_<file>.json)")
+    p.add_argument("--drop-invalid", action="store_true", help="drop rows with empty text or missing label")
+
+
+def _add_export(sub: Any) -> None:
+    p = sub.add_parser("export", help="write a standalone merged model for plain transformers")
+    p.add_argument("run_dir", help="run folder written by `llmclf train`")
+    p.add_argument("--output", required=True, help="folder to write the merged model to")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llmclf", description="Fine-tune an LLM into a text classifier.")
+    parser.add_argument("--quiet", action="store_true", help="print only results and errors")
+    parser.add_argument("--verbose", action="store_true", help="show library warnings and tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_train, _add_predict, _add_evaluate, _add_export):
+        add(sub)
+    return parser
+
+
+def train_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """Flags given on the command line, as a nested dict shaped like the YAML file."""
+    out: dict[str, Any] = {}
+    specs = [(s, n) for _, s, n, _, _ in TRAIN_FLAGS] + [(s, n) for _, s, n, _ in TRAIN_SWITCHES]
+    for section, name in specs:
+        value = getattr(args, _dest(section, name))
+        if value is None:
+            continue
+        if section is None:
+            out[name] = value
+        else:
+            out.setdefault(section, {})[name] = value
+    return out
+
+
+def _quiet_libraries(verbose: bool) -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if verbose:
+        return
+    import logging
+    import warnings
+
+    # bitsandbytes warns at import that an optional CPU kernel package is absent; it works without it.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()  # weight-loading bars; training keeps its own
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        _quiet_libraries(args.verbose)
+        from llmclf import commands
+
+        return commands.dispatch(args)
+    except LlmclfError as exc:
+        if args.verbose:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,490 @@
+"""Data: load labelled texts, validate them, split per class, weigh classes, tokenise.
+
+Everything here works on pandas frames with two columns, `text` and `label` (label names as strings),
+plus `row`: the 1-based data row of the input file, so that every error can point at the row to fix.
+Nothing is dropped or renamed silently: invalid rows stop the run unless `drop_invalid` is set, and every
+removal (duplicates, rows dropped) is counted in `notes` and printed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from llmclf.errors import LlmclfError
+
+DEMO_NAME = "demo"
+TABLE_SUFFIXES = {".csv", ".tsv", ".jsonl", ".ndjson", ".json", ".parquet", ".pq"}
+
+
+def demo_data_path() -> Path:
+    """The bundled news-topic demo data (written by `llmclf.demo_data`)."""
+    return Path(str(resources.files("llmclf") / "resources" / "demo_news.csv"))
+
+
+# --------------------------------------------------------------------------------------------- loading
+@dataclass
+class Table:
+    """Raw rows as read, before validation: one frame per split the source came with."""
+
+    frames: dict[str, pd.DataFrame]
+    """`{"all": df}` for a file; the dataset's own splits (`train`, `test`, ...) for a `datasets` source."""
+    source: str
+    """What was read, for messages."""
+    class_names: dict[str, list[str]] = field(default_factory=dict)
+    """Label names of integer `ClassLabel` columns, by column."""
+
+
+def _first_bad_utf8_line(path: Path) -> tuple[int, str]:
+    for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return number, repr(raw[max(0, exc.start - 20) : exc.end + 20])
+    return 0, ""
+
+
+def _read_jsonl(path: Path) -> pd.DataFrame:
+    records = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise LlmclfError(
+                    f"{path}: line {number} is not valid JSON ({exc.msg}). Each line of a JSONL file must be "
+                    'one JSON object, e.g. {"text": "...", "label": "..."}.'
+                ) from None
+            if not isinstance(record, dict):
+                raise LlmclfError(
+                    f"{path}: line {number} is {type(record).__name__}, expected a JSON object."
+                )
+            records.append(record)
+    return pd.DataFrame.from_records(records)
+
+
+def _read_file(path: Path) -> pd.DataFrame:
+    suffix = path.suffix.lower()
+    if suffix in (".csv", ".tsv"):
+        # dtype=str and no NA parsing: "NA", "null" or "nan" stay texts, integers stay as written.
+        return pd.read_csv(
+            path, sep="\t" if suffix == ".tsv" else ",", dtype=str, keep_default_na=False, encoding="utf-8"
+        )
+    if suffix in (".jsonl", ".ndjson"):
+        return _read_jsonl(path)
+    if suffix == ".json":
+        text = path.read_text(encoding="utf-8")
+        try:
+            loaded = json.loads(text)
+        except json.JSONDecodeError:
+            return _read_jsonl(path)  # JSON Lines under a .json name
+        if not isinstance(loaded, list) or not all(isinstance(r, dict) for r in loaded):
+            raise LlmclfError(f"{path}: expected a JSON list of objects or JSON Lines, one object per line.")
+        return pd.DataFrame.from_records(loaded)
+    return pd.read_parquet(path)
+
+
+def _class_names(dataset: Any) -> dict[str, list[str]]:
+    names = {}
+    for column, feature in dataset.features.items():
+        if type(feature).__name__ == "ClassLabel":
+            names[column] = list(feature.names)
+    return names
+
+
+def _from_datasets(obj: Any, source: str) -> Table:
+    if hasattr(obj, "features"):  # a single Dataset
+        return Table({"all": obj.to_pandas()}, source, _class_names(obj))
+    frames = {name: split.to_pandas() for name, split in obj.items()}
+    first = next(iter(obj.values()))
+    return Table(frames, source, _class_names(first))
+
+
+def read_table(spec: str) -> Table:
+    """Read a file, a `save_to_disk` folder, a hub dataset name, or `demo`."""
+    path = demo_data_path() if spec == DEMO_NAME else Path(spec).expanduser()
+    if path.is_dir():
+        if not any(
+            (path / name).exists() for name in ("dataset_info.json", "dataset_dict.json", "state.json")
+        ):
+            raise LlmclfError(
+                f"{path} is a folder but not one written by datasets' save_to_disk. Give a CSV, JSONL or "
+                "Parquet file, or such a folder."
+            )
+        import datasets
+
+        return _from_datasets(datasets.load_from_disk(str(path)), str(path))
+    if path.is_file():
+        if path.suffix.lower() not in TABLE_SUFFIXES:
+            raise LlmclfError(
+                f"{path}: unreadable format '{path.suffix or '(no extension)'}'. Supported: "
+                f"{', '.join(sorted(TABLE_SUFFIXES))}, or a datasets folder."
+            )
+        try:
+            return Table({"all": _read_file(path)}, str(path))
+        except UnicodeDecodeError:
+            line, excerpt = _first_bad_utf8_line(path)
+            raise LlmclfError(
+                f"{path}: line {line} is not valid UTF-8 (bytes {excerpt}). Re-save the file as UTF-8, e.g. "
+                f"`iconv -f latin1 -t utf-8 {path.name} > fixed{path.suffix}`."
+            ) from None
+        except LlmclfError:
+            raise
+        except Exception as exc:  # pandas/pyarrow parse errors
+            raise LlmclfError(
+                f"{path}: could not be read as {path.suffix[1:].upper()} ({type(exc).__name__}: {exc})."
+            ) from None
+    if path.suffix.lower() in TABLE_SUFFIXES or spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise LlmclfError(f"Data file not found: {path}. Check the path (relative to {Path.cwd()}).")
+    return _load_hub_dataset(spec)
+
+
+def _load_hub_dataset(name: str) -> Table:
+    import datasets
+
+    try:
+        return _from_datasets(datasets.load_dataset(name), f"hub dataset {name}")
+    except Exception as exc:
+        raise LlmclfError(
+            f"'{name}' is neither a local file nor a dataset that could be loaded from the Hugging Face hub "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). Check the path, or the "
+            "dataset name and your network connection (HF_HUB_OFFLINE must be unset to download)."
+        ) from None
+
+
+# ------------------------------------------------------------------------------------------ validation
+def _is_missing(value: Any) -> bool:
+    if value is None:
+        return True
+    if isinstance(value, float) and math.isnan(value):
+        return True
+    return isinstance(value, str) and value.strip() == ""
+
+
+def normalise_label(value: Any, names: list[str] | None = None) -> str:
+    """One label name per class, whatever the file's types: 1, 1.0 and "1" all become "1"."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if names is not None and isinstance(value, int) and 0 <= value < len(names):
+        return names[value]
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value).strip()
+
+
+def _rows_text(rows: list[int]) -> str:
+    shown = ", ".join(str(r) for r in rows[:10])
+    return shown + (f" and {len(rows) - 10} more" if len(rows) > 10 else "")
+
+
+def clean_frame(
+    frame: pd.DataFrame,
+    source: str,
+    text_column: str,
+    label_column: str | None,
+    *,
+    drop_invalid: bool = False,
+    class_names: list[str] | None = None,
+    notes: list[str] | None = None,
+) -> pd.DataFrame:
+    """Check columns and values; return `text`, `label` (if asked) and `row` columns."""
+    wanted = [text_column] + ([label_column] if label_column else [])
+    missing = [c for c in wanted if c not in frame.columns]
+    if missing:
+        raise LlmclfError(
+            f"{source}: column(s) {missing} not found. Columns present: {list(frame.columns)}. "
+            "Choose them with --text-column / --label-column."
+        )
+    rows = np.arange(1, len(frame) + 1)
+    texts = frame[text_column].tolist()
+    bad_text = [int(r) for r, t in zip(rows, texts) if _is_missing(t)]
+    bad_label: list[int] = []
+    if label_column:
+        bad_label = [int(r) for r, v in zip(rows, frame[label_column].tolist()) if _is_missing(v)]
+    problems = []
+    if bad_text:
+        problems.append(
+            f"{len(bad_text)} empty or missing text(s) in column '{text_column}' at row(s) "
+            f"{_rows_text(bad_text)}"
+        )
+    if bad_label:
+        problems.append(
+            f"{len(bad_label)} missing label(s) in column '{label_column}' at row(s) {_rows_text(bad_label)}"
+        )
+    if problems and not drop_invalid:
+        raise LlmclfError(
+            f"{source}: " + "; ".join(problems) + " (data rows counted from 1, header excluded). "
+            "Fix those rows, or pass --drop-invalid to leave them out."
+        )
+    keep = np.ones(len(frame), dtype=bool)
+    for r in set(bad_text) | set(bad_label):
+        keep[r - 1] = False
+    if problems and notes is not None:
+        notes.append(
+            f"{source}: dropped {int((~keep).sum())} invalid row(s) (--drop-invalid): " + "; ".join(problems)
+        )
+    out = pd.DataFrame({"text": [str(t) for t, k in zip(texts, keep) if k], "row": rows[keep]})
+    if label_column:
+        out["label"] = [
+            normalise_label(v, class_names) for v, k in zip(frame[label_column].tolist(), keep) if k
+        ]
+    return out
+
+
+def order_labels(labels: list[str] | set[str], class_names: list[str] | None = None) -> list[str]:
+    """Stable label order: the dataset's own names, else numeric order for numbers, else alphabetical."""
+    present = set(labels)
+    if class_names:
+        return [n for n in class_names if n in present] + sorted(present - set(class_names))
+    try:
+        return sorted(present, key=lambda v: (float(v), v))
+    except ValueError:
+        return sorted(present)
+
+
+# ----------------------------------------------------------------------------------------- splitting
+@dataclass
+class Splits:
+    """The three splits, label order, and what was done to get them."""
+
+    train: pd.DataFrame
+    val: pd.DataFrame
+    test: pd.DataFrame
+    labels: list[str]
+    notes: list[str] = field(default_factory=list)
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Rows per split and class, in label order."""
+        out = {}
+        for name in ("train", "val", "test"):
+            frame = getattr(self, name)
+            vc = frame["label"].value_counts() if len(frame) else {}
+            out[name] = {label: int(vc.get(label, 0)) for label in self.labels}
+        return out
+
+
+def _dedupe(frame: pd.DataFrame, source: str, notes: list[str]) -> pd.DataFrame:
+    dup = frame["text"].duplicated(keep="first")
+    if dup.any():
+        conflicting = frame[frame["text"].isin(frame.loc[dup, "text"])].groupby("text")["label"].nunique()
+        notes.append(
+            f"{source}: removed {int(dup.sum())} duplicate text(s) (kept the first occurrence; "
+            f"{int((conflicting > 1).sum())} had conflicting labels) so that no text is in two splits."
+        )
+    return frame[~dup]
+
+
+def _per_class_counts(n: int, val_fraction: float, test_fraction: float) -> tuple[int, int]:
+    # Each class gets at least one validation and test example where it has enough rows for it.
+    n_val = max(1, round(n * val_fraction)) if val_fraction > 0 and n >= 3 else 0
+    n_test = max(1, round(n * test_fraction)) if test_fraction > 0 and n >= 3 else 0
+    return n_val, n_test
+
+
+def split_data(
+    pool: pd.DataFrame,
+    *,
+    source: str,
+    labels: list[str],
+    test_pool: pd.DataFrame | None = None,
+    train_per_class: int | None = None,
+    val_per_class: int | None = None,
+    test_per_class: int | None = None,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+    seed: int = 42,
+    notes: list[str] | None = None,
+) -> Splits:
+    """Seeded, stratified split into train/val/test; `test_pool` (a separate file) becomes the test split."""
+    notes = list(notes or [])
+    rng = np.random.default_rng(seed)
+    pool = _dedupe(pool, source, notes)
+    if len(labels) < 2:
+        raise LlmclfError(
+            f"{source}: only one class ({labels[0] if labels else 'none'}) found in the label column. "
+            "A classifier needs at least two classes: check --label-column."
+        )
+    per_class = train_per_class is not None
+    if per_class:
+        need = (
+            train_per_class + (val_per_class or 0) + (0 if test_pool is not None else (test_per_class or 0))
+        )
+        counts = pool["label"].value_counts()
+        short = {lab: int(counts.get(lab, 0)) for lab in labels if counts.get(lab, 0) < need}
+        if short:
+            listing = ", ".join(f"'{lab}' has {n}" for lab, n in short.items())
+            raise LlmclfError(
+                f"{source}: {need} examples per class requested (train {train_per_class} + val "
+                f"{val_per_class or 0} + test {0 if test_pool is not None else test_per_class or 0}), but "
+                f"{listing}. Lower the per-class sizes, or leave them out to split by fractions."
+            )
+    parts: dict[str, list[pd.DataFrame]] = {"train": [], "val": [], "test": []}
+    for label in labels:
+        rows = pool[pool["label"] == label]
+        rows = rows.iloc[rng.permutation(len(rows))]
+        if per_class:
+            n_val, n_test = val_per_class or 0, (0 if test_pool is not None else test_per_class or 0)
+            n_train = train_per_class
+        else:
+            n_val, n_test = _per_class_counts(
+                len(rows), val_fraction, 0 if test_pool is not None else test_fraction
+            )
+            n_train = len(rows) - n_val - n_test
+        parts["val"].append(rows.iloc[:n_val])
+        parts["test"].append(rows.iloc[n_val : n_val + n_test])
+        parts["train"].append(rows.iloc[n_val + n_test : n_val + n_test + n_train])
+
+    def shuffled(frames: list[pd.DataFrame]) -> pd.DataFrame:
+        frame = pd.concat(frames)
+        return frame.iloc[rng.permutation(len(frame))].reset_index(drop=True)
+
+    train, val, test = shuffled(parts["train"]), shuffled(parts["val"]), shuffled(parts["test"])
+    if test_pool is not None:
+        test = _prepare_test_pool(test_pool, train, val, labels, test_per_class, rng, notes)
+    if len(test) == 0:
+        raise LlmclfError(
+            f"{source}: the test split is empty. Give --eval-data, --test-per-class, or a test fraction > 0."
+        )
+    return Splits(train, val, test, labels, notes)
+
+
+def _prepare_test_pool(
+    test_pool: pd.DataFrame,
+    train: pd.DataFrame,
+    val: pd.DataFrame,
+    labels: list[str],
+    test_per_class: int | None,
+    rng: np.random.Generator,
+    notes: list[str],
+) -> pd.DataFrame:
+    unseen = sorted(set(test_pool["label"]) - set(labels))
+    if unseen:
+        raise LlmclfError(
+            f"The evaluation data has label(s) never seen in training: {unseen} (training labels: {labels}). "
+            "Remove those rows or add training examples for them."
+        )
+    test = _dedupe(test_pool, "evaluation data", notes)
+    seen = test["text"].isin(set(train["text"]) | set(val["text"]))
+    if seen.any():
+        notes.append(f"evaluation data: removed {int(seen.sum())} text(s) that are also in train/val.")
+        test = test[~seen]
+    if test_per_class is not None:
+        picked = []
+        for label in labels:
+            rows = test[test["label"] == label]
+            picked.append(rows.iloc[rng.permutation(len(rows))[:test_per_class]])
+        test = pd.concat(picked)
+        test = test.iloc[rng.permutation(len(test))]
+    return test.reset_index(drop=True)
+
+
+def class_weights(train_labels: list[str] | pd.Series, labels: list[str]) -> list[float]:
+    """Inverse class frequency in the training split, normalised to sum to 1 (the recipe's weights)."""
+    counts = pd.Series(list(train_labels)).value_counts()
+    missing = [lab for lab in labels if counts.get(lab, 0) == 0]
+    if missing:
+        raise LlmclfError(f"No training examples for class(es) {missing}: cannot weigh them.")
+    inverse = np.array([len(train_labels) / counts[lab] for lab in labels], dtype=np.float64)
+    return (inverse / inverse.sum()).tolist()
+
+
+# ---------------------------------------------------------------------------------------- tokenising
+def tokenize_texts(tokenizer: Any, texts: list[str], max_length: int) -> tuple[list[list[int]], int]:
+    """Token ids truncated to `max_length`, and how many texts were longer than that."""
+    full = tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]
+    n_truncated = sum(len(ids) > max_length for ids in full)
+    if n_truncated == 0:
+        return full, 0
+    return tokenizer(texts, truncation=True, max_length=max_length)["input_ids"], n_truncated
+
+
+def to_dataset(input_ids: list[list[int]], label_ids: list[int]) -> Any:
+    """A `datasets.Dataset` ready for the Trainer; padding is left to the collator (dynamic)."""
+    import datasets
+
+    return datasets.Dataset.from_dict(
+        {
+            "input_ids": input_ids,
+            "attention_mask": [[1] * len(ids) for ids in input_ids],
+            "labels": label_ids,
+        }
+    )
+
+
+# ----------------------------------------------------------------------------------------- top level
+def load_splits(
+    path: str,
+    text_column: str,
+    label_column: str,
+    *,
+    eval_data: str | None = None,
+    train_per_class: int | None = None,
+    val_per_class: int | None = None,
+    test_per_class: int | None = None,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+    drop_invalid: bool = False,
+    seed: int = 42,
+) -> Splits:
+    """Read, validate and split. A source with its own `train`/`test` splits uses them for test."""
+    notes: list[str] = []
+    table = read_table(path)
+    names = table.class_names.get(label_column)
+
+    def clean(frame: pd.DataFrame, source: str) -> pd.DataFrame:
+        return clean_frame(
+            frame,
+            source,
+            text_column,
+            label_column,
+            drop_invalid=drop_invalid,
+            class_names=names,
+            notes=notes,
+        )
+
+    frames = table.frames
+    test_pool = None
+    if eval_data is not None:
+        evaluation = read_table(eval_data)
+        eval_frames = evaluation.frames
+        eval_frame = eval_frames.get("test", next(iter(eval_frames.values())))
+        test_pool = clean_frame(
+            eval_frame,
+            evaluation.source,
+            text_column,
+            label_column,
+            drop_invalid=drop_invalid,
+            class_names=evaluation.class_names.get(label_column) or names,
+            notes=notes,
+        )
+    elif "train" in frames and "test" in frames:
+        test_pool = clean(frames["test"], f"{table.source} [test]")
+        notes.append(f"{table.source}: using its own 'test' split for testing.")
+    pool_frame = frames.get("train", next(iter(frames.values())))
+    pool_source = table.source + (" [train]" if "train" in frames and len(frames) > 1 else "")
+    pool = clean(pool_frame, pool_source)
+    labels = order_labels(set(pool["label"]), names)
+    return split_data(
+        pool,
+        source=pool_source,
+        labels=labels,
+        test_pool=test_pool,
+        train_per_class=train_per_class,
+        val_per_class=val_per_class,
+        test_per_class=test_per_class,
+        val_fraction=val_fraction,
+        test_fraction=test_fraction,
+        seed=seed,
+        notes=notes,
+    )

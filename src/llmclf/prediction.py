@@ -1,0 +1,115 @@
+"""`Classifier`: a trained run folder, loaded for reuse from Python or the command line.
+
+    clf = Classifier.load("runs/news")
+    clf.labels                      # ['Business', 'Sci/Tech', 'Sports', 'World']
+    clf.predict(["Stocks fell ..."])  # ['Business']
+    clf.predict_proba(texts)        # (n, num_labels) array, rows sum to 1
+
+Needs neither the training data nor network: the base model is resolved as at training time (the
+embedded alias or a local folder; a hub model from the local cache) and the adapter is in the folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from llmclf import artifacts
+from llmclf.config import config_from_saved
+from llmclf.errors import LlmclfError
+from llmclf.evaluation import compute_metrics, predict_proba
+from llmclf.modeling import load_classifier, load_tokenizer, resolve_model_source
+
+
+class Classifier:
+    """A fine-tuned text classifier: base model + LoRA adapter + head, with its label names."""
+
+    def __init__(
+        self, model: Any, tokenizer: Any, labels: list[str], *, max_length: int = 512, batch_size: int = 32
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.labels = list(labels)
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.model.eval()
+
+    @classmethod
+    def load(cls, run_dir: str | Path, *, quiet: bool = True, full_precision: bool = False) -> Classifier:
+        """Load a run folder written by `llmclf train`; `full_precision` ignores 4-bit training (export)."""
+        from peft import PeftModel
+
+        path = artifacts.check_run_dir(run_dir)
+        config = config_from_saved(path / artifacts.CONFIG)
+        labels = artifacts.read_json(path / artifacts.LABELS)
+        info = artifacts.read_json(path / artifacts.RUN_INFO)
+        source = resolve_model_source(config.model.name, quiet=quiet)
+        # Same precision as in training, so probabilities match those written at the end of training.
+        loaded = load_classifier(
+            source,
+            labels,
+            quantize=bool(info.get("quantized")) and not full_precision,
+            trust_remote_code=config.model.trust_remote_code,
+            for_training=False,
+        )
+        model = PeftModel.from_pretrained(loaded.model, str(path / artifacts.ADAPTER))
+        tokenizer = load_tokenizer(str(path / artifacts.TOKENIZER))
+        model.config.pad_token_id = tokenizer.pad_token_id
+        return cls(
+            model,
+            tokenizer,
+            labels,
+            max_length=config.data.max_length,
+            batch_size=config.train.eval_batch_size,
+        )
+
+    def predict_proba(
+        self, texts: list[str] | str, *, batch_size: int | None = None, progress: bool | None = False
+    ) -> np.ndarray:
+        """Probabilities, shape (len(texts), len(labels)), in input order."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
+        if bad:
+            raise LlmclfError(f"Texts must be strings; item(s) {bad[:10]} are not.")
+        return predict_proba(
+            self.model,
+            self.tokenizer,
+            texts,
+            batch_size=batch_size or self.batch_size,
+            max_length=self.max_length,
+            progress=progress,
+        )
+
+    def predict(self, texts: list[str] | str, *, batch_size: int | None = None) -> list[str]:
+        """Label names, in input order."""
+        probs = self.predict_proba(texts, batch_size=batch_size)
+        return [self.labels[i] for i in probs.argmax(axis=1)]
+
+    def evaluate(
+        self, texts: list[str], true_labels: list[str], *, progress: bool | None = False
+    ) -> tuple[dict, np.ndarray]:
+        """Metrics (as in training's after-evaluation) on labelled texts, and the probabilities."""
+        unknown = sorted(set(true_labels) - set(self.labels))
+        if unknown:
+            raise LlmclfError(
+                f"Label(s) {unknown} are not known to this classifier (it knows {self.labels}). Remove those "
+                "rows or map them to known labels."
+            )
+        index = {label: i for i, label in enumerate(self.labels)}
+        probs = self.predict_proba(texts, progress=progress)
+        return compute_metrics([index[t] for t in true_labels], probs.argmax(axis=1), self.labels), probs
+
+    def merged_model(self) -> Any:
+        """A plain transformers model with the LoRA update folded in and the trained head kept."""
+        model = self.model
+        if getattr(model.base_model, "is_loaded_in_4bit", False) or getattr(
+            model.config, "quantization_config", None
+        ):
+            raise LlmclfError("Merging into a 4-bit base is lossy; load the run in full precision to export.")
+        merged = model.merge_and_unload()
+        merged.config.id2label = dict(enumerate(self.labels))
+        merged.config.label2id = {label: i for i, label in enumerate(self.labels)}
+        merged.config.pad_token_id = self.tokenizer.pad_token_id
+        return merged

@@ -1,0 +1,67 @@
+"""Plain-text tables for the terminal: class balance, before/after metrics, per class, confusion."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]], title: str | None = None) -> str:
+    """Aligned columns; the first column left-aligned, the others right-aligned."""
+    cells = [[str(h) for h in headers]] + [[_fmt(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+
+    def line(row: list[str]) -> str:
+        first = row[0].ljust(widths[0])
+        rest = [c.rjust(w) for c, w in zip(row[1:], widths[1:])]
+        return "  ".join([first, *rest]).rstrip()
+
+    out = [line(cells[0]), "  ".join("-" * w for w in widths)] + [line(r) for r in cells[1:]]
+    return "\n".join(([title] if title else []) + out)
+
+
+def _fmt(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
+def class_balance(counts: dict[str, dict[str, int]], labels: list[str], weights: list[float] | None) -> str:
+    """Rows per split and class, with the class weights used in the loss."""
+    headers = ["class", "train", "val", "test"] + (["weight"] if weights else [])
+    rows = []
+    for i, label in enumerate(labels):
+        row: list[object] = [label] + [counts[s].get(label, 0) for s in ("train", "val", "test")]
+        rows.append(row + ([weights[i]] if weights else []))
+    totals: list[object] = ["total"] + [sum(counts[s].values()) for s in ("train", "val", "test")]
+    rows.append(totals + ([sum(weights)] if weights else []))
+    return table(headers, rows, title="Class balance")
+
+
+HEADLINE = (("accuracy", "accuracy"), ("balanced accuracy", "balanced_accuracy"), ("macro F1", "macro_f1"))
+
+
+def compare(before: dict | None, after: dict, title: str = "Test metrics") -> str:
+    """Headline metrics before and after training, with the change."""
+    if before is None:
+        return table(["metric", "value"], [[name, after[key]] for name, key in HEADLINE], title=title)
+    rows = [[name, before[key], after[key], f"{after[key] - before[key]:+.4f}"] for name, key in HEADLINE]
+    return table(["metric", "before", "after", "change"], rows, title=title)
+
+
+def per_class(metrics: dict, title: str = "Per class") -> str:
+    rows = [
+        [label, m["precision"], m["recall"], m["f1"], m["support"]]
+        for label, m in metrics["per_class"].items()
+    ]
+    return table(["class", "precision", "recall", "F1", "support"], rows, title=title)
+
+
+def confusion(metrics: dict, title: str = "Confusion matrix (rows: true, columns: predicted)") -> str:
+    labels = metrics["labels"]
+    rows = [[label, *counts] for label, counts in zip(labels, metrics["confusion_matrix"])]
+    return table(["true \\ predicted", *labels], rows, title=title)
+
+
+def full_report(before: dict | None, after: dict) -> str:
+    parts = [compare(before, after), per_class(after, title="Per class (after)"), confusion(after)]
+    return "\n\n".join(parts)

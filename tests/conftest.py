@@ -1,0 +1,131 @@
+"""Shared fixtures: a tiny random Llama model with an offline BPE tokenizer, small data, one trained run.
+
+The tiny model has the real architecture of the default model (Llama) at 2 layers and hidden size 64,
+so every code path (pad token, last-token pooling, LoRA on q/k/v/o, 4-bit NF4) is exercised in seconds.
+Its tokenizer has no pad token on purpose, like Llama's.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+from llmclf.data import demo_data_path  # noqa: E402
+
+
+def read_demo_rows() -> list[dict[str, str]]:
+    with demo_data_path().open(encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def write_csv(path: Path, rows: list[dict], fields: list[str] | None = None) -> Path:
+    fields = fields or list(rows[0])
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    out = tmp_path_factory.mktemp("tiny-llama")
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=600,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    bpe.train_from_iterator([r["text"] for r in read_demo_rows()], trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    assert tokenizer.pad_token is None  # like Llama: llmclf must supply one
+    tokenizer.save_pretrained(out)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=None,
+        tie_word_embeddings=True,
+    )
+    LlamaForCausalLM(config).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def small_csv(tmp_path_factory) -> Path:
+    """40 rows per class of the demo data, in a CSV of its own with an extra column."""
+    rows = read_demo_rows()
+    random.Random(0).shuffle(rows)
+    picked: list[dict] = []
+    for label in sorted({r["label"] for r in rows}):
+        picked += [r for r in rows if r["label"] == label][:40]
+    for i, row in enumerate(picked):
+        row["id"] = f"r{i}"
+    return write_csv(tmp_path_factory.mktemp("data") / "small.csv", picked, ["id", "text", "label"])
+
+
+TRAIN_ARGS = [
+    "--train-per-class",
+    "20",
+    "--val-per-class",
+    "5",
+    "--test-per-class",
+    "10",
+    "--epochs",
+    "2",
+    "--lr",
+    "2e-3",
+    "--batch-size",
+    "8",
+    "--max-length",
+    "64",
+    "--seed",
+    "7",
+]
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, tiny_model_dir, small_csv) -> Path:
+    """One real `llmclf train` run on the tiny model, shared by the tests that only read its output."""
+    from llmclf.cli import main
+
+    out = tmp_path_factory.mktemp("runs") / "run"
+    code = main(
+        [
+            "--quiet",
+            "train",
+            "--data",
+            str(small_csv),
+            "--model",
+            str(tiny_model_dir),
+            "--output",
+            str(out),
+            *TRAIN_ARGS,
+        ]
+    )
+    assert code == 0
+    return out

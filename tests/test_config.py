@@ -1,0 +1,65 @@
+import pytest
+import yaml
+
+from llmclf.cli import build_parser, train_overrides
+from llmclf.config import RunConfig, build_config, config_from_saved, load_config
+from llmclf.errors import LlmclfError
+
+
+def test_defaults_are_the_recipe():
+    c = RunConfig()
+    assert (c.train.lr, c.train.batch_size, c.train.epochs, c.train.weight_decay) == (1e-4, 8, 1.0, 0.01)
+    assert (c.lora.r, c.lora.alpha, c.lora.dropout, c.lora.targets) == (16, 8, 0.05, "auto")
+    assert c.model.name == "smollm2-135m" and c.model.quantize == "auto"
+    assert c.train.class_weights == "auto"
+
+
+def test_yaml_overlay_then_flags_override(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "data": {"path": "a.csv", "train_per_class": 10},
+                "train": {"lr": 5e-4, "epochs": 3},
+                "output": "runs/x",
+            }
+        )
+    )
+    args = build_parser().parse_args(
+        ["train", "--config", str(path), "--lr", "2e-4", "--lora-targets", "q_proj,v_proj"]
+    )
+    c = load_config(args.config, train_overrides(args))
+    assert c.train.lr == 2e-4  # flag wins
+    assert c.train.epochs == 3  # from the file
+    assert c.data.train_per_class == 10 and c.data.path == "a.csv" and c.output == "runs/x"
+    assert c.lora.targets == ["q_proj", "v_proj"]
+    assert c.train.batch_size == 8  # default
+
+
+@pytest.mark.parametrize(
+    ("overlay", "needle"),
+    [
+        ({"model": {"quantize": "8bit"}}, "model.quantize='8bit'"),
+        ({"train": {"lr": -1}}, "train.lr=-1"),
+        ({"train": {"class_weights": "balanced"}}, "auto, none"),
+        ({"data": {"train_per_class": 0}}, "data.train_per_class=0"),
+        ({"data": {"test_per_class": 5}}, "need data.train_per_class"),
+        ({"lora": {"rank": 8}}, "Unknown key(s) ['rank'] in config section 'lora'"),
+        ({"trainer": {}}, "Unknown config section(s) ['trainer']"),
+    ],
+)
+def test_invalid_values_name_the_key_and_the_allowed_values(overlay, needle):
+    with pytest.raises(LlmclfError) as err:
+        build_config(overlay)
+    assert needle in str(err.value)
+
+
+def test_saved_config_round_trips(tmp_path):
+    c = build_config({"data": {"path": "x.csv", "val_per_class": 2, "train_per_class": 3}, "lora": {"r": 4}})
+    c.save(tmp_path / "config.yaml")
+    assert config_from_saved(tmp_path / "config.yaml") == c
+
+
+def test_missing_config_file_is_a_clear_error(tmp_path):
+    with pytest.raises(LlmclfError, match="Config file not found"):
+        load_config(tmp_path / "nope.yaml")
