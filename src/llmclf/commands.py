@@ -140,6 +140,8 @@ def export(args: argparse.Namespace) -> int:
     clf = Classifier.load(args.run_dir, quiet=args.quiet, full_precision=True)
     merged = clf.merged_model()
     merged.save_pretrained(str(out))  # safetensors
+    # Plain users who pass truncation=True then truncate where training did.
+    clf.tokenizer.model_max_length = clf.max_length
     clf.tokenizer.save_pretrained(str(out))
     if not args.quiet:
         print(f"Exported a merged model ({len(clf.labels)} labels) to {out}")

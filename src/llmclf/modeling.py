@@ -116,6 +116,10 @@ def hub_errors(model: str) -> Iterator[None]:
     """Turn hub failures (gated, missing token, offline, not found) into messages with the fix."""
     from huggingface_hub import errors as hf_errors
 
+    offline = (
+        f"Model '{model}' is not in the local Hugging Face cache and could not be downloaded (no network, "
+        "or HF_HUB_OFFLINE=1). Connect and retry, or pass a local folder or the alias smollm2-135m."
+    )
     try:
         yield
     except hf_errors.GatedRepoError:
@@ -129,12 +133,18 @@ def hub_errors(model: str) -> Iterator[None]:
             "given. Check the id; for private or gated models set HF_TOKEN or run `hf auth login`."
         ) from None
     except (hf_errors.LocalEntryNotFoundError, hf_errors.OfflineModeIsEnabled):
-        raise LlmclfError(
-            f"Model '{model}' is not in the local Hugging Face cache and could not be downloaded (no network, "
-            "or HF_HUB_OFFLINE=1). Connect and retry, or pass a local folder or the alias smollm2-135m."
-        ) from None
+        raise LlmclfError(offline) from None
     except OSError as exc:
         text = str(exc)
+        # transformers re-raises hub failures as OSError with these phrases.
+        if "couldn't connect" in text or "offline mode" in text.lower():
+            raise LlmclfError(offline) from None
+        if "not a valid model identifier" in text or "gated" in text:
+            raise LlmclfError(
+                f"Model '{model}' is not a local folder and could not be opened on the Hugging Face hub: it "
+                "does not exist, or it is private/gated and no valid token was given. Check the id; set "
+                "HF_TOKEN or run `hf auth login`, after accepting the licence on its page if gated."
+            ) from None
         if "safetensors" in text or "pytorch_model.bin" in text:
             raise LlmclfError(
                 f"Model '{model}': no safetensors weights found. llmclf loads safetensors only, since pickle "

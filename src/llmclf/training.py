@@ -100,6 +100,7 @@ def training_arguments(
         bf16=bf16,
         disable_tqdm=quiet,
         dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
         remove_unused_columns=False,
     )
 

