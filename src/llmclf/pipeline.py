@@ -11,7 +11,6 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -147,7 +146,7 @@ def run_training(config: RunConfig, *, overwrite: bool = False, quiet: bool = Fa
         bf16=quantized and torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
         quiet=quiet,
     )
-    trainer = build_trainer(model, tokenizer, train_ds, val_ds, args, weights)
+    trainer = build_trainer(model, tokenizer, train_ds, val_ds, args, weights, quiet=quiet)
     train_output = trainer.train()
     model = trainer.model  # the best epoch's weights when there is a validation split
 
@@ -187,9 +186,9 @@ def run_training(config: RunConfig, *, overwrite: bool = False, quiet: bool = Fa
     write_predictions(out / artifacts.PREDICTIONS, splits, probs)
     shutil.rmtree(out / artifacts.CHECKPOINTS, ignore_errors=True)  # the best adapter is saved above
 
-    say(reporting.full_report(before, after))
     seconds = time.perf_counter() - started
-    say(f"\nRun folder: {out}  ({seconds:.0f} s)")
+    print(reporting.full_report(before, after), flush=True)  # the result: printed even with --quiet
+    print(f"\nRun folder: {out}  ({seconds:.0f} s)", flush=True)
     return RunResult(out, {"before": before, "after": after}, seconds)
 
 
@@ -197,7 +196,3 @@ def set_threads() -> None:
     """Use every core present (torch defaults to the physical count, which may be fewer)."""
     n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     torch.set_num_threads(n)
-
-
-def describe(result: RunResult) -> dict[str, Any]:
-    return {"output": str(result.output), "seconds": result.seconds, **result.metrics}

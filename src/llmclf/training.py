@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
+from transformers import DataCollatorWithPadding, PrinterCallback, Trainer, TrainingArguments
 
 from llmclf.errors import LlmclfError
 
@@ -112,8 +112,9 @@ def build_trainer(
     val_dataset: Any | None,
     args: TrainingArguments,
     class_weights: list[float] | None,
+    quiet: bool = False,
 ) -> WeightedLossTrainer:
-    return WeightedLossTrainer(
+    trainer = WeightedLossTrainer(
         model=model,
         args=args,
         train_dataset=train_dataset,
@@ -123,3 +124,6 @@ def build_trainer(
         compute_metrics=metrics_for_trainer if val_dataset is not None else None,
         class_weights=class_weights,
     )
+    if quiet:
+        trainer.remove_callback(PrinterCallback)  # it prints every log line when progress bars are off
+    return trainer
