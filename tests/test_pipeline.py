@@ -9,7 +9,7 @@ import pytest
 import yaml
 from safetensors import safe_open
 
-from conftest import TRAIN_ARGS, read_demo_rows, write_csv
+from conftest import read_demo_rows, train_tiny, write_csv
 from llmclf.cli import main
 
 FILES = [
@@ -115,22 +115,7 @@ def test_integer_labels_and_4bit_qlora(tmp_path, tiny_model_dir):
 
 def test_same_seed_same_metrics(tmp_path, tiny_model_dir, small_csv, trained_run):
     out = tmp_path / "again"
-    assert (
-        main(
-            [
-                "--quiet",
-                "train",
-                "--data",
-                str(small_csv),
-                "--model",
-                str(tiny_model_dir),
-                "--output",
-                str(out),
-                *TRAIN_ARGS,
-            ]
-        )
-        == 0
-    )
+    assert train_tiny(small_csv, tiny_model_dir, out) == 0
     assert json.loads((out / "metrics.json").read_text()) == json.loads(
         (trained_run / "metrics.json").read_text()
     )

@@ -93,7 +93,10 @@ def _add_predict(sub: Any) -> None:
     p.add_argument(
         "--prediction-column", default="label", help="name of the added label column (default label)"
     )
-    p.add_argument("--batch-size", type=int, default=None, help="texts per forward pass (default 32)")
+    p.add_argument(
+        "--batch-size", type=int, default=None, help="texts per forward pass (default: as in training)"
+    )
+    p.add_argument("--max-length", type=int, default=None, help="tokens per text (default: as in training)")
 
 
 def _add_evaluate(sub: Any) -> None:
@@ -104,6 +107,10 @@ def _add_evaluate(sub: Any) -> None:
     p.add_argument("--label-column", default=None, help="default: as in training")
     p.add_argument("--output", help="metrics JSON to write (default RUN_DIR/evaluation_<file>.json)")
     p.add_argument("--drop-invalid", action="store_true", help="drop rows with empty text or missing label")
+    p.add_argument(
+        "--batch-size", type=int, default=None, help="texts per forward pass (default: as in training)"
+    )
+    p.add_argument("--max-length", type=int, default=None, help="tokens per text (default: as in training)")
 
 
 def _add_export(sub: Any) -> None:

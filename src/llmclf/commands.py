@@ -34,12 +34,19 @@ def train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load(run_dir: str, quiet: bool):
+def _load(args: argparse.Namespace):
     from llmclf.prediction import Classifier
 
-    if not quiet:
-        print(f"Loading classifier from {run_dir} ...", file=sys.stderr, flush=True)
-    return Classifier.load(run_dir, quiet=quiet)
+    for name in ("batch_size", "max_length"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise LlmclfError(f"--{name.replace('_', '-')} must be a whole number > 0, found {value}.")
+    if not args.quiet:
+        print(f"Loading classifier from {args.run_dir} ...", file=sys.stderr, flush=True)
+    clf = Classifier.load(args.run_dir, quiet=args.quiet)
+    clf.batch_size = args.batch_size or clf.batch_size
+    clf.max_length = args.max_length or clf.max_length
+    return clf
 
 
 def _single_frame(spec: str) -> pd.DataFrame:
@@ -70,9 +77,9 @@ def predict(args: argparse.Namespace) -> int:
         raise LlmclfError(
             "--input needs --output FILE (.csv, .jsonl or .parquet) to write the predictions to."
         )
-    clf = _load(args.run_dir, args.quiet)
+    clf = _load(args)
     if args.text:
-        probs = clf.predict_proba(args.text, batch_size=args.batch_size)
+        probs = clf.predict_proba(args.text)
         for text, row in zip(args.text, probs):
             ranked = sorted(zip(clf.labels, row), key=lambda kv: -kv[1])
             print(
@@ -120,7 +127,7 @@ def evaluate(args: argparse.Namespace) -> int:
     frame = clean_frame(
         _single_frame(args.data), args.data, text_column, label_column, drop_invalid=args.drop_invalid
     )
-    clf = _load(args.run_dir, args.quiet)
+    clf = _load(args)
     metrics, _ = clf.evaluate(frame["text"].tolist(), frame["label"].tolist(), progress=None)
     output = (
         Path(args.output) if args.output else Path(args.run_dir) / f"evaluation_{Path(args.data).stem}.json"

@@ -55,6 +55,9 @@ class Classifier:
             for_training=False,
         )
         model = PeftModel.from_pretrained(loaded.model, str(path / artifacts.ADAPTER))
+        if not loaded.quantized:
+            # Fold LoRA into the base weights: same outputs (to float rounding), no adapter matmuls per layer.
+            model = model.merge_and_unload()
         tokenizer = load_tokenizer(str(path / artifacts.TOKENIZER))
         model.config.pad_token_id = tokenizer.pad_token_id
         return cls(
@@ -103,12 +106,13 @@ class Classifier:
 
     def merged_model(self) -> Any:
         """A plain transformers model with the LoRA update folded in and the trained head kept."""
-        model = self.model
-        if getattr(model.base_model, "is_loaded_in_4bit", False) or getattr(
-            model.config, "quantization_config", None
-        ):
+        from peft import PeftModel
+
+        merged = self.model
+        if getattr(merged.config, "quantization_config", None):
             raise LlmclfError("Merging into a 4-bit base is lossy; load the run in full precision to export.")
-        merged = model.merge_and_unload()
+        if isinstance(merged, PeftModel):
+            merged = merged.merge_and_unload()
         merged.config.id2label = dict(enumerate(self.labels))
         merged.config.label2id = {label: i for i, label in enumerate(self.labels)}
         merged.config.pad_token_id = self.tokenizer.pad_token_id
