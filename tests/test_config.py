@@ -63,3 +63,10 @@ def test_saved_config_round_trips(tmp_path):
 def test_missing_config_file_is_a_clear_error(tmp_path):
     with pytest.raises(LlmclfError, match="Config file not found"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_quiet_and_verbose_work_before_or_after_the_subcommand():
+    parser = build_parser()
+    assert parser.parse_args(["--quiet", "train"]).quiet and parser.parse_args(["train", "--quiet"]).quiet
+    assert not parser.parse_args(["train"]).quiet
+    assert parser.parse_args(["predict", "run", "--text", "x", "--verbose"]).verbose

@@ -63,9 +63,10 @@ def _dest(section: str | None, name: str) -> str:
     return f"{section}.{name}" if section else name
 
 
-def _add_train(sub: Any) -> None:
+def _add_train(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "train",
+        parents=[common],
         help="fine-tune, evaluate before/after, save a run folder",
         description="Fine-tune a classifier. Flags override the --config file.",
     )
@@ -82,8 +83,8 @@ def _add_train(sub: Any) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
 
 
-def _add_predict(sub: Any) -> None:
-    p = sub.add_parser("predict", help="label new texts with a trained run")
+def _add_predict(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("predict", parents=[common], help="label new texts with a trained run")
     p.add_argument("run_dir", help="run folder written by `llmclf train`")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--input", help="CSV/TSV/JSONL/Parquet file to label")
@@ -99,8 +100,8 @@ def _add_predict(sub: Any) -> None:
     p.add_argument("--max-length", type=int, default=None, help="tokens per text (default: as in training)")
 
 
-def _add_evaluate(sub: Any) -> None:
-    p = sub.add_parser("evaluate", help="metrics of a trained run on a labelled file")
+def _add_evaluate(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("evaluate", parents=[common], help="metrics of a trained run on a labelled file")
     p.add_argument("run_dir", help="run folder written by `llmclf train`")
     p.add_argument("--data", required=True, help="labelled CSV/TSV/JSONL/Parquet file")
     p.add_argument("--text-column", default=None, help="default: as in training")
@@ -113,19 +114,30 @@ def _add_evaluate(sub: Any) -> None:
     p.add_argument("--max-length", type=int, default=None, help="tokens per text (default: as in training)")
 
 
-def _add_export(sub: Any) -> None:
-    p = sub.add_parser("export", help="write a standalone merged model for plain transformers")
+def _add_export(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "export", parents=[common], help="write a standalone merged model for plain transformers"
+    )
     p.add_argument("run_dir", help="run folder written by `llmclf train`")
     p.add_argument("--output", required=True, help="folder to write the merged model to")
 
 
+GLOBAL_SWITCHES = [
+    ("--quiet", "print only results and errors"),
+    ("--verbose", "show library warnings and tracebacks"),
+]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmclf", description="Fine-tune an LLM into a text classifier.")
-    parser.add_argument("--quiet", action="store_true", help="print only results and errors")
-    parser.add_argument("--verbose", action="store_true", help="show library warnings and tracebacks")
+    # Accepted before or after the subcommand; SUPPRESS keeps the top-level value when a subcommand omits it.
+    common = argparse.ArgumentParser(add_help=False)
+    for flag, text in GLOBAL_SWITCHES:
+        parser.add_argument(flag, action="store_true", help=text)
+        common.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=text)
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_train, _add_predict, _add_evaluate, _add_export):
-        add(sub)
+        add(sub, common)
     return parser
 
 
