@@ -20,7 +20,8 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/llmclf train --config examples/demo.yaml
+	# The demo owns runs/demo: each run replaces the last one.
+	$(VENV)/bin/llmclf train --config examples/demo.yaml --overwrite
 
 test: $(STAMP)
 	$(PY) -m pytest -q
