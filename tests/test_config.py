@@ -70,3 +70,10 @@ def test_quiet_and_verbose_work_before_or_after_the_subcommand():
     assert parser.parse_args(["--quiet", "train"]).quiet and parser.parse_args(["train", "--quiet"]).quiet
     assert not parser.parse_args(["train"]).quiet
     assert parser.parse_args(["predict", "run", "--text", "x", "--verbose"]).verbose
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "many"])
+def test_inference_sizes_must_be_positive(value, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["predict", "run", "--text", "x", "--batch-size", value])
+    assert exit_info.value.code == 2 and "whole number > 0" in capsys.readouterr().err

@@ -83,6 +83,29 @@ def _add_train(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
 
 
+def positive_int(value: str) -> int:
+    """argparse type: a whole number > 0, so a bad value is a usage error before anything loads."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number > 0, found {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number > 0, found {number}")
+    return number
+
+
+def _add_inference_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=None,
+        help="texts per forward pass (default: as in training)",
+    )
+    p.add_argument(
+        "--max-length", type=positive_int, default=None, help="tokens per text (default: as in training)"
+    )
+
+
 def _add_predict(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("predict", parents=[common], help="label new texts with a trained run")
     p.add_argument("run_dir", help="run folder written by `llmclf train`")
@@ -94,10 +117,7 @@ def _add_predict(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--prediction-column", default="label", help="name of the added label column (default label)"
     )
-    p.add_argument(
-        "--batch-size", type=int, default=None, help="texts per forward pass (default: as in training)"
-    )
-    p.add_argument("--max-length", type=int, default=None, help="tokens per text (default: as in training)")
+    _add_inference_options(p)
 
 
 def _add_evaluate(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -108,10 +128,7 @@ def _add_evaluate(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--label-column", default=None, help="default: as in training")
     p.add_argument("--output", help="metrics JSON to write (default RUN_DIR/evaluation_<file>.json)")
     p.add_argument("--drop-invalid", action="store_true", help="drop rows with empty text or missing label")
-    p.add_argument(
-        "--batch-size", type=int, default=None, help="texts per forward pass (default: as in training)"
-    )
-    p.add_argument("--max-length", type=int, default=None, help="tokens per text (default: as in training)")
+    _add_inference_options(p)
 
 
 def _add_export(sub: Any, common: argparse.ArgumentParser) -> None:

@@ -37,10 +37,6 @@ def train(args: argparse.Namespace) -> int:
 def _load(args: argparse.Namespace):
     from llmclf.prediction import Classifier
 
-    for name in ("batch_size", "max_length"):
-        value = getattr(args, name, None)
-        if value is not None and value < 1:
-            raise LlmclfError(f"--{name.replace('_', '-')} must be a whole number > 0, found {value}.")
     if not args.quiet:
         print(f"Loading classifier from {args.run_dir} ...", file=sys.stderr, flush=True)
     clf = Classifier.load(args.run_dir, quiet=args.quiet)
@@ -107,7 +103,6 @@ def predict(args: argparse.Namespace) -> int:
         )
     probs = clf.predict_proba(
         frame[text_column].astype(str).tolist(),
-        batch_size=args.batch_size,
         progress=None if not args.quiet else False,
     )
     out = frame.copy()

@@ -232,11 +232,15 @@ def load_classifier(
     quantize: bool = False,
     trust_remote_code: bool = False,
     for_training: bool = True,
+    tokenizer_source: str | None = None,
 ) -> LoadedModel:
-    """Base model with a `num_labels` classification head, pad token set in tokenizer and config."""
+    """Base model with a `num_labels` classification head, pad token set in tokenizer and config.
+
+    `tokenizer_source`: where the tokenizer lives when not beside the weights (a run folder's copy).
+    """
     from transformers import AutoModelForSequenceClassification
 
-    tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(tokenizer_source or source, trust_remote_code=trust_remote_code)
     kwargs: dict[str, Any] = {
         "num_labels": len(labels),
         "id2label": dict(enumerate(labels)),

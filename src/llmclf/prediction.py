@@ -20,7 +20,7 @@ from llmclf import artifacts
 from llmclf.config import config_from_saved
 from llmclf.errors import LlmclfError
 from llmclf.evaluation import compute_metrics, predict_proba
-from llmclf.modeling import load_classifier, load_tokenizer, resolve_model_source
+from llmclf.modeling import load_classifier, resolve_model_source
 
 
 class Classifier:
@@ -53,16 +53,15 @@ class Classifier:
             quantize=bool(info.get("quantized")) and not full_precision,
             trust_remote_code=config.model.trust_remote_code,
             for_training=False,
+            tokenizer_source=str(path / artifacts.TOKENIZER),
         )
         model = PeftModel.from_pretrained(loaded.model, str(path / artifacts.ADAPTER))
         if not loaded.quantized:
             # Fold LoRA into the base weights: same outputs (to float rounding), no adapter matmuls per layer.
             model = model.merge_and_unload()
-        tokenizer = load_tokenizer(str(path / artifacts.TOKENIZER))
-        model.config.pad_token_id = tokenizer.pad_token_id
         return cls(
             model,
-            tokenizer,
+            loaded.tokenizer,
             labels,
             max_length=config.data.max_length,
             batch_size=config.train.eval_batch_size,
