@@ -77,3 +77,22 @@ def test_inference_sizes_must_be_positive(value, capsys):
     with pytest.raises(SystemExit) as exit_info:
         build_parser().parse_args(["predict", "run", "--text", "x", "--batch-size", value])
     assert exit_info.value.code == 2 and "whole number > 0" in capsys.readouterr().err
+
+
+def test_recipe_preset_sits_under_yaml_and_flags(tmp_path):
+    from llmclf.cli import build_parser, train_overrides
+    from llmclf.config import PRESETS
+
+    recipe = build_config({"preset": "recipe"})
+    for section, values in PRESETS["recipe"].items():
+        for key, value in values.items():
+            assert getattr(getattr(recipe, section), key) == value
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("preset: recipe\ntrain: {lr: 0.003}\n", encoding="utf-8")
+    args = build_parser().parse_args(["train", "--config", str(yaml_file), "--epochs", "3"])
+    config = load_config(args.config, train_overrides(args))
+    assert (config.train.lr, config.train.epochs, config.lora.alpha) == (0.003, 3.0, 8)
+    args = build_parser().parse_args(["train", "--preset", "recipe"])
+    assert load_config(None, train_overrides(args)).train.batch_size == 8
+    with pytest.raises(LlmclfError, match="preset='fast'.*recipe"):
+        build_config({"preset": "fast"})

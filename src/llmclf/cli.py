@@ -10,7 +10,14 @@ import os
 import sys
 from typing import Any
 
-from llmclf.config import CLASS_WEIGHT_CHOICES, QUANTIZE_CHOICES
+from llmclf.config import (
+    ACTIVATION_CACHE_CHOICES,
+    CLASS_WEIGHT_CHOICES,
+    HEAD_INIT_CHOICES,
+    PRESETS,
+    QUANTIZE_CHOICES,
+    SCHEDULER_CHOICES,
+)
 from llmclf.errors import LlmclfError
 
 # flag, config section (None: top level), field, type, help
@@ -37,6 +44,7 @@ TRAIN_FLAGS: list[tuple[str, str | None, str, Any, str]] = [
     ("--lora-alpha", "lora", "alpha", float, "LoRA alpha (default 8)"),
     ("--lora-dropout", "lora", "dropout", float, "LoRA dropout (default 0.05)"),
     ("--lora-targets", "lora", "targets", str, "auto (q/k/v/o), all-linear, or comma-separated module names"),
+    ("--lora-layers", "lora", "layers", int, "adapt only the top N layers; the frozen rest runs once (cached)"),
     ("--epochs", "train", "epochs", float, "passes over the training data (default 1)"),
     ("--lr", "train", "lr", float, "learning rate (default 1e-4)"),
     ("--batch-size", "train", "batch_size", int, "training batch size (default 8)"),
@@ -44,6 +52,16 @@ TRAIN_FLAGS: list[tuple[str, str | None, str, Any, str]] = [
     ("--weight-decay", "train", "weight_decay", float, "AdamW weight decay (default 0.01)"),
     ("--class-weights", "train", "class_weights", CLASS_WEIGHT_CHOICES, "auto: inverse frequency (default)"),
     ("--seed", "train", "seed", int, "random seed (default 42)"),
+    ("--lr-scheduler", "train", "lr_scheduler", SCHEDULER_CHOICES, "learning-rate schedule (default linear)"),
+    ("--warmup-ratio", "train", "warmup_ratio", float, "share of steps warming up the learning rate"),
+    ("--head-init", "train", "head_init", HEAD_INIT_CHOICES, "probe: start the head from a linear probe"),
+    (
+        "--activation-cache",
+        "train",
+        "activation_cache",
+        ACTIVATION_CACHE_CHOICES,
+        "with --lora-layers: cache frozen-layer outputs in memory (default), also on disk, or off",
+    ),
     (
         "--report-to",
         "train",
@@ -71,6 +89,12 @@ def _add_train(sub: Any, common: argparse.ArgumentParser) -> None:
         description="Fine-tune a classifier. Flags override the --config file.",
     )
     p.add_argument("--config", help="YAML file with sections data/model/lora/train/output")
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default=None,
+        help="start from named settings (recipe: the notebook's own) instead of llmclf's defaults",
+    )
     for flag, section, name, kind, text in TRAIN_FLAGS:
         if isinstance(kind, tuple):
             p.add_argument(flag, dest=_dest(section, name), choices=kind, default=None, help=text)
@@ -170,6 +194,8 @@ def train_overrides(args: argparse.Namespace) -> dict[str, Any]:
             out[name] = value
         else:
             out.setdefault(section, {})[name] = value
+    if getattr(args, "preset", None):
+        out["preset"] = args.preset
     return out
 
 

@@ -9,6 +9,8 @@ settings), a YAML file (`--config`), and command-line flags. The YAML file has o
     train: {epochs: 1, lr: 1.0e-4}
     output: runs/news
 
+`preset: recipe` (or `--preset recipe`) starts from the notebook's own settings instead of llmclf's
+defaults; the file and flags still override it.
 The resolved configuration is saved as `config.yaml` next to every trained model.
 """
 
@@ -25,6 +27,9 @@ from llmclf.errors import LlmclfError
 
 QUANTIZE_CHOICES = ("auto", "4bit", "none")
 CLASS_WEIGHT_CHOICES = ("auto", "none")
+ACTIVATION_CACHE_CHOICES = ("memory", "disk", "off")
+HEAD_INIT_CHOICES = ("probe", "random")
+SCHEDULER_CHOICES = ("linear", "cosine", "constant")
 
 
 def _require(ok: bool, key: str, found: Any, allowed: str) -> None:
@@ -123,6 +128,9 @@ class LoraSettings:
     targets: list[str] | str = "auto"
     """Module names to adapt; `auto` = q/k/v/o projections where the model has them (else peft's
     default for the architecture); `all-linear` = every linear layer."""
+    layers: int | None = None
+    """Adapt only the top N decoder layers; the frozen layers below run once per text and their output
+    is cached (see train.activation_cache). Empty: adapt every layer."""
 
     def __post_init__(self) -> None:
         _positive_int_or_none("lora", "r", self.r)
@@ -134,6 +142,7 @@ class LoraSettings:
             isinstance(self.targets, list) and self.targets and all(isinstance(t, str) for t in self.targets)
         )
         _require(ok, "lora.targets", self.targets, "auto, all-linear, or a list of module names")
+        _positive_int_or_none("lora", "layers", self.layers)
 
 
 @dataclass
@@ -156,6 +165,16 @@ class TrainConfig:
     """Seed for sampling, shuffling, initialisation and dropout."""
     report_to: str = "none"
     """Trainer logging integration (`tensorboard`, `wandb`, ...), `none` by default."""
+    lr_scheduler: str = "linear"
+    """Learning-rate schedule after warm-up: `linear` decay to 0, `cosine`, or `constant`."""
+    warmup_ratio: float = 0.0
+    """Share of the training steps spent warming the learning rate up from 0."""
+    head_init: str = "random"
+    """`probe`: start the head from a logistic regression fitted on the frozen model's features of the
+    training split (nearly free with the activation cache); `random`: transformers' random head."""
+    activation_cache: str = "memory"
+    """With lora.layers set: keep the frozen layers' outputs in `memory`, also on `disk` (bf16, reused
+    by later runs on the same model and texts), or `off` (run the whole model every step)."""
 
     def __post_init__(self) -> None:
         _number("train", "epochs", self.epochs, 0.0, 1000.0, low_open=True)
@@ -169,6 +188,14 @@ class TrainConfig:
             self.class_weights,
             ", ".join(CLASS_WEIGHT_CHOICES),
         )
+        for key, choices in (
+            ("lr_scheduler", SCHEDULER_CHOICES),
+            ("head_init", HEAD_INIT_CHOICES),
+            ("activation_cache", ACTIVATION_CACHE_CHOICES),
+        ):
+            value = getattr(self, key)
+            _require(value in choices, f"train.{key}", value, ", ".join(choices))
+        _number("train", "warmup_ratio", self.warmup_ratio, 0.0, 0.5)
         _require(
             isinstance(self.seed, int) and not isinstance(self.seed, bool),
             "train.seed",
@@ -211,9 +238,31 @@ def field_names(cls: type) -> list[str]:
     return [f.name for f in dataclasses.fields(cls)]
 
 
+PRESETS: dict[str, dict[str, Any]] = {
+    "recipe": {
+        "lora": {"r": 16, "alpha": 8, "dropout": 0.05, "targets": "auto", "layers": None},
+        "train": {
+            "epochs": 1.0,
+            "lr": 1e-4,
+            "batch_size": 8,
+            "weight_decay": 0.01,
+            "lr_scheduler": "linear",
+            "warmup_ratio": 0.0,
+            "head_init": "random",
+        },
+    },
+}
+"""Named sets of values under the YAML file and flags. `recipe`: the notebook's own settings."""
+
+
 def build_config(overlay: dict[str, Any] | None = None) -> RunConfig:
-    """Defaults, overlaid with a nested dict of the same shape as the YAML file."""
+    """Defaults ← preset (if `preset` names one) ← a nested dict of the same shape as the YAML file."""
     overlay = dict(overlay or {})
+    preset = overlay.pop("preset", None)
+    if preset is not None:
+        if preset not in PRESETS:
+            raise LlmclfError(f"Invalid config value preset={preset!r}: allowed values are {', '.join(PRESETS)}.")
+        overlay = merge(PRESETS[preset], overlay)
     unknown = set(overlay) - set(SECTIONS) - {"output"}
     if unknown:
         raise LlmclfError(

@@ -409,17 +409,22 @@ def tokenize_texts(tokenizer: Any, texts: list[str], max_length: int) -> tuple[l
     return tokenizer(texts, truncation=True, max_length=max_length)["input_ids"], n_truncated
 
 
-def to_dataset(input_ids: list[list[int]], label_ids: list[int]) -> Any:
-    """A `datasets.Dataset` ready for the Trainer; padding is left to the collator (dynamic)."""
+def to_dataset(input_ids: list[list[int]], label_ids: list[int], rows: list[int] | None = None) -> Any:
+    """A `datasets.Dataset` ready for the Trainer; padding is left to the collator (dynamic).
+
+    `length` lets the Trainer group texts of similar length into batches; `rows` (optional) are the
+    texts' indices in an activation cache."""
     import datasets
 
-    return datasets.Dataset.from_dict(
-        {
-            "input_ids": input_ids,
-            "attention_mask": [[1] * len(ids) for ids in input_ids],
-            "labels": label_ids,
-        }
-    )
+    columns: dict[str, list] = {
+        "input_ids": input_ids,
+        "attention_mask": [[1] * len(ids) for ids in input_ids],
+        "labels": label_ids,
+        "length": [len(ids) for ids in input_ids],
+    }
+    if rows is not None:
+        columns["row"] = rows
+    return datasets.Dataset.from_dict(columns)
 
 
 # ----------------------------------------------------------------------------------------- top level

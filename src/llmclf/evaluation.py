@@ -116,3 +116,37 @@ def evaluate(
         model, tokenizer, texts, input_ids=input_ids, batch_size=batch_size, max_length=max_length, desc=desc
     )
     return compute_metrics(label_ids, probs.argmax(axis=1), labels), probs
+
+
+def head_inputs(
+    model: Any, tokenizer: Any, input_ids: list[list[int]], *, batch_size: int = 32
+) -> np.ndarray:
+    """What the classification head sees for each text, shape (n_texts, hidden): the final hidden state
+    of the last real token. Used to fit a linear-probe head without an activation cache."""
+    from llmclf.layer_cache import head_of
+
+    captured: list[torch.Tensor] = []
+    hook = head_of(model).register_forward_hook(lambda mod, args, out: captured.append(args[0]))
+    order = np.argsort([len(ids) for ids in input_ids], kind="stable")[::-1]
+    out = None
+    device = device_of(model)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(order), batch_size):
+                idx = order[start : start + batch_size]
+                batch = tokenizer.pad({"input_ids": [input_ids[i] for i in idx]}, return_tensors="pt")
+                mask = batch["attention_mask"].to(device)
+                model(**{k: v.to(device) for k, v in batch.items()})
+                hidden = captured.pop()  # (batch, seq, hidden)
+                positions = torch.arange(mask.shape[1], device=device)
+                last = (positions * mask).argmax(dim=1)  # rightmost real token, either padding side
+                pooled = hidden[torch.arange(len(idx), device=device), last].float().cpu().numpy()
+                if out is None:
+                    out = np.zeros((len(input_ids), pooled.shape[1]), dtype=np.float32)
+                out[idx] = pooled
+    finally:
+        hook.remove()
+        model.train(was_training)
+    return out if out is not None else np.zeros((0, 0), dtype=np.float32)

@@ -275,17 +275,48 @@ def lora_targets(model: Any, targets: list[str] | str) -> list[str] | str | None
     return LLAMA_STYLE_TARGETS if set(LLAMA_STYLE_TARGETS) <= names else None
 
 
-def add_lora(model: Any, *, r: int, alpha: float, dropout: float, targets: list[str] | str, seed: int) -> Any:
-    """Wrap in a peft LoRA model; task SEQ_CLS makes peft train and save the head (`modules_to_save`)."""
+def add_lora(
+    model: Any,
+    *,
+    r: int,
+    alpha: float,
+    dropout: float,
+    targets: list[str] | str,
+    seed: int,
+    top_layers: int | None = None,
+) -> Any:
+    """Wrap in a peft LoRA model; task SEQ_CLS makes peft train and save the head (`modules_to_save`).
+
+    `top_layers`: adapt only the top N decoder layers (the frozen ones below can then be cached)."""
     from peft import LoraConfig, TaskType, get_peft_model
 
+    layer_kwargs: dict[str, Any] = {}
+    if top_layers is not None:
+        from llmclf.layer_cache import check_layers, num_layers
+
+        start = check_layers(model, top_layers)
+        layer_kwargs = {
+            "layers_to_transform": list(range(start, num_layers(model))),
+            "layers_pattern": "layers",
+        }
+    target_modules = lora_targets(model, targets)
+    if top_layers is not None and target_modules == "all-linear":
+        # peft takes a layer subset only with explicit names: every linear layer inside the blocks.
+        target_modules = sorted(
+            {
+                n.rsplit(".", 1)[-1]
+                for n, m in model.named_modules()
+                if isinstance(m, torch.nn.Linear) and ".layers." in n
+            }
+        )
     torch.manual_seed(seed)  # LoRA A matrices are random: same seed, same start
     config = LoraConfig(
         task_type=TaskType.SEQ_CLS,
         r=r,
         lora_alpha=alpha,
         lora_dropout=dropout,
-        target_modules=lora_targets(model, targets),
+        target_modules=target_modules,
+        **layer_kwargs,
     )
     try:
         return get_peft_model(model, config)

@@ -20,9 +20,14 @@ from llmclf import __version__, artifacts, reporting
 from llmclf.config import RunConfig
 from llmclf.data import Splits, class_weights, load_splits, to_dataset, tokenize_texts
 from llmclf.errors import LlmclfError
-from llmclf.evaluation import evaluate
-from llmclf.modeling import add_lora, load_classifier, resolve_model_source, resolve_quantize
-from llmclf.training import build_trainer, training_arguments
+from llmclf.evaluation import compute_metrics, evaluate, head_inputs
+from llmclf.layer_cache import cached_or_built, check_layers, pooled_features, predict_proba_cached
+from llmclf.modeling import add_lora, cache_dir, load_classifier, resolve_model_source, resolve_quantize
+from llmclf.training import build_trainer, init_head_from_probe, training_arguments
+
+SPLITS = ("train", "val", "test")
+CACHE_DTYPE = torch.bfloat16
+"""Cached activations are stored in bf16: half the memory of fp32, and plenty for frozen features."""
 
 
 @dataclass
@@ -67,6 +72,7 @@ def write_predictions(path: Path, splits: Splits, probs: np.ndarray) -> None:
 def run_training(config: RunConfig, *, overwrite: bool = False, quiet: bool = False) -> RunResult:
     """Train, evaluate before and after, and write the run folder. Returns the metrics."""
     started = time.perf_counter()
+    timings: dict[str, float] = {}
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     dc, mc, lc, tc = config.data, config.model, config.lora, config.train
     out = prepare_output(config.output, overwrite)
@@ -93,27 +99,71 @@ def run_training(config: RunConfig, *, overwrite: bool = False, quiet: bool = Fa
     say(reporting.class_balance(splits.counts(), labels, weights), "\n")
 
     # 2. Model: base + classification head (4-bit where asked or on a GPU), then LoRA.
+    tick = time.perf_counter()
     source = resolve_model_source(mc.name, quiet=quiet)
     quantized = resolve_quantize(mc.quantize)
+    bf16 = use_bf16(quantized)
     say(f"Loading {mc.name} ({'4-bit NF4' if quantized else 'full precision'}) ...")
     loaded = load_classifier(source, labels, quantize=quantized, trust_remote_code=mc.trust_remote_code)
     tokenizer = loaded.tokenizer
     model = add_lora(
-        loaded.model, r=lc.r, alpha=lc.alpha, dropout=lc.dropout, targets=lc.targets, seed=tc.seed
+        loaded.model,
+        r=lc.r,
+        alpha=lc.alpha,
+        dropout=lc.dropout,
+        targets=lc.targets,
+        seed=tc.seed,
+        top_layers=lc.layers,
     )
+    timings["load_model"] = time.perf_counter() - tick
 
+    tick = time.perf_counter()
     label_index = {label: i for i, label in enumerate(labels)}
     encoded: dict[str, tuple[list[list[int]], list[int]]] = {}
     truncated: dict[str, int] = {}
-    for name in ("train", "val", "test"):
+    for name in SPLITS:
         frame = getattr(splits, name)
         ids, truncated[name] = tokenize_texts(tokenizer, frame["text"].tolist(), dc.max_length)
         encoded[name] = (ids, [label_index[label] for label in frame["label"]])
     if any(truncated.values()):
         say(f"note: texts truncated to {dc.max_length} tokens: {truncated}")
+    timings["tokenise"] = time.perf_counter() - tick
+
+    # 2b. With LoRA on the top layers only, the layers below are frozen: run them once per text.
+    cache = None
+    rows: dict[str, list[int]] = {}
+    first = 0
+    for name in SPLITS:
+        rows[name] = list(range(first, first + len(encoded[name][0])))
+        first += len(rows[name])
+    if lc.layers is not None and tc.activation_cache != "off":
+        tick = time.perf_counter()
+        start = check_layers(model, lc.layers)
+        cache, reused = cached_or_built(
+            model,
+            [ids for name in SPLITS for ids in encoded[name][0]],
+            start,
+            pad_id=tokenizer.pad_token_id,
+            batch_size=tc.eval_batch_size,
+            dtype=CACHE_DTYPE,
+            autocast=bf16,
+            disk_dir=cache_dir() / "activations" if tc.activation_cache == "disk" else None,
+            model_source=source,
+            quantized=quantized,
+        )
+        timings["cache"] = time.perf_counter() - tick
+        say(
+            f"Frozen layers 0-{start - 1} {'read from the disk cache' if reused else 'run once'} for "
+            f"{len(cache)} texts ({cache.nbytes / 2**20:.0f} MiB, {timings['cache']:.0f} s)"
+        )
 
     def test_eval(desc: str) -> tuple[dict, np.ndarray]:
         ids, y = encoded["test"]
+        if cache is not None:
+            probs = predict_proba_cached(
+                model, cache, rows["test"], batch_size=tc.eval_batch_size, autocast=bf16
+            )
+            return compute_metrics(y, probs.argmax(axis=1), labels), probs
         return evaluate(
             model,
             tokenizer,
@@ -126,12 +176,35 @@ def run_training(config: RunConfig, *, overwrite: bool = False, quiet: bool = Fa
         )
 
     # 3. Evaluate before training: the head is random, so this is the chance-level baseline.
+    tick = time.perf_counter()
     before, _ = test_eval("evaluating before training")
+    timings["eval_before"] = time.perf_counter() - tick
     say(reporting.compare(None, before, title="Test metrics before training"), "\n")
 
+    # 3b. Start the head from a linear probe on the frozen features instead of from random weights.
+    probe = None
+    if tc.head_init == "probe":
+        tick = time.perf_counter()
+        train_ids, train_y = encoded["train"]
+        if cache is not None:
+            features = pooled_features(
+                model, cache, rows["train"], batch_size=tc.eval_batch_size, autocast=bf16
+            )
+        else:
+            features = head_inputs(model, tokenizer, train_ids, batch_size=tc.eval_batch_size)
+        probe = {"train_accuracy": init_head_from_probe(model, features, train_y, weights, tc.seed)}
+        if cache is not None:  # nearly free: the probe's test accuracy, to show what LoRA adds on top
+            probs = predict_proba_cached(
+                model, cache, rows["test"], batch_size=tc.eval_batch_size, autocast=bf16
+            )
+            probe["test_accuracy"] = float((probs.argmax(axis=1) == np.asarray(encoded["test"][1])).mean())
+        timings["probe"] = time.perf_counter() - tick
+        say(f"Head initialised from a linear probe: {probe}")
+
     # 4. Train.
-    train_ds = to_dataset(*encoded["train"])
-    val_ds = to_dataset(*encoded["val"]) if encoded["val"][0] else None
+    tick = time.perf_counter()
+    train_ds = to_dataset(*encoded["train"], rows=rows["train"])
+    val_ds = to_dataset(*encoded["val"], rows=rows["val"]) if encoded["val"][0] else None
     args = training_arguments(
         str(out / artifacts.CHECKPOINTS),
         epochs=tc.epochs,
@@ -143,15 +216,20 @@ def run_training(config: RunConfig, *, overwrite: bool = False, quiet: bool = Fa
         has_val=val_ds is not None,
         n_train=len(train_ds),
         report_to=tc.report_to,
-        bf16=quantized and torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
+        bf16=bf16,
         quiet=quiet,
+        lr_scheduler=tc.lr_scheduler,
+        warmup_ratio=tc.warmup_ratio,
     )
-    trainer = build_trainer(model, tokenizer, train_ds, val_ds, args, weights, quiet=quiet)
+    trainer = build_trainer(model, tokenizer, train_ds, val_ds, args, weights, quiet=quiet, cache=cache)
     train_output = trainer.train()
     model = trainer.model  # the best epoch's weights when there is a validation split
+    timings["train"] = time.perf_counter() - tick
 
     # 5. Evaluate after training, on the same test split.
+    tick = time.perf_counter()
     after, probs = test_eval("evaluating after training")
+    timings["eval_after"] = time.perf_counter() - tick
 
     # 6. Save everything needed to reuse the classifier.
     model.save_pretrained(str(out / artifacts.ADAPTER))  # adapter + head (modules_to_save), safetensors
@@ -169,6 +247,12 @@ def run_training(config: RunConfig, *, overwrite: bool = False, quiet: bool = Fa
             "train_runtime_s": train_output.metrics.get("train_runtime"),
             "train_loss": train_output.metrics.get("train_loss"),
             "log_history": trainer.state.log_history,
+            "bf16": bf16,
+            "activation_cache": None
+            if cache is None
+            else {"start_layer": cache.start, "mib": cache.nbytes / 2**20},
+            "probe": probe,
+            "timings_s": timings,
         },
     )
     artifacts.write_json(
@@ -187,9 +271,18 @@ def run_training(config: RunConfig, *, overwrite: bool = False, quiet: bool = Fa
     shutil.rmtree(out / artifacts.CHECKPOINTS, ignore_errors=True)  # the best adapter is saved above
 
     seconds = time.perf_counter() - started
+    timings["total"] = seconds
+    artifacts.write_json(
+        out / artifacts.RUN_INFO, {**artifacts.read_json(out / artifacts.RUN_INFO), "timings_s": timings}
+    )
     print(reporting.full_report(before, after), flush=True)  # the result: printed even with --quiet
     print(f"\nRun folder: {out}  ({seconds:.0f} s)", flush=True)
     return RunResult(out, {"before": before, "after": after}, seconds)
+
+
+def use_bf16(quantized: bool) -> bool:
+    """bf16 mixed precision: on a CUDA GPU that supports it, when the model is 4-bit."""
+    return quantized and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
 def set_threads() -> None:

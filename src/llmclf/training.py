@@ -9,6 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import DataCollatorWithPadding, PrinterCallback, Trainer, TrainingArguments
+from transformers.modeling_outputs import SequenceClassifierOutput
 
 from llmclf.errors import LlmclfError
 
@@ -20,11 +21,19 @@ class NonFiniteLossError(LlmclfError):
 class WeightedLossTrainer(Trainer):
     """Trainer whose loss is cross-entropy with per-class weights (transformers has none built in)."""
 
-    def __init__(self, *args: Any, class_weights: list[float] | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        class_weights: list[float] | None = None,
+        cache_start: int | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.class_weights = (
             None if class_weights is None else torch.tensor(class_weights, dtype=torch.float32)
         )
+        # With an activation cache, batches carry the frozen layers' output instead of token ids.
+        self.cache_start = cache_start
         # We compute the loss ourselves, so the Trainer must scale it for gradient accumulation itself.
         self.model_accepts_loss_kwargs = False
 
@@ -36,7 +45,15 @@ class WeightedLossTrainer(Trainer):
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, Any]:
         labels = inputs.pop("labels")
-        outputs = model(**inputs)
+        if "cached_states" in inputs:
+            from llmclf.layer_cache import logits_from_states
+
+            states = inputs["cached_states"]  # (batch, seq, hidden): input of layer cache_start
+            outputs = SequenceClassifierOutput(
+                logits=logits_from_states(model, states, inputs["attention_mask"], self.cache_start)
+            )
+        else:
+            outputs = model(**inputs)
         logits = outputs.logits.float()  # (batch, num_labels); fp32 loss even under bf16 compute
         weight = None if self.class_weights is None else self.class_weights.to(logits.device)
         loss = F.cross_entropy(logits, labels, weight=weight)
@@ -75,10 +92,20 @@ def training_arguments(
     report_to: str = "none",
     bf16: bool = False,
     quiet: bool = False,
+    lr_scheduler: str = "linear",
+    warmup_ratio: float = 0.0,
+    group_by_length: bool = True,
 ) -> TrainingArguments:
-    """The recipe's settings: evaluate and save each epoch, keep the best by validation accuracy."""
+    """The recipe's settings: evaluate and save each epoch, keep the best by validation accuracy.
+
+    `group_by_length` batches texts of similar length together (shuffled in groups), so dynamic
+    padding wastes little compute; `bf16` is mixed precision (autocast), also on CPUs that support it."""
     steps_per_epoch = max(1, math.ceil(n_train / batch_size))
     return TrainingArguments(
+        lr_scheduler_type=lr_scheduler,
+        warmup_steps=math.ceil(warmup_ratio * steps_per_epoch * epochs),
+        train_sampling_strategy="group_by_length" if group_by_length else "random",
+        use_cpu=bf16 and not torch.cuda.is_available(),  # transformers allows CPU bf16 only when told
         output_dir=output_dir,
         num_train_epochs=epochs,
         learning_rate=lr,
@@ -113,17 +140,86 @@ def build_trainer(
     args: TrainingArguments,
     class_weights: list[float] | None,
     quiet: bool = False,
+    cache: Any = None,
 ) -> WeightedLossTrainer:
+    """`cache`: an ActivationCache holding every row the datasets' `row` column points to."""
+    collator = TokenCollator(tokenizer) if cache is None else CachedStatesCollator(cache)
     trainer = WeightedLossTrainer(
         model=model,
         args=args,
         train_dataset=train_dataset,
         eval_dataset=val_dataset,
         processing_class=tokenizer,
-        data_collator=DataCollatorWithPadding(tokenizer),  # dynamic padding to each batch's longest
+        data_collator=collator,  # dynamic padding to each batch's longest
         compute_metrics=metrics_for_trainer if val_dataset is not None else None,
         class_weights=class_weights,
+        cache_start=None if cache is None else cache.start,
     )
     if quiet:
         trainer.remove_callback(PrinterCallback)  # it prints every log line when progress bars are off
     return trainer
+
+
+class TokenCollator:
+    """Dynamic padding of token ids to each batch's longest; bookkeeping columns stay out of the model."""
+
+    MODEL_KEYS = ("input_ids", "attention_mask", "labels")
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.pad = DataCollatorWithPadding(tokenizer)
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        return self.pad([{k: f[k] for k in self.MODEL_KEYS if k in f} for f in features])
+
+
+class CachedStatesCollator:
+    """Batches of cached lower-layer states, right-padded to the batch's longest row."""
+
+    def __init__(self, cache: Any) -> None:
+        self.cache = cache
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        states, mask = self.cache.batch([f["row"] for f in features])
+        labels = torch.tensor([f["labels"] for f in features], dtype=torch.long)
+        return {"cached_states": states, "attention_mask": mask, "labels": labels}
+
+
+def trainable_head(model: Any) -> torch.nn.Module:
+    """The head module that training updates (peft's trainable copy under `modules_to_save`)."""
+    from llmclf.layer_cache import head_of
+
+    head = head_of(model)
+    copies = getattr(head, "modules_to_save", None)
+    if copies is not None:
+        active = getattr(head, "active_adapter", None)
+        active = active[0] if isinstance(active, list | tuple) else active
+        return copies[active or next(iter(copies.keys()))]
+    return head
+
+
+def init_head_from_probe(
+    model: Any, features: np.ndarray, label_ids: list[int], class_weights: list[float] | None, seed: int
+) -> float:
+    """Fit a logistic regression on the frozen features (n, hidden) and copy it into the head.
+
+    The head is a bias-free linear layer (num_labels, hidden), so the probe is fitted without an
+    intercept; its softmax logits are then exactly the head's. Returns the probe's training accuracy.
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    y = np.asarray(label_ids)
+    weight = None if class_weights is None else {i: w for i, w in enumerate(class_weights)}
+    probe = LogisticRegression(
+        C=1.0, max_iter=2000, fit_intercept=False, class_weight=weight, random_state=seed
+    )
+    probe.fit(features, y)
+    head = trainable_head(model)
+    num_labels, hidden = head.weight.shape
+    coef = np.zeros((num_labels, hidden))
+    if probe.coef_.shape[0] == 1:  # binary: sklearn keeps one vector w for p(class 1) = sigmoid(w.x)
+        coef[probe.classes_[0]], coef[probe.classes_[1]] = -probe.coef_[0] / 2, probe.coef_[0] / 2
+    else:
+        coef[probe.classes_] = probe.coef_
+    with torch.no_grad():
+        head.weight.copy_(torch.as_tensor(coef, dtype=head.weight.dtype))
+    return float(probe.score(features, y))
