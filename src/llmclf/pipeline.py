@@ -16,11 +16,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from llmclf import __version__, artifacts, reporting
+from llmclf import __version__, artifacts, distributed, hardware, reporting
 from llmclf.config import RunConfig
 from llmclf.data import Splits, class_weights, load_splits, to_dataset, tokenize_texts
 from llmclf.errors import LlmclfError
-from llmclf.evaluation import evaluate
 from llmclf.modeling import add_lora, load_classifier, resolve_model_source, resolve_quantize
 from llmclf.training import build_trainer, training_arguments
 
@@ -40,13 +39,16 @@ def seed_everything(seed: int) -> None:
 
 def prepare_output(output: str, overwrite: bool) -> Path:
     path = Path(output).expanduser()
-    if path.exists() and any(path.iterdir()):
-        if not overwrite:
-            raise LlmclfError(
-                f"Output folder {path} is not empty. Choose another --output, or pass --overwrite to replace it."
-            )
-        shutil.rmtree(path)
-    path.mkdir(parents=True, exist_ok=True)
+    if path.exists() and any(path.iterdir()) and not overwrite:  # every process stops alike
+        raise LlmclfError(
+            f"Output folder {path} is not empty. Choose another --output, or pass --overwrite to replace it."
+        )
+    distributed.barrier()  # all have looked before the main process clears it
+    if distributed.is_main():  # under a launcher only rank 0 touches the run folder
+        if path.exists() and any(path.iterdir()):
+            shutil.rmtree(path)
+        path.mkdir(parents=True, exist_ok=True)
+    distributed.barrier()
     return path
 
 
@@ -67,6 +69,9 @@ def write_predictions(path: Path, splits: Splits, probs: np.ndarray) -> None:
 def run_training(config: RunConfig, *, overwrite: bool = False, quiet: bool = False) -> RunResult:
     """Train, evaluate before and after, and write the run folder. Returns the metrics."""
     started = time.perf_counter()
+    distributed.setup()  # under torchrun / accelerate launch: join the process group
+    main = distributed.is_main()  # only the main process prints and writes
+    quiet = quiet or not main
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     dc, mc, lc, tc = config.data, config.model, config.lora, config.train
     out = prepare_output(config.output, overwrite)
@@ -88,15 +93,27 @@ def run_training(config: RunConfig, *, overwrite: bool = False, quiet: bool = Fa
     )
     labels = splits.labels
     weights = class_weights(splits.train["label"], labels) if tc.class_weights == "auto" else None
+    distributed.check_identical((splits.counts(), weights), "data splits or class weights")
     for note in splits.notes:
         say(f"note: {note}")
     say(reporting.class_balance(splits.counts(), labels, weights), "\n")
 
     # 2. Model: base + classification head (4-bit where asked or on a GPU), then LoRA.
-    source = resolve_model_source(mc.name, quiet=quiet)
+    with distributed.main_process_first():  # download / GGUF conversion once, the others reuse it
+        source = resolve_model_source(mc.name, quiet=quiet)
     quantized = resolve_quantize(mc.quantize)
-    say(f"Loading {mc.name} ({'4-bit NF4' if quantized else 'full precision'}) ...")
-    loaded = load_classifier(source, labels, quantize=quantized, trust_remote_code=mc.trust_remote_code)
+    precision = hardware.resolve_precision(mc.precision)
+    attn = hardware.resolve_attn_implementation(mc.attn_implementation, precision)
+    say(f"Loading {mc.name} ({'4-bit NF4' if quantized else 'full precision'}, {precision}, {attn}) ...")
+    loaded = load_classifier(
+        source,
+        labels,
+        quantize=quantized,
+        trust_remote_code=mc.trust_remote_code,
+        precision=precision,
+        attn_implementation=attn,
+        gradient_checkpointing=tc.gradient_checkpointing,
+    )
     tokenizer = loaded.tokenizer
     model = add_lora(
         loaded.model, r=lc.r, alpha=lc.alpha, dropout=lc.dropout, targets=lc.targets, seed=tc.seed
@@ -113,17 +130,11 @@ def run_training(config: RunConfig, *, overwrite: bool = False, quiet: bool = Fa
         say(f"note: texts truncated to {dc.max_length} tokens: {truncated}")
 
     def test_eval(desc: str) -> tuple[dict, np.ndarray]:
-        ids, y = encoded["test"]
-        return evaluate(
-            model,
-            tokenizer,
-            splits.test["text"].tolist(),
-            y,
-            labels,
-            batch_size=tc.eval_batch_size,
-            input_ids=ids,
-            desc=desc,
-        )
+        # Sharded across processes when launched; every test row is scored exactly once.
+        with hardware.autocast(precision):
+            return distributed.evaluate(
+                model, tokenizer, *encoded["test"], labels, batch_size=tc.eval_batch_size, desc=desc
+            )
 
     # 3. Evaluate before training: the head is random, so this is the chance-level baseline.
     before, _ = test_eval("evaluating before training")
@@ -143,7 +154,8 @@ def run_training(config: RunConfig, *, overwrite: bool = False, quiet: bool = Fa
         has_val=val_ds is not None,
         n_train=len(train_ds),
         report_to=tc.report_to,
-        bf16=quantized and torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
+        precision=precision,
+        gradient_checkpointing=tc.gradient_checkpointing,
         quiet=quiet,
     )
     trainer = build_trainer(model, tokenizer, train_ds, val_ds, args, weights, quiet=quiet)
@@ -152,6 +164,8 @@ def run_training(config: RunConfig, *, overwrite: bool = False, quiet: bool = Fa
 
     # 5. Evaluate after training, on the same test split.
     after, probs = test_eval("evaluating after training")
+    if not main:  # the main process writes the run folder; the others wait for it in shutdown()
+        return RunResult(out, {"before": before, "after": after}, time.perf_counter() - started)
 
     # 6. Save everything needed to reuse the classifier.
     model.save_pretrained(str(out / artifacts.ADAPTER))  # adapter + head (modules_to_save), safetensors
@@ -164,6 +178,9 @@ def run_training(config: RunConfig, *, overwrite: bool = False, quiet: bool = Fa
             "base_model": mc.name,
             "resolved_source": source,
             "quantized": quantized,
+            "precision": precision,
+            "attn_implementation": attn,
+            "world_size": distributed.world_size(),
             "llmclf_version": __version__,
             "torch_version": torch.__version__,
             "train_runtime_s": train_output.metrics.get("train_runtime"),

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DataCollatorWithPadding, PrinterCallback, Trainer, TrainingArguments
 
+from llmclf import distributed
 from llmclf.errors import LlmclfError
 
 
@@ -73,7 +74,8 @@ def training_arguments(
     has_val: bool,
     n_train: int,
     report_to: str = "none",
-    bf16: bool = False,
+    precision: str = "fp32",
+    gradient_checkpointing: bool = False,
     quiet: bool = False,
 ) -> TrainingArguments:
     """The recipe's settings: evaluate and save each epoch, keep the best by validation accuracy."""
@@ -97,7 +99,13 @@ def training_arguments(
         logging_steps=max(1, min(50, steps_per_epoch // 5)),
         logging_nan_inf_filter=False,  # show NaN as NaN (the default averages it away)
         report_to=report_to,
-        bf16=bf16,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        gradient_checkpointing=gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if gradient_checkpointing else None,
+        # Every trainable parameter (LoRA, head) takes part in each step, so DDP need not search.
+        ddp_find_unused_parameters=False,
+        use_cpu=distributed.cpu_processes(),  # torchrun on CPU: DDP over gloo
         disable_tqdm=quiet,
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
