@@ -105,7 +105,9 @@ def training_arguments(
         gradient_checkpointing_kwargs={"use_reentrant": False} if gradient_checkpointing else None,
         # Every trainable parameter (LoRA, head) takes part in each step, so DDP need not search.
         ddp_find_unused_parameters=False,
-        use_cpu=distributed.cpu_processes(),  # torchrun on CPU: DDP over gloo
+        # Without CUDA, the Trainer must be told it runs on CPU for multi-process DDP over gloo, and to
+        # accept bf16 (CPU autocast); otherwise it is left to pick the device (e.g. Apple MPS).
+        use_cpu=distributed.cpu_processes() or (precision == "bf16" and not torch.cuda.is_available()),
         disable_tqdm=quiet,
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
