@@ -38,6 +38,11 @@ def cpu_processes() -> bool:
     return launched() and not torch.cuda.is_available()
 
 
+def fsdp() -> bool:
+    """`accelerate launch` with an FSDP config (it sets ACCELERATE_USE_FSDP for the workers)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
+
+
 def _state() -> Any:
     """accelerate's process state; it creates the process group (nccl on CUDA, gloo on CPU) once."""
     from accelerate import PartialState
@@ -47,6 +52,14 @@ def _state() -> Any:
 
 def setup() -> None:
     """Join the process group now when launched, so barriers work before the Trainer exists."""
+    if fsdp():
+        # llmclf's own steps around the Trainer (evaluation before and after, saving the adapter from
+        # rank 0) assume every process holds the whole model, which FSDP breaks: refuse, not hang.
+        raise LlmclfError(
+            "llmclf train does not support FSDP yet (its test evaluation and saving run outside the Trainer "
+            "on whole-model copies). Launch with DDP instead (examples/accelerate/ddp.yaml, or torchrun); "
+            "with --quantize 4bit an 8B model fits on each GPU. See README, 'Multi-GPU and multi-node'."
+        )
     if launched():
         _state()
 

@@ -208,11 +208,6 @@ def bnb_config(head_names: list[str], dtype: torch.dtype | None = None) -> Any:
 
     if dtype is None:
         dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    extra: dict[str, Any] = {}
-    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
-        # FSDP flattens the packed 4-bit weights together with the other parameters, which needs them
-        # stored in the same dtype (peft's FSDP+QLoRA guide); set by `accelerate launch` with FSDP.
-        extra["bnb_4bit_quant_storage"] = dtype
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
@@ -220,7 +215,6 @@ def bnb_config(head_names: list[str], dtype: torch.dtype | None = None) -> Any:
         bnb_4bit_compute_dtype=dtype,
         # The head stays in full precision: a 4-bit head cannot be trained (peft #1720).
         llm_int8_skip_modules=head_names,
-        **extra,
     )
 
 
