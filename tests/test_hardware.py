@@ -179,3 +179,17 @@ def test_gradient_checkpointing_on_cpu_gives_the_same_run(tmp_path, tiny_model_d
         pd.read_csv(trained_run / "predictions_test.csv")[columns].to_numpy(),
         atol=1e-4,
     )
+
+
+def test_a_run_loads_with_the_settings_this_machine_can_run(monkeypatch):
+    from llmclf.prediction import inference_settings
+
+    fake_machine(monkeypatch, cuda=False)
+    assert inference_settings({}, "auto") == (None, None)  # runs written before these settings existed
+    assert inference_settings({"precision": "fp32"}, "eager") == ("fp32", "eager")
+    assert inference_settings({"precision": "bf16"}, "flash_attention_2") == (
+        "fp32",
+        "sdpa",
+    )  # GPU run, CPU load
+    fake_machine(monkeypatch, cuda=True, installed=("flash_attn",))
+    assert inference_settings({"precision": "bf16"}, "flash_attention_2") == ("bf16", "flash_attention_2")
