@@ -72,7 +72,9 @@ def quantize_linears(model: torch.nn.Module, device: torch.device, compute_dtype
     import bitsandbytes as bnb
 
     count = 0
-    for module in list(model.modules()):
+    # Parents only: a list holding the Linear layers themselves would keep every bf16 copy alive.
+    parents = [m for m in model.modules() if not isinstance(m, torch.nn.Linear)]
+    for module in parents:
         for child_name, child in list(module.named_children()):
             if not isinstance(child, torch.nn.Linear) or child_name == "score":
                 continue
@@ -92,6 +94,7 @@ def quantize_linears(model: torch.nn.Module, device: torch.device, compute_dtype
             if child.bias is not None:
                 q.bias = torch.nn.Parameter(child.bias.data.to(device), requires_grad=False)
             setattr(module, child_name, q)
+            child.weight = None  # drop the bf16 copy now
             del child, weight
             count += 1
     return count
@@ -316,7 +319,12 @@ def main(argv: list[str] | None = None) -> dict:
     }
     results: dict[str, Any] = {}
     for name, s in settings.items():
-        model.get_base_model().set_attn_implementation(s["attn"])
+        try:
+            model.get_base_model().set_attn_implementation(s["attn"])
+        except (ValueError, ImportError) as exc:  # e.g. flash-attn present but refused here
+            print(f"note: attention {s['attn']} unavailable ({exc}); using sdpa")
+            s["attn"] = "sdpa"
+            model.get_base_model().set_attn_implementation("sdpa")
         set_gradient_checkpointing(model, s["checkpointing"], reentrant=True)
         train = train_phase(model, batches, warmup, args, env, np.random.default_rng(args.seed + 1))
         infer = infer_phase(model, infer_lengths, s["eval_batch"], s["sort"], env)
@@ -327,6 +335,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name(device) if cuda else platform.processor() or platform.machine(),
+        "cuda": cuda,
         "torch": torch.__version__,
         "shape": "tiny" if args.tiny else "Llama-3-8B",
         "quantized_linears": n_quantized,
@@ -345,7 +354,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def print_report(report: dict) -> None:
-    mem = "peak GPU GiB" if "cuda" in report["device"].lower() or "H100" in report["device"] else "peak GiB"
+    mem = "peak GPU GiB" if report["cuda"] else "peak RSS GiB"
     print(
         f"{report['shape']} classifier, {report['quantized_linears']} NF4 linears, compute "
         f"{report['compute_dtype']}, on {report['device']} (built in {report['build_s']:.0f} s); "
