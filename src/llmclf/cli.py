@@ -12,8 +12,10 @@ from typing import Any
 
 from llmclf.config import (
     ACTIVATION_CACHE_CHOICES,
+    ATTN_CHOICES,
     CLASS_WEIGHT_CHOICES,
     HEAD_INIT_CHOICES,
+    PRECISION_CHOICES,
     PRESETS,
     QUANTIZE_CHOICES,
     SCHEDULER_CHOICES,
@@ -40,6 +42,20 @@ TRAIN_FLAGS: list[tuple[str, str | None, str, Any, str]] = [
     ("--max-length", "data", "max_length", int, "tokens per text; longer texts are truncated (default 512)"),
     ("--model", "model", "name", str, "smollm2-135m (default), a local folder, a .gguf file, or a hub id"),
     ("--quantize", "model", "quantize", QUANTIZE_CHOICES, "auto: 4-bit NF4 on a CUDA GPU (default)"),
+    (
+        "--precision",
+        "model",
+        "precision",
+        PRECISION_CHOICES,
+        "auto: bf16 on GPU where supported, else fp16; fp32 on CPU",
+    ),
+    (
+        "--attn-implementation",
+        "model",
+        "attn_implementation",
+        ATTN_CHOICES,
+        "auto: flash_attention_2 on CUDA if flash-attn is installed, else sdpa",
+    ),
     ("--lora-r", "lora", "r", int, "LoRA rank (default 16)"),
     ("--lora-alpha", "lora", "alpha", float, "LoRA alpha (default 8)"),
     ("--lora-dropout", "lora", "dropout", float, "LoRA dropout (default 0.05)"),
@@ -74,6 +90,12 @@ TRAIN_FLAGS: list[tuple[str, str | None, str, Any, str]] = [
 TRAIN_SWITCHES = [
     ("--drop-invalid", "data", "drop_invalid", "drop rows with empty text or missing label (counted)"),
     ("--trust-remote-code", "model", "trust_remote_code", "allow model code from the hub (runs Python)"),
+    (
+        "--gradient-checkpointing",
+        "train",
+        "gradient_checkpointing",
+        "recompute activations: less memory, slower",
+    ),
 ]
 
 

@@ -26,11 +26,13 @@ def dispatch(args: argparse.Namespace) -> int:
 
 
 def train(args: argparse.Namespace) -> int:
+    from llmclf import distributed
     from llmclf.cli import train_overrides
     from llmclf.pipeline import run_training
 
     config = load_config(args.config, train_overrides(args))
     run_training(config, overwrite=args.overwrite, quiet=args.quiet)
+    distributed.shutdown()  # under a launcher: wait for rank 0's writes, then leave the group
     return 0
 
 

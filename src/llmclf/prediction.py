@@ -23,6 +23,21 @@ from llmclf.evaluation import compute_metrics, predict_proba
 from llmclf.modeling import load_classifier, resolve_model_source
 
 
+def inference_settings(info: dict, attn_mode: str) -> tuple[str | None, str | None]:
+    """Precision and attention kernel for loading a run: as in training where this machine can run them
+    (a bf16 run loaded on a CPU-only machine falls back to fp32). None for runs that predate them."""
+    from llmclf import hardware
+
+    precision = info.get("precision")
+    if precision is None:
+        return None, None
+    if precision != "fp32" and not hardware.cuda():
+        precision = "fp32"
+    if attn_mode == "flash_attention_2":
+        attn_mode = "auto"  # the same kernel where flash-attn is installed, SDPA elsewhere
+    return precision, hardware.resolve_attn_implementation(attn_mode, precision)
+
+
 class Classifier:
     """A fine-tuned text classifier: base model + LoRA adapter + head, with its label names."""
 
@@ -46,6 +61,7 @@ class Classifier:
         labels = artifacts.read_json(path / artifacts.LABELS)
         info = artifacts.read_json(path / artifacts.RUN_INFO)
         source = resolve_model_source(config.model.name, quiet=quiet)
+        precision, attn = inference_settings(info, config.model.attn_implementation)
         # Same precision as in training, so probabilities match those written at the end of training.
         loaded = load_classifier(
             source,
@@ -54,6 +70,8 @@ class Classifier:
             trust_remote_code=config.model.trust_remote_code,
             for_training=False,
             tokenizer_source=str(path / artifacts.TOKENIZER),
+            precision=precision,
+            attn_implementation=attn,
         )
         model = PeftModel.from_pretrained(loaded.model, str(path / artifacts.ADAPTER))
         if not loaded.quantized:

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from transformers import DataCollatorWithPadding, PrinterCallback, Trainer, TrainingArguments
 from transformers.modeling_outputs import SequenceClassifierOutput
 
+from llmclf import distributed
 from llmclf.errors import LlmclfError
 
 
@@ -90,7 +91,8 @@ def training_arguments(
     has_val: bool,
     n_train: int,
     report_to: str = "none",
-    bf16: bool = False,
+    precision: str = "fp32",
+    gradient_checkpointing: bool = False,
     quiet: bool = False,
     lr_scheduler: str = "linear",
     warmup_ratio: float = 0.0,
@@ -99,13 +101,12 @@ def training_arguments(
     """The recipe's settings: evaluate and save each epoch, keep the best by validation accuracy.
 
     `group_by_length` batches texts of similar length together (shuffled in groups), so dynamic
-    padding wastes little compute; `bf16` is mixed precision (autocast), also on CPUs that support it."""
+    padding wastes little compute; `precision` bf16 or fp16 is mixed precision (autocast)."""
     steps_per_epoch = max(1, math.ceil(n_train / batch_size))
     return TrainingArguments(
         lr_scheduler_type=lr_scheduler,
         warmup_steps=math.ceil(warmup_ratio * steps_per_epoch * epochs),
         train_sampling_strategy="group_by_length" if group_by_length else "random",
-        use_cpu=bf16 and not torch.cuda.is_available(),  # transformers allows CPU bf16 only when told
         output_dir=output_dir,
         num_train_epochs=epochs,
         learning_rate=lr,
@@ -124,7 +125,15 @@ def training_arguments(
         logging_steps=max(1, min(50, steps_per_epoch // 5)),
         logging_nan_inf_filter=False,  # show NaN as NaN (the default averages it away)
         report_to=report_to,
-        bf16=bf16,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        gradient_checkpointing=gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if gradient_checkpointing else None,
+        # Every trainable parameter (LoRA, head) takes part in each step, so DDP need not search.
+        ddp_find_unused_parameters=False,
+        # Without CUDA, the Trainer must be told it runs on CPU for multi-process DDP over gloo, and to
+        # accept bf16 (CPU autocast); otherwise it is left to pick the device (e.g. Apple MPS).
+        use_cpu=distributed.cpu_processes() or (precision == "bf16" and not torch.cuda.is_available()),
         disable_tqdm=quiet,
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),

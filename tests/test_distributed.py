@@ -1,0 +1,179 @@
+"""Multi-process training: the real `llmclf train` under torchrun, 2 CPU processes (gloo), tiny model.
+
+Also the shard/gather bookkeeping that makes sharded evaluation score every test row exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import TRAIN_ARGS
+from llmclf.data import load_splits
+from llmclf.distributed import reassemble, shard_indices
+
+# Installed in the launched workers through PYTHONPATH: the non-zero ranks record every file they
+# create, open for writing, rename or delete under the run folder (Python audit events).
+WATCH = textwrap.dedent(
+    """
+    import os, sys
+    if os.environ.get("RANK", "0") != "0" and os.environ.get("LLMCLF_TEST_WATCH"):
+        _root = os.path.realpath(os.environ["LLMCLF_TEST_WATCH"])
+        _log = os.environ["LLMCLF_TEST_WRITES"] + "." + os.environ["RANK"]
+        _events = {"os.mkdir", "os.rename", "os.remove", "os.rmdir", "shutil.rmtree", "os.truncate"}
+        _write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND
+
+        def _hook(event, args):
+            if event == "open":
+                path, mode, flags = args
+                if isinstance(path, int) or path is None:
+                    return
+                writing = any(c in mode for c in "wax+") if mode else bool(flags & _write_flags)
+                if not writing:
+                    return
+            elif event in _events:
+                path = args[0]
+                if isinstance(path, int):
+                    return
+            else:
+                return
+            full = os.path.realpath(os.fsdecode(path))
+            if full == _root or full.startswith(_root + os.sep):
+                with open(_log, "a") as handle:
+                    handle.write(f"{event} {full}\\n")
+
+        sys.addaudithook(_hook)
+    """
+)
+
+
+# ------------------------------------------------------------------------ shard / gather, no processes
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_shards_cover_every_row_once_and_stay_length_sorted(world):
+    lengths = np.random.default_rng(world).integers(1, 60, size=37).tolist()
+    shards = [shard_indices(lengths, world, r) for r in range(world)]
+    together = np.concatenate(shards)
+    assert sorted(together.tolist()) == list(range(37))  # every row exactly once
+    for shard in shards:
+        shard_lengths = [lengths[i] for i in shard]
+        assert shard_lengths == sorted(shard_lengths, reverse=True)  # little padding per batch
+    sizes = [len(s) for s in shards]
+    assert max(sizes) - min(sizes) <= 1  # balanced work
+
+
+def test_reassemble_restores_input_order():
+    lengths = [5, 1, 9, 3, 7, 2, 8]
+    values = np.arange(len(lengths) * 2, dtype=np.float64).reshape(-1, 2)  # row i is "the score of i"
+    parts = [(idx, values[idx]) for idx in (shard_indices(lengths, 3, r) for r in range(3))]
+    assert np.array_equal(reassemble(parts[::-1], len(lengths), 2), values)
+
+
+def test_reassemble_refuses_missing_or_duplicated_rows():
+    rows = np.ones((2, 2))
+    with pytest.raises(RuntimeError, match="exactly once"):
+        reassemble([(np.array([0, 1]), rows), (np.array([1, 2]), rows)], 4, 2)
+
+
+# ------------------------------------------------------------------------------- torchrun end to end
+def test_torchrun_two_cpu_processes(tmp_path, tiny_model_dir, small_csv):
+    out = tmp_path / "ddp-run"
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(WATCH, encoding="utf-8")
+    writes = tmp_path / "rank-writes"
+    logs = tmp_path / "logs"
+    src = Path(__file__).resolve().parents[1] / "src"
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(hooks), str(src), os.environ.get("PYTHONPATH", "")]),
+        "LLMCLF_TEST_WATCH": str(out),
+        "LLMCLF_TEST_WRITES": str(writes),
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": "1",
+        "CUDA_VISIBLE_DEVICES": "",  # gloo on CPU even where a GPU exists
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "--log-dir",
+        str(logs),
+        "--redirects",
+        "3",
+        "-m",
+        "llmclf",
+        "train",
+        "--data",
+        str(small_csv),
+        "--model",
+        str(tiny_model_dir),
+        "--output",
+        str(out),
+        *TRAIN_ARGS,
+    ]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=420)
+    stdout = {int(p.parent.name): p.read_text() for p in logs.rglob("stdout.log")}
+    stderr = {int(p.parent.name): p.read_text() for p in logs.rglob("stderr.log")}
+    assert done.returncode == 0, (done.stderr[-3000:], stderr)
+
+    # The run folder is complete and holds no leftovers (checkpoints removed by rank 0).
+    for name in ("config.yaml", "labels.json", "run_info.json", "metrics.json", "data_summary.json"):
+        assert (out / name).is_file(), name
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert (out / "tokenizer" / "tokenizer.json").is_file()
+    assert not (out / "checkpoints").exists()
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["world_size"] == 2
+    # Data sharded: 80 training rows, 8 per process per step, 2 processes -> 5 steps/epoch, 2 epochs.
+    assert max(entry.get("step", 0) for entry in info["log_history"]) == 10
+    assert sum("eval_balanced_accuracy" in entry for entry in info["log_history"]) == 2  # best epoch kept
+
+    # Every test row exactly once, in the order a single process uses.
+    expected = load_splits(
+        str(small_csv), "text", "label", train_per_class=20, val_per_class=5, test_per_class=10, seed=7
+    ).test
+    predictions = pd.read_csv(out / "predictions_test.csv")
+    assert len(predictions) == len(expected) == 40
+    assert not predictions["text"].duplicated().any()
+    assert predictions["text"].tolist() == expected["text"].tolist()
+    assert predictions["label"].tolist() == expected["label"].tolist()
+    metrics = json.loads((out / "metrics.json").read_text())
+    for stage in ("before", "after"):
+        assert metrics[stage]["n"] == 40
+        assert sum(map(sum, metrics[stage]["confusion_matrix"])) == 40
+    labels = json.loads((out / "labels.json").read_text())
+    probs = predictions[[f"prob_{label}" for label in labels]].to_numpy()
+    hits = (np.array(labels)[probs.argmax(axis=1)] == predictions["label"]).mean()
+    assert hits == pytest.approx(metrics["after"]["accuracy"])
+
+    # Loads like a single-process run and reproduces the saved probabilities.
+    from llmclf.prediction import Classifier
+
+    clf = Classifier.load(out)
+    again = clf.predict_proba(predictions["text"].tolist())
+    np.testing.assert_allclose(again, probs, atol=1e-5)
+
+    # Only rank 0 wrote the run folder and printed the report.
+    # (Rank 1 does write the Trainer's own rng_state_1.pth into checkpoints/, removed at the end.)
+    log = writes.with_name(writes.name + ".1")
+    recorded = log.read_text().splitlines() if log.exists() else []
+    assert any(f"{os.sep}checkpoints" in line for line in recorded)  # the watcher saw rank 1's Trainer
+    assert [line for line in recorded if f"{os.sep}checkpoints" not in line] == []
+    assert "Run folder:" in stdout[0] and "Confusion matrix" in stdout[0]
+    assert (
+        "Run folder:" not in stdout[1]
+        and "Test metrics" not in stdout[1]
+        and "Class balance" not in stdout[1]
+    )
