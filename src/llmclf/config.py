@@ -175,6 +175,9 @@ class TrainConfig:
             self.seed,
             "an integer",
         )
+        from llmclf.progress import report_to_list  # imports transformers: only when a config is built
+
+        report_to_list(self.report_to)  # names transformers knows; installed-ness is checked at training
 
 
 @dataclass

@@ -16,12 +16,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from llmclf import __version__, artifacts, reporting
+from llmclf import __version__, artifacts, progress, reporting
 from llmclf.config import RunConfig
 from llmclf.data import Splits, class_weights, load_splits, to_dataset, tokenize_texts
 from llmclf.errors import LlmclfError
 from llmclf.evaluation import evaluate
 from llmclf.modeling import add_lora, load_classifier, resolve_model_source, resolve_quantize
+from llmclf.report import build_report
 from llmclf.training import build_trainer, training_arguments
 
 
@@ -103,6 +104,7 @@ def run_training(config: RunConfig, *, overwrite: bool = False, quiet: bool = Fa
     )
 
     label_index = {label: i for i, label in enumerate(labels)}
+    say(f"Tokenising {sum(len(getattr(splits, n)) for n in ('train', 'val', 'test'))} texts ...")
     encoded: dict[str, tuple[list[list[int]], list[int]]] = {}
     truncated: dict[str, int] = {}
     for name in ("train", "val", "test"):
@@ -123,6 +125,7 @@ def run_training(config: RunConfig, *, overwrite: bool = False, quiet: bool = Fa
             batch_size=tc.eval_batch_size,
             input_ids=ids,
             desc=desc,
+            progress=False if quiet else None,
         )
 
     # 3. Evaluate before training: the head is random, so this is the chance-level baseline.
@@ -147,6 +150,7 @@ def run_training(config: RunConfig, *, overwrite: bool = False, quiet: bool = Fa
         quiet=quiet,
     )
     trainer = build_trainer(model, tokenizer, train_ds, val_ds, args, weights, quiet=quiet)
+    progress.send_tensorboard_to(trainer, str(out / progress.TENSORBOARD_DIR))
     train_output = trainer.train()
     model = trainer.model  # the best epoch's weights when there is a validation split
 
@@ -185,10 +189,12 @@ def run_training(config: RunConfig, *, overwrite: bool = False, quiet: bool = Fa
     artifacts.write_json(out / artifacts.METRICS, {"before": before, "after": after})
     write_predictions(out / artifacts.PREDICTIONS, splits, probs)
     shutil.rmtree(out / artifacts.CHECKPOINTS, ignore_errors=True)  # the best adapter is saved above
+    report = build_report(out)  # report.md, report.html and the PNGs, from the files above
 
     seconds = time.perf_counter() - started
     print(reporting.full_report(before, after), flush=True)  # the result: printed even with --quiet
     print(f"\nRun folder: {out}  ({seconds:.0f} s)", flush=True)
+    say(f"Report: {report}")
     return RunResult(out, {"before": before, "after": after}, seconds)
 
 
