@@ -1,4 +1,4 @@
-"""Command line: `llmclf train | predict | evaluate | export`.
+"""Command line: `llmclf train | predict | evaluate | export | report | compare`.
 
 User errors (`LlmclfError`) print one message and exit with status 2, without a traceback.
 """
@@ -185,6 +185,18 @@ def _add_export(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--output", required=True, help="folder to write the merged model to")
 
 
+def _add_report(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("report", parents=[common], help="rebuild report.html/report.md of a run folder")
+    p.add_argument("run_dir", help="run folder written by `llmclf train`")
+    p.add_argument("--top", type=positive_int, default=10, help="confidently wrong examples to show (10)")
+
+
+def _add_compare(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("compare", parents=[common], help="config differences and metrics of several runs")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders written by `llmclf train`")
+    p.add_argument("--output", help="also write the table to this file (.md or .csv)")
+
+
 GLOBAL_SWITCHES = [
     ("--quiet", "print only results and errors"),
     ("--verbose", "show library warnings and tracebacks"),
@@ -199,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
         parser.add_argument(flag, action="store_true", help=text)
         common.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=text)
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_train, _add_predict, _add_evaluate, _add_export):
+    for add in (_add_train, _add_predict, _add_evaluate, _add_export, _add_report, _add_compare):
         add(sub, common)
     return parser
 

@@ -22,7 +22,9 @@ def dispatch(args: argparse.Namespace) -> int:
     from llmclf.pipeline import set_threads
 
     set_threads()
-    return {"train": train, "predict": predict, "evaluate": evaluate, "export": export}[args.command](args)
+    commands = {"train": train, "predict": predict, "evaluate": evaluate, "export": export}
+    commands.update(report=report, compare=compare)
+    return commands[args.command](args)
 
 
 def train(args: argparse.Namespace) -> int:
@@ -125,7 +127,9 @@ def evaluate(args: argparse.Namespace) -> int:
         _single_frame(args.data), args.data, text_column, label_column, drop_invalid=args.drop_invalid
     )
     clf = _load(args)
-    metrics, _ = clf.evaluate(frame["text"].tolist(), frame["label"].tolist(), progress=None)
+    metrics, _ = clf.evaluate(
+        frame["text"].tolist(), frame["label"].tolist(), progress=False if args.quiet else None
+    )
     output = (
         Path(args.output) if args.output else Path(args.run_dir) / f"evaluation_{Path(args.data).stem}.json"
     )
@@ -136,6 +140,7 @@ def evaluate(args: argparse.Namespace) -> int:
 
 
 def export(args: argparse.Namespace) -> int:
+    from llmclf.modelcard import write_model_card
     from llmclf.prediction import Classifier
 
     out = Path(args.output).expanduser()
@@ -147,6 +152,25 @@ def export(args: argparse.Namespace) -> int:
     # Plain users who pass truncation=True then truncate where training did.
     clf.tokenizer.model_max_length = clf.max_length
     clf.tokenizer.save_pretrained(str(out))
+    write_model_card(args.run_dir, out)  # README.md: labels, data, metrics, intended use, base licence
     if not args.quiet:
         print(f"Exported a merged model ({len(clf.labels)} labels) to {out}")
+    return 0
+
+
+def report(args: argparse.Namespace) -> int:
+    from llmclf.report import build_report
+
+    path = build_report(args.run_dir, top=args.top)
+    print(f"Report written to {path} (and report.md, PNGs beside it)")
+    return 0
+
+
+def compare(args: argparse.Namespace) -> int:
+    from llmclf.report import compare_runs, write_comparison
+
+    headers, rows = compare_runs(args.run_dirs)
+    print(reporting.table(headers, rows, title="Runs compared (config keys that differ, then test metrics)"))
+    if args.output:
+        print(f"\nWritten to {write_comparison(headers, rows, args.output)}")
     return 0

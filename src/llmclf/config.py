@@ -230,6 +230,9 @@ class TrainConfig:
             self.gradient_checkpointing,
             "true or false",
         )
+        from llmclf.progress import report_to_list  # imports transformers: only when a config is built
+
+        report_to_list(self.report_to)  # names transformers knows; installed-ness is checked at training
 
 
 @dataclass

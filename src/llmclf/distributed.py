@@ -159,13 +159,21 @@ def reassemble(parts: Sequence[tuple[np.ndarray, np.ndarray]], n: int, width: in
 
 
 def sharded_predict_proba(
-    model: Any, tokenizer: Any, input_ids: list[list[int]], *, batch_size: int, desc: str
+    model: Any,
+    tokenizer: Any,
+    input_ids: list[list[int]],
+    *,
+    batch_size: int,
+    desc: str,
+    progress: bool | None = None,
 ) -> np.ndarray:
     """`evaluation.predict_proba` over all rows, the work split across processes; all get the result."""
     from llmclf.evaluation import predict_proba
 
     if not active():
-        return predict_proba(model, tokenizer, input_ids=input_ids, batch_size=batch_size, desc=desc)
+        return predict_proba(
+            model, tokenizer, input_ids=input_ids, batch_size=batch_size, desc=desc, progress=progress
+        )
     idx = shard_indices([len(ids) for ids in input_ids], world_size(), rank())
     local = predict_proba(
         model,
@@ -173,7 +181,7 @@ def sharded_predict_proba(
         input_ids=[input_ids[i] for i in idx],
         batch_size=batch_size,
         desc=desc,
-        progress=False if not is_main() else None,
+        progress=False if not is_main() else progress,
     )
     return reassemble(all_gather((idx, local)), len(input_ids), model.config.num_labels)
 
@@ -187,9 +195,12 @@ def evaluate(
     *,
     batch_size: int,
     desc: str,
+    progress: bool | None = None,
 ) -> tuple[dict, np.ndarray]:
     """Metrics over the whole test split (scored once, sharded when launched) and the probabilities."""
     from llmclf.evaluation import compute_metrics
 
-    probs = sharded_predict_proba(model, tokenizer, input_ids, batch_size=batch_size, desc=desc)
+    probs = sharded_predict_proba(
+        model, tokenizer, input_ids, batch_size=batch_size, desc=desc, progress=progress
+    )
     return compute_metrics(label_ids, probs.argmax(axis=1), labels), probs

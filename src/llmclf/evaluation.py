@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import numpy as np
@@ -16,6 +15,7 @@ from sklearn.metrics import (
 )
 
 from llmclf.modeling import device_of
+from llmclf.progress import Progress
 
 
 def predict_proba(
@@ -46,12 +46,8 @@ def predict_proba(
     device = device_of(model)
     was_training = model.training
     model.eval()
-    show = sys.stderr.isatty() if progress is None else progress
-    bar = None
-    if show:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=n, desc=desc, unit="text", leave=False)
+    # a bar on a terminal, plain lines in a log (no carriage returns), nothing with progress=False
+    bar = Progress(n, desc, "text", progress=progress)
     try:
         with torch.inference_mode():
             for start in range(0, n, batch_size):
@@ -60,11 +56,9 @@ def predict_proba(
                 batch = {k: v.to(device) for k, v in batch.items()}
                 logits = model(**batch).logits  # (batch, num_labels)
                 out[idx] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
-                if bar is not None:
-                    bar.update(len(idx))
+                bar.update(len(idx))
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
         model.train(was_training)
     return out
 
@@ -110,10 +104,18 @@ def evaluate(
     max_length: int = 512,
     input_ids: list[list[int]] | None = None,
     desc: str = "evaluating",
+    progress: bool | None = None,
 ) -> tuple[dict, np.ndarray]:
     """Metrics on labelled texts, and the probabilities they came from."""
     probs = predict_proba(
-        model, tokenizer, texts, input_ids=input_ids, batch_size=batch_size, max_length=max_length, desc=desc
+        model,
+        tokenizer,
+        texts,
+        input_ids=input_ids,
+        batch_size=batch_size,
+        max_length=max_length,
+        desc=desc,
+        progress=progress,
     )
     return compute_metrics(label_ids, probs.argmax(axis=1), labels), probs
 

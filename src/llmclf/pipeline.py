@@ -16,13 +16,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from llmclf import __version__, artifacts, distributed, hardware, reporting
+from llmclf import __version__, artifacts, distributed, hardware, progress, reporting
 from llmclf.config import RunConfig
 from llmclf.data import Splits, class_weights, load_splits, to_dataset, tokenize_texts
 from llmclf.errors import LlmclfError
 from llmclf.evaluation import compute_metrics, head_inputs
 from llmclf.layer_cache import cached_or_built, check_layers, pooled_features, predict_proba_cached
 from llmclf.modeling import add_lora, cache_dir, load_classifier, resolve_model_source, resolve_quantize
+from llmclf.report import build_report
 from llmclf.training import build_trainer, init_head_from_probe, training_arguments
 
 SPLITS = ("train", "val", "test")
@@ -136,6 +137,7 @@ def run_training(config: RunConfig, *, overwrite: bool = False, quiet: bool = Fa
 
     tick = time.perf_counter()
     label_index = {label: i for i, label in enumerate(labels)}
+    say(f"Tokenising {sum(len(getattr(splits, n)) for n in ('train', 'val', 'test'))} texts ...")
     encoded: dict[str, tuple[list[list[int]], list[int]]] = {}
     truncated: dict[str, int] = {}
     for name in SPLITS:
@@ -188,7 +190,14 @@ def run_training(config: RunConfig, *, overwrite: bool = False, quiet: bool = Fa
                 return compute_metrics(y, probs.argmax(axis=1), labels), probs
             # Sharded across processes when launched; every test row is scored exactly once.
             return distributed.evaluate(
-                model, tokenizer, ids, y, labels, batch_size=tc.eval_batch_size, desc=desc
+                model,
+                tokenizer,
+                ids,
+                y,
+                labels,
+                batch_size=tc.eval_batch_size,
+                desc=desc,
+                progress=False if quiet else None,
             )
 
     # 3. Evaluate before training: the head is random, so this is the chance-level baseline.
@@ -237,6 +246,7 @@ def run_training(config: RunConfig, *, overwrite: bool = False, quiet: bool = Fa
         warmup_ratio=tc.warmup_ratio,
     )
     trainer = build_trainer(model, tokenizer, train_ds, val_ds, args, weights, quiet=quiet, cache=cache)
+    progress.send_tensorboard_to(trainer, str(out / progress.TENSORBOARD_DIR))
     train_output = trainer.train()
     model = trainer.model  # the best epoch's weights when there is a validation split
     timings["train"] = time.perf_counter() - tick
@@ -288,6 +298,7 @@ def run_training(config: RunConfig, *, overwrite: bool = False, quiet: bool = Fa
     artifacts.write_json(out / artifacts.METRICS, {"before": before, "after": after})
     write_predictions(out / artifacts.PREDICTIONS, splits, probs)
     shutil.rmtree(out / artifacts.CHECKPOINTS, ignore_errors=True)  # the best adapter is saved above
+    report = build_report(out)  # report.md, report.html and the PNGs, from the files above
 
     seconds = time.perf_counter() - started
     timings["total"] = seconds
@@ -296,6 +307,7 @@ def run_training(config: RunConfig, *, overwrite: bool = False, quiet: bool = Fa
     )
     print(reporting.full_report(before, after), flush=True)  # the result: printed even with --quiet
     print(f"\nRun folder: {out}  ({seconds:.0f} s)", flush=True)
+    say(f"Report: {report}")
     return RunResult(out, {"before": before, "after": after}, seconds)
 
 

@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 import math
+import sys
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import DataCollatorWithPadding, PrinterCallback, Trainer, TrainingArguments
+from transformers import (
+    DataCollatorWithPadding,
+    PrinterCallback,
+    ProgressCallback,
+    Trainer,
+    TrainingArguments,
+)
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from llmclf import distributed
 from llmclf.errors import LlmclfError
+from llmclf.progress import PlainProgressCallback, report_to_list
 
 
 class NonFiniteLossError(LlmclfError):
@@ -124,7 +132,7 @@ def training_arguments(
         save_only_model=False,
         logging_steps=max(1, min(50, steps_per_epoch // 5)),
         logging_nan_inf_filter=False,  # show NaN as NaN (the default averages it away)
-        report_to=report_to,
+        report_to=report_to_list(report_to, require_installed=True) or "none",
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         gradient_checkpointing=gradient_checkpointing,
@@ -166,6 +174,10 @@ def build_trainer(
     )
     if quiet:
         trainer.remove_callback(PrinterCallback)  # it prints every log line when progress bars are off
+    elif not sys.stderr.isatty():
+        # tqdm redraws with carriage returns, unreadable in a log file: whole lines instead
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(PlainProgressCallback())
     return trainer
 
 
