@@ -2,14 +2,15 @@ import pytest
 import yaml
 
 from llmclf.cli import build_parser, train_overrides
-from llmclf.config import RunConfig, build_config, config_from_saved, load_config
+from llmclf.config import build_config, config_from_saved, load_config
 from llmclf.errors import LlmclfError
 
 
-def test_defaults_are_the_recipe():
-    c = RunConfig()
+def test_recipe_preset_is_the_recipe():
+    c = build_config({"preset": "recipe"})
     assert (c.train.lr, c.train.batch_size, c.train.epochs, c.train.weight_decay) == (1e-4, 8, 1.0, 0.01)
-    assert (c.lora.r, c.lora.alpha, c.lora.dropout, c.lora.targets) == (16, 8, 0.05, "auto")
+    assert (c.lora.r, c.lora.alpha, c.lora.dropout, c.lora.targets, c.lora.layers) == (16, 8, 0.05, "auto", None)
+    assert c.train.head_init == "random" and c.train.warmup_ratio == 0.0
     assert c.model.name == "smollm2-135m" and c.model.quantize == "auto"
     assert c.train.class_weights == "auto"
 
@@ -33,7 +34,7 @@ def test_yaml_overlay_then_flags_override(tmp_path):
     assert c.train.epochs == 3  # from the file
     assert c.data.train_per_class == 10 and c.data.path == "a.csv" and c.output == "runs/x"
     assert c.lora.targets == ["q_proj", "v_proj"]
-    assert c.train.batch_size == 8  # default
+    assert c.train.batch_size == 16  # default
 
 
 @pytest.mark.parametrize(
@@ -86,7 +87,7 @@ def test_recipe_preset_sits_under_yaml_and_flags(tmp_path):
     recipe = build_config({"preset": "recipe"})
     for section, values in PRESETS["recipe"].items():
         for key, value in values.items():
-            assert getattr(getattr(recipe, section), key) == value
+            assert getattr(getattr(recipe, section), key) == (None if value == "all" else value)
     yaml_file = tmp_path / "c.yaml"
     yaml_file.write_text("preset: recipe\ntrain: {lr: 0.003}\n", encoding="utf-8")
     args = build_parser().parse_args(["train", "--config", str(yaml_file), "--epochs", "3"])

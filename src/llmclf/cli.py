@@ -22,6 +22,17 @@ from llmclf.config import (
 )
 from llmclf.errors import LlmclfError
 
+
+def layers_value(value: str) -> int | str:
+    """argparse type of --lora-layers: a whole number, `auto` or `all`."""
+    if value in ("auto", "all"):
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, auto or all, found {value!r}") from None
+
+
 # flag, config section (None: top level), field, type, help
 TRAIN_FLAGS: list[tuple[str, str | None, str, Any, str]] = [
     (
@@ -60,7 +71,13 @@ TRAIN_FLAGS: list[tuple[str, str | None, str, Any, str]] = [
     ("--lora-alpha", "lora", "alpha", float, "LoRA alpha (default 8)"),
     ("--lora-dropout", "lora", "dropout", float, "LoRA dropout (default 0.05)"),
     ("--lora-targets", "lora", "targets", str, "auto (q/k/v/o), all-linear, or comma-separated module names"),
-    ("--lora-layers", "lora", "layers", int, "adapt only the top N layers; the frozen rest runs once (cached)"),
+    (
+        "--lora-layers",
+        "lora",
+        "layers",
+        layers_value,
+        "adapt the top N layers only (the frozen rest runs once, cached); auto (default) or all",
+    ),
     ("--epochs", "train", "epochs", float, "passes over the training data (default 1)"),
     ("--lr", "train", "lr", float, "learning rate (default 1e-4)"),
     ("--batch-size", "train", "batch_size", int, "training batch size (default 8)"),

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,17 @@ def decoder_of(model: Any) -> Any:
 
 def num_layers(model: Any) -> int:
     return len(decoder_of(model).layers)
+
+
+def resolve_top_layers(model: Any, layers: int | str | None) -> int | None:
+    """How many top layers LoRA adapts: None = all; `auto` = the top fifth where caching is supported."""
+    if layers != "auto":
+        return layers  # type: ignore[return-value]
+    try:
+        total = num_layers(model)
+    except LlmclfError:
+        return None  # not a supported decoder: adapt every layer, no cache
+    return max(1, math.ceil(total / 5))
 
 
 def check_layers(model: Any, top: int) -> int:

@@ -21,7 +21,13 @@ from llmclf.config import RunConfig
 from llmclf.data import Splits, class_weights, load_splits, to_dataset, tokenize_texts
 from llmclf.errors import LlmclfError
 from llmclf.evaluation import compute_metrics, head_inputs
-from llmclf.layer_cache import cached_or_built, check_layers, pooled_features, predict_proba_cached
+from llmclf.layer_cache import (
+    cached_or_built,
+    check_layers,
+    pooled_features,
+    predict_proba_cached,
+    resolve_top_layers,
+)
 from llmclf.modeling import add_lora, cache_dir, load_classifier, resolve_model_source, resolve_quantize
 from llmclf.report import build_report
 from llmclf.training import build_trainer, init_head_from_probe, training_arguments
@@ -124,6 +130,7 @@ def run_training(config: RunConfig, *, overwrite: bool = False, quiet: bool = Fa
         gradient_checkpointing=tc.gradient_checkpointing,
     )
     tokenizer = loaded.tokenizer
+    top_layers = resolve_top_layers(loaded.model, lc.layers)
     model = add_lora(
         loaded.model,
         r=lc.r,
@@ -131,7 +138,7 @@ def run_training(config: RunConfig, *, overwrite: bool = False, quiet: bool = Fa
         dropout=lc.dropout,
         targets=lc.targets,
         seed=tc.seed,
-        top_layers=lc.layers,
+        top_layers=top_layers,
     )
     timings["load_model"] = time.perf_counter() - tick
 
@@ -155,14 +162,13 @@ def run_training(config: RunConfig, *, overwrite: bool = False, quiet: bool = Fa
     for name in SPLITS:
         rows[name] = list(range(first, first + len(encoded[name][0])))
         first += len(rows[name])
-    if lc.layers is not None and tc.activation_cache != "off":
-        if distributed.world_size() > 1:  # the cached forward would bypass DDP's gradient averaging
-            raise LlmclfError(
-                "The activation cache (--lora-layers) trains in one process. Under torchrun / accelerate "
-                "launch add --activation-cache off, or run without a launcher."
-            )
+    use_cache = top_layers is not None and tc.activation_cache != "off"
+    if use_cache and distributed.world_size() > 1:  # a cached forward would bypass DDP's gradient sync
+        say("note: the activation cache runs in one process; under a launcher every step runs the model")
+        use_cache = False
+    if use_cache:
         tick = time.perf_counter()
-        start = check_layers(model, lc.layers)
+        start = check_layers(model, top_layers)
         with hardware.autocast(precision):
             cache, reused = cached_or_built(
                 model,
@@ -182,10 +188,10 @@ def run_training(config: RunConfig, *, overwrite: bool = False, quiet: bool = Fa
             f"{len(cache)} texts ({cache.nbytes / 2**20:.0f} MiB, {timings['cache']:.0f} s)"
         )
 
-    def test_eval(desc: str) -> tuple[dict, np.ndarray]:
+    def test_eval(desc: str, cached: bool) -> tuple[dict, np.ndarray]:
         ids, y = encoded["test"]
         with hardware.autocast(precision):
-            if cache is not None:
+            if cached and cache is not None:
                 probs = predict_proba_cached(model, cache, rows["test"], batch_size=tc.eval_batch_size)
                 return compute_metrics(y, probs.argmax(axis=1), labels), probs
             # Sharded across processes when launched; every test row is scored exactly once.
@@ -202,7 +208,7 @@ def run_training(config: RunConfig, *, overwrite: bool = False, quiet: bool = Fa
 
     # 3. Evaluate before training: the head is random, so this is the chance-level baseline.
     tick = time.perf_counter()
-    before, _ = test_eval("evaluating before training")
+    before, _ = test_eval("evaluating before training", cached=True)
     timings["eval_before"] = time.perf_counter() - tick
     say(reporting.compare(None, before, title="Test metrics before training"), "\n")
 
@@ -253,7 +259,8 @@ def run_training(config: RunConfig, *, overwrite: bool = False, quiet: bool = Fa
 
     # 5. Evaluate after training, on the same test split.
     tick = time.perf_counter()
-    after, probs = test_eval("evaluating after training")
+    # The whole model, as `Classifier` runs it: the reported metrics are those of the saved classifier.
+    after, probs = test_eval("evaluating after training", cached=False)
     timings["eval_after"] = time.perf_counter() - tick
     if not main:  # the main process writes the run folder; the others wait for it in shutdown()
         return RunResult(out, {"before": before, "after": after}, time.perf_counter() - started)
