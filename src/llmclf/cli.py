@@ -51,11 +51,13 @@ TRAIN_FLAGS: list[tuple[str, str | None, str, Any, str]] = [
         str,
         "Trainer logging integration, e.g. tensorboard (default none)",
     ),
+    ("--save-steps", "train", "save_steps", int, "also checkpoint every N steps (default: each epoch)"),
     ("--output", None, "output", str, "run folder to write (default runs/latest)"),
 ]
 TRAIN_SWITCHES = [
     ("--drop-invalid", "data", "drop_invalid", "drop rows with empty text or missing label (counted)"),
     ("--trust-remote-code", "model", "trust_remote_code", "allow model code from the hub (runs Python)"),
+    ("--keep-checkpoint", "train", "keep_checkpoint", "keep the newest checkpoint after a successful run"),
 ]
 
 
@@ -81,6 +83,14 @@ def _add_train(sub: Any, common: argparse.ArgumentParser) -> None:
             flag, dest=_dest(section, name), action="store_const", const=True, default=None, help=text
         )
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="last",
+        default=None,
+        metavar="CHECKPOINT",
+        help="continue the interrupted run in --output from its newest complete checkpoint, or from CHECKPOINT",
+    )
 
 
 def positive_int(value: str) -> int:

@@ -30,7 +30,7 @@ def train(args: argparse.Namespace) -> int:
     from llmclf.pipeline import run_training
 
     config = load_config(args.config, train_overrides(args))
-    run_training(config, overwrite=args.overwrite, quiet=args.quiet)
+    run_training(config, overwrite=args.overwrite, quiet=args.quiet, resume=args.resume)
     return 0
 
 

@@ -156,6 +156,11 @@ class TrainConfig:
     """Seed for sampling, shuffling, initialisation and dropout."""
     report_to: str = "none"
     """Trainer logging integration (`tensorboard`, `wandb`, ...), `none` by default."""
+    save_steps: int | None = None
+    """Also write a checkpoint every this many optimizer steps (for `--resume` mid-epoch). Empty: each
+    epoch only."""
+    keep_checkpoint: bool = False
+    """Keep the newest checkpoint after a successful run (by default all checkpoints are deleted)."""
 
     def __post_init__(self) -> None:
         _number("train", "epochs", self.epochs, 0.0, 1000.0, low_open=True)
@@ -168,6 +173,13 @@ class TrainConfig:
             "train.class_weights",
             self.class_weights,
             ", ".join(CLASS_WEIGHT_CHOICES),
+        )
+        _positive_int_or_none("train", "save_steps", self.save_steps)
+        _require(
+            isinstance(self.keep_checkpoint, bool),
+            "train.keep_checkpoint",
+            self.keep_checkpoint,
+            "true, false",
         )
         _require(
             isinstance(self.seed, int) and not isinstance(self.seed, bool),

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from llmclf import __version__, artifacts, reporting
+from llmclf import __version__, artifacts, checkpoints, reporting
 from llmclf.config import RunConfig
 from llmclf.data import Splits, class_weights, load_splits, to_dataset, tokenize_texts
 from llmclf.errors import LlmclfError
@@ -38,12 +38,23 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def prepare_output(output: str, overwrite: bool) -> Path:
+def prepare_output(output: str, overwrite: bool, resume: str | None = None) -> Path:
     path = Path(output).expanduser()
+    if resume is not None:
+        if overwrite:
+            raise LlmclfError(
+                "--resume continues the run in --output; --overwrite would delete it. Give one."
+            )
+        if not path.is_dir():
+            raise LlmclfError(
+                f"Cannot resume: run folder {path} not found. Give the --output of the interrupted run."
+            )
+        return path
     if path.exists() and any(path.iterdir()):
         if not overwrite:
             raise LlmclfError(
-                f"Output folder {path} is not empty. Choose another --output, or pass --overwrite to replace it."
+                f"Output folder {path} is not empty. Choose another --output, pass --resume to continue an "
+                "interrupted run there, or --overwrite to replace it."
             )
         shutil.rmtree(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -64,12 +75,17 @@ def write_predictions(path: Path, splits: Splits, probs: np.ndarray) -> None:
     frame.to_csv(path, index=False, float_format="%.9g")
 
 
-def run_training(config: RunConfig, *, overwrite: bool = False, quiet: bool = False) -> RunResult:
-    """Train, evaluate before and after, and write the run folder. Returns the metrics."""
+def run_training(
+    config: RunConfig, *, overwrite: bool = False, quiet: bool = False, resume: str | None = None
+) -> RunResult:
+    """Train, evaluate before and after, and write the run folder. Returns the metrics.
+
+    `resume`: `last` or a checkpoint folder, to continue an interrupted run in `config.output`.
+    """
     started = time.perf_counter()
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     dc, mc, lc, tc = config.data, config.model, config.lora, config.train
-    out = prepare_output(config.output, overwrite)
+    out = prepare_output(config.output, overwrite, resume)
     seed_everything(tc.seed)
 
     # 1. Data: read, validate, split per class, weigh classes.
@@ -95,6 +111,8 @@ def run_training(config: RunConfig, *, overwrite: bool = False, quiet: bool = Fa
     # 2. Model: base + classification head (4-bit where asked or on a GPU), then LoRA.
     source = resolve_model_source(mc.name, quiet=quiet)
     quantized = resolve_quantize(mc.quantize)
+    fingerprint = checkpoints.run_fingerprint(config, splits, source, quantized)
+    start = checkpoints.begin_run(out, fingerprint, resume, say)
     say(f"Loading {mc.name} ({'4-bit NF4' if quantized else 'full precision'}) ...")
     loaded = load_classifier(source, labels, quantize=quantized, trust_remote_code=mc.trust_remote_code)
     tokenizer = loaded.tokenizer
@@ -126,7 +144,12 @@ def run_training(config: RunConfig, *, overwrite: bool = False, quiet: bool = Fa
         )
 
     # 3. Evaluate before training: the head is random, so this is the chance-level baseline.
-    before, _ = test_eval("evaluating before training")
+    if start.before is None:
+        before, _ = test_eval("evaluating before training")
+        checkpoints.save_before(out, before)
+    else:
+        before = start.before  # saved by the interrupted run: the same model and test split
+        say("Reusing the metrics before training saved by the interrupted run.")
     say(reporting.compare(None, before, title="Test metrics before training"), "\n")
 
     # 4. Train.
@@ -146,8 +169,13 @@ def run_training(config: RunConfig, *, overwrite: bool = False, quiet: bool = Fa
         bf16=quantized and torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
         quiet=quiet,
     )
-    trainer = build_trainer(model, tokenizer, train_ds, val_ds, args, weights, quiet=quiet)
-    train_output = trainer.train()
+    trainer = build_trainer(
+        model, tokenizer, train_ds, val_ds, args, weights, quiet=quiet, save_steps=tc.save_steps
+    )
+    trainer.fingerprint_sha = checkpoints.fingerprint_sha(fingerprint)
+    if start.checkpoint:
+        say(f"Resuming from {start.checkpoint}")
+    train_output = trainer.train(resume_from_checkpoint=start.checkpoint)
     model = trainer.model  # the best epoch's weights when there is a validation split
 
     # 5. Evaluate after training, on the same test split.
@@ -184,7 +212,7 @@ def run_training(config: RunConfig, *, overwrite: bool = False, quiet: bool = Fa
     )
     artifacts.write_json(out / artifacts.METRICS, {"before": before, "after": after})
     write_predictions(out / artifacts.PREDICTIONS, splits, probs)
-    shutil.rmtree(out / artifacts.CHECKPOINTS, ignore_errors=True)  # the best adapter is saved above
+    checkpoints.finish(out, keep_last=tc.keep_checkpoint)  # the best adapter is saved above
 
     seconds = time.perf_counter() - started
     print(reporting.full_report(before, after), flush=True)  # the result: printed even with --quiet

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DataCollatorWithPadding, PrinterCallback, Trainer, TrainingArguments
 
+from llmclf.checkpoints import AtomicCheckpoints, SaveEverySteps
 from llmclf.errors import LlmclfError
 
 
@@ -17,8 +18,9 @@ class NonFiniteLossError(LlmclfError):
     """Training produced NaN or inf; raised at once instead of being averaged away in the logs."""
 
 
-class WeightedLossTrainer(Trainer):
-    """Trainer whose loss is cross-entropy with per-class weights (transformers has none built in)."""
+class WeightedLossTrainer(AtomicCheckpoints, Trainer):
+    """Trainer whose loss is cross-entropy with per-class weights (transformers has none built in);
+    checkpoints are written atomically with a manifest (checkpoints.py)."""
 
     def __init__(self, *args: Any, class_weights: list[float] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -76,7 +78,10 @@ def training_arguments(
     bf16: bool = False,
     quiet: bool = False,
 ) -> TrainingArguments:
-    """The recipe's settings: evaluate and save each epoch, keep the best by validation accuracy."""
+    """The recipe's settings: evaluate and save each epoch, keep the best by validation accuracy.
+
+    Checkpoints are saved each epoch even without a validation split, so that a run can be resumed;
+    `build_trainer(save_steps=N)` adds saves every N steps."""
     steps_per_epoch = max(1, math.ceil(n_train / batch_size))
     return TrainingArguments(
         output_dir=output_dir,
@@ -88,11 +93,11 @@ def training_arguments(
         seed=seed,
         data_seed=seed,
         eval_strategy="epoch" if has_val else "no",
-        save_strategy="epoch" if has_val else "no",
+        save_strategy="epoch",
         load_best_model_at_end=has_val,
         metric_for_best_model="balanced_accuracy" if has_val else None,
         greater_is_better=True,
-        save_total_limit=2 if has_val else None,
+        save_total_limit=2,  # the newest (to resume) and the best (kept by rotation)
         save_only_model=False,
         logging_steps=max(1, min(50, steps_per_epoch // 5)),
         logging_nan_inf_filter=False,  # show NaN as NaN (the default averages it away)
@@ -113,6 +118,7 @@ def build_trainer(
     args: TrainingArguments,
     class_weights: list[float] | None,
     quiet: bool = False,
+    save_steps: int | None = None,
 ) -> WeightedLossTrainer:
     trainer = WeightedLossTrainer(
         model=model,
@@ -123,6 +129,7 @@ def build_trainer(
         data_collator=DataCollatorWithPadding(tokenizer),  # dynamic padding to each batch's longest
         compute_metrics=metrics_for_trainer if val_dataset is not None else None,
         class_weights=class_weights,
+        callbacks=[SaveEverySteps(save_steps)] if save_steps else None,
     )
     if quiet:
         trainer.remove_callback(PrinterCallback)  # it prints every log line when progress bars are off
