@@ -57,6 +57,12 @@ TRAIN_FLAGS: list[tuple[str, str | None, str, Any, str]] = [
 TRAIN_SWITCHES = [
     ("--drop-invalid", "data", "drop_invalid", "drop rows with empty text or missing label (counted)"),
     ("--trust-remote-code", "model", "trust_remote_code", "allow model code from the hub (runs Python)"),
+    (
+        "--allow-pickle",
+        "model",
+        "allow_pickle",
+        "allow pickle weights (pytorch_model.bin), weights_only load",
+    ),
     ("--keep-checkpoint", "train", "keep_checkpoint", "keep the newest checkpoint after a successful run"),
 ]
 
@@ -127,6 +133,11 @@ def _add_predict(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--prediction-column", default="label", help="name of the added label column (default label)"
     )
+    p.add_argument(
+        "--drop-invalid",
+        action="store_true",
+        help="leave rows with an empty text unlabelled (kept in the output, counted) instead of stopping",
+    )
     _add_inference_options(p)
 
 
@@ -155,8 +166,15 @@ GLOBAL_SWITCHES = [
 ]
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with usage errors in the CLI's one form: one `error:` paragraph, exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"error: {message}. See `{self.prog} --help`.\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llmclf", description="Fine-tune an LLM into a text classifier.")
+    parser = Parser(prog="llmclf", description="Fine-tune an LLM into a text classifier.")
     # Accepted before or after the subcommand; SUPPRESS keeps the top-level value when a subcommand omits it.
     common = argparse.ArgumentParser(add_help=False)
     for flag, text in GLOBAL_SWITCHES:

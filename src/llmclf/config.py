@@ -102,6 +102,9 @@ class ModelConfig:
     """`auto`: 4-bit NF4 on a CUDA GPU with bitsandbytes, full precision otherwise; `4bit`; `none`."""
     trust_remote_code: bool = False
     """Allow model code from the hub. Off by default: it runs arbitrary Python."""
+    allow_pickle: bool = False
+    """Allow a base model with pickle weights only (`pytorch_model.bin`), read with
+    `torch.load(weights_only=True)`. Off by default: safetensors only."""
 
     def __post_init__(self) -> None:
         _require(isinstance(self.name, str) and self.name.strip() != "", "model.name", self.name, "a model")

@@ -148,7 +148,8 @@ def hub_errors(model: str) -> Iterator[None]:
         if "safetensors" in text or "pytorch_model.bin" in text:
             raise LlmclfError(
                 f"Model '{model}': no safetensors weights found. llmclf loads safetensors only, since pickle "
-                "checkpoints can run code when loaded; convert the model to safetensors first."
+                "checkpoints can run code when loaded; convert the model to safetensors, or pass "
+                "--allow-pickle to read its pytorch_model.bin with torch.load(weights_only=True)."
             ) from None
         if "trust_remote_code" in text:
             raise LlmclfError(
@@ -233,6 +234,7 @@ def load_classifier(
     trust_remote_code: bool = False,
     for_training: bool = True,
     tokenizer_source: str | None = None,
+    allow_pickle: bool = False,
 ) -> LoadedModel:
     """Base model with a `num_labels` classification head, pad token set in tokenizer and config.
 
@@ -246,7 +248,9 @@ def load_classifier(
         "id2label": dict(enumerate(labels)),
         "label2id": {label: i for i, label in enumerate(labels)},
         "trust_remote_code": trust_remote_code,
-        "use_safetensors": True,
+        # Pickle weights only when asked, and then through torch.load(weights_only=True) (CVE-2025-32434).
+        "use_safetensors": None if allow_pickle else True,
+        "weights_only": True,
     }
     if quantize:
         kwargs["quantization_config"] = bnb_config(HEAD_NAMES)

@@ -114,7 +114,13 @@ def run_training(
     fingerprint = checkpoints.run_fingerprint(config, splits, source, quantized)
     start = checkpoints.begin_run(out, fingerprint, resume, say)
     say(f"Loading {mc.name} ({'4-bit NF4' if quantized else 'full precision'}) ...")
-    loaded = load_classifier(source, labels, quantize=quantized, trust_remote_code=mc.trust_remote_code)
+    loaded = load_classifier(
+        source,
+        labels,
+        quantize=quantized,
+        trust_remote_code=mc.trust_remote_code,
+        allow_pickle=mc.allow_pickle,
+    )
     tokenizer = loaded.tokenizer
     model = add_lora(
         loaded.model, r=lc.r, alpha=lc.alpha, dropout=lc.dropout, targets=lc.targets, seed=tc.seed

@@ -54,6 +54,7 @@ class Classifier:
             trust_remote_code=config.model.trust_remote_code,
             for_training=False,
             tokenizer_source=str(path / artifacts.TOKENIZER),
+            allow_pickle=config.model.allow_pickle,
         )
         model = PeftModel.from_pretrained(loaded.model, str(path / artifacts.ADAPTER))
         if not loaded.quantized:
