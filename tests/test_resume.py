@@ -165,3 +165,17 @@ def test_resume_needs_a_run_folder(tmp_path, small_csv, tiny_model_dir, trained_
 def test_save_steps_is_validated(capsys):
     assert main(["train", "--save-steps", "0"]) == 2
     assert "train.save_steps=0" in capsys.readouterr().err
+
+
+def test_resume_from_a_named_checkpoint_checks_it(interrupted, tmp_path, small_csv, tiny_model_dir, capsys):
+    args = train_cmd(small_csv, tiny_model_dir, interrupted)
+    assert main([*args, "--resume", str(tmp_path / "nowhere")]) == 2
+    assert "Checkpoint folder not found" in capsys.readouterr().err
+    partial = fake_checkpoint(tmp_path, 3, manifest=False)
+    assert main([*args, "--resume", str(partial)]) == 2
+    err = capsys.readouterr().err
+    assert "is incomplete" in err and MANIFEST in err
+    foreign = fake_checkpoint(tmp_path / "other-run", 3)  # complete, but written by another run
+    assert main([*args, "--resume", str(foreign)]) == 2
+    err = capsys.readouterr().err
+    assert "written by a run with other data, labels, model or settings" in err and "Traceback" not in err

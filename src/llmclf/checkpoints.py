@@ -166,14 +166,19 @@ class AtomicCheckpoints:
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
         root = Path(super()._get_output_dir(trial))  # type: ignore[misc]
         staging = root / STAGING
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
+        # Under torchrun every process gets here; only the one that writes (should_save) moves folders.
+        writer = self.args.should_save  # type: ignore[attr-defined]
+        if writer:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
         limit = self.args.save_total_limit  # type: ignore[attr-defined]
         self._staging_root = str(staging)
         try:
             super()._save_checkpoint(model, trial)  # type: ignore[misc]
         finally:
             self._staging_root = None
+        if not writer:
+            return
         state = self.state  # type: ignore[attr-defined]
         name = f"checkpoint-{state.global_step}"
         written, final = staging / name, root / name
