@@ -184,8 +184,12 @@ CONFIG_CASES = {
     "yaml not a mapping": ("just a string", [], ["must hold a mapping"]),
     "flag bad choice": ({}, ["--quantize", "8bit"], ["--quantize", "invalid choice", "4bit"]),
     "flag not a number": ({}, ["--lr", "fast"], ["--lr", "invalid float value: 'fast'"]),
-    "flag out of range": ({}, ["--lr", "-1"], ["train.lr=-1.0", "a number in (0.0, 1.0]"]),
-    "flag zero batch": ({}, ["--batch-size", "0"], ["train.batch_size=0", "a whole number > 0"]),
+    "flag out of range": ({}, ["--lr", "-1"], ["train.lr=-1.0", "a number in (0.0, 1.0]", "flag --lr"]),
+    "flag zero batch": (
+        {},
+        ["--batch-size", "0"],
+        ["train.batch_size=0", "a whole number > 0", "flag --batch-size"],
+    ),
     "unknown flag": ({}, ["--learning-rate", "1"], ["unrecognized arguments: --learning-rate"]),
 }
 
@@ -229,7 +233,8 @@ def test_predict_with_drop_invalid_keeps_every_row_in_order(tmp_path, trained_ru
 
 def test_long_texts_are_reported_as_truncated(tmp_path, trained_run, capsys):
     rows = [
-        {"text": r["text"] * 5 if i < 4 else f"short {i}", "label": r["label"]} for i, r in enumerate(GOOD[:10])
+        {"text": r["text"] * 5 if i < 4 else f"short {i}", "label": r["label"]}
+        for i, r in enumerate(GOOD[:10])
     ]
     src = small_labelled(tmp_path, "long.csv", rows)
     assert (

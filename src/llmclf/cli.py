@@ -201,6 +201,15 @@ def train_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def name_flags(message: str) -> str:
+    """Add the command-line flag to a config error that names only its key (`train.lr=-1.0` → `--lr`)."""
+    specs = [(f, s, n) for f, s, n, _, _ in TRAIN_FLAGS] + [(f, s, n) for f, s, n, _ in TRAIN_SWITCHES]
+    for flag, section, name, *_ in specs:
+        if f"Invalid config value {_dest(section, name)}=" in message:
+            return f"{message.rstrip('.')} (flag {flag}, or key {_dest(section, name)} in the --config file)."
+    return message
+
+
 def _quiet_libraries(verbose: bool) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if verbose:

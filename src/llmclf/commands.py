@@ -27,10 +27,13 @@ def dispatch(args: argparse.Namespace) -> int:
 
 
 def train(args: argparse.Namespace) -> int:
-    from llmclf.cli import train_overrides
+    from llmclf.cli import name_flags, train_overrides
     from llmclf.pipeline import run_training
 
-    config = load_config(args.config, train_overrides(args))
+    try:
+        config = load_config(args.config, train_overrides(args))
+    except LlmclfError as exc:
+        raise LlmclfError(name_flags(str(exc))) from None
     run_training(config, overwrite=args.overwrite, quiet=args.quiet, resume=args.resume)
     return 0
 
