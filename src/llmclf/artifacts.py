@@ -33,7 +33,7 @@ CHECKPOINTS = "checkpoints"
 
 def write_json(path: Path, data: Any) -> None:
     """Write through a temporary file and rename, so a reader never sees half a file."""
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: torchrun ranks may write at once
     tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     os.replace(tmp, path)
 
@@ -42,9 +42,30 @@ def read_json(path: Path) -> Any:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def confine(root: Path) -> None:
+    """Refuse links in a run folder that lead outside it: a run folder is read, never what it points to.
+
+    The folder named by the user is resolved once (it may itself be a link); below it, every file the
+    loaders would open must really be inside it, so a copied or downloaded run folder cannot make
+    predict/evaluate/export read (or load weights from) another place on disk.
+    """
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            entry = Path(folder) / name
+            if not entry.is_symlink():
+                continue
+            target = Path(os.path.realpath(entry))
+            if not target.is_relative_to(root):
+                raise LlmclfError(
+                    f"{entry} is a link to {target}, outside the run folder {root}: refused, since llmclf reads "
+                    "a run folder's files only from inside it. Replace the link by a copy of the file if you "
+                    "trust it."
+                )
+
+
 def check_run_dir(run_dir: str | Path) -> Path:
-    """A finished run folder, or a clear error saying what is missing."""
-    path = Path(run_dir).expanduser()
+    """A finished run folder (resolved, links confined to it), or a clear error saying what is missing."""
+    path = Path(os.path.realpath(Path(run_dir).expanduser()))
     if not path.is_dir():
         raise LlmclfError(
             f"Run folder not found: {path}. Give the --output folder of a finished `llmclf train`."
@@ -54,5 +75,11 @@ def check_run_dir(run_dir: str | Path) -> Path:
         raise LlmclfError(
             f"{path} is not a complete llmclf run folder: missing {missing}. Was training interrupted? "
             "Train again (or resume) into this folder."
+        )
+    confine(path)
+    if not (path / ADAPTER / "adapter_model.safetensors").is_file():
+        raise LlmclfError(
+            f"{path / ADAPTER} has no adapter_model.safetensors. llmclf writes and reads adapters as safetensors "
+            "only (a pickle adapter can run code when loaded): train the run again."
         )
     return path

@@ -102,6 +102,7 @@ TRAIN_FLAGS: list[tuple[str, str | None, str, Any, str]] = [
         str,
         "Trainer logging integration, e.g. tensorboard (default none)",
     ),
+    ("--save-steps", "train", "save_steps", int, "also checkpoint every N steps (default: each epoch)"),
     ("--output", None, "output", str, "run folder to write (default runs/latest)"),
 ]
 TRAIN_SWITCHES = [
@@ -113,6 +114,13 @@ TRAIN_SWITCHES = [
         "gradient_checkpointing",
         "recompute activations: less memory, slower",
     ),
+    (
+        "--allow-pickle",
+        "model",
+        "allow_pickle",
+        "allow pickle weights (pytorch_model.bin), weights_only load",
+    ),
+    ("--keep-checkpoint", "train", "keep_checkpoint", "keep the newest checkpoint after a successful run"),
 ]
 
 
@@ -144,6 +152,14 @@ def _add_train(sub: Any, common: argparse.ArgumentParser) -> None:
             flag, dest=_dest(section, name), action="store_const", const=True, default=None, help=text
         )
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="last",
+        default=None,
+        metavar="CHECKPOINT",
+        help="continue the interrupted run in --output from its newest complete checkpoint, or from CHECKPOINT",
+    )
 
 
 def positive_int(value: str) -> int:
@@ -179,6 +195,11 @@ def _add_predict(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--text-column", default=None, help="text column of --input (default: as in training)")
     p.add_argument(
         "--prediction-column", default="label", help="name of the added label column (default label)"
+    )
+    p.add_argument(
+        "--drop-invalid",
+        action="store_true",
+        help="leave rows with an empty text unlabelled (kept in the output, counted) instead of stopping",
     )
     _add_inference_options(p)
 
@@ -220,8 +241,15 @@ GLOBAL_SWITCHES = [
 ]
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with usage errors in the CLI's one form: one `error:` paragraph, exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"error: {message}. See `{self.prog} --help`.\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llmclf", description="Fine-tune an LLM into a text classifier.")
+    parser = Parser(prog="llmclf", description="Fine-tune an LLM into a text classifier.")
     # Accepted before or after the subcommand; SUPPRESS keeps the top-level value when a subcommand omits it.
     common = argparse.ArgumentParser(add_help=False)
     for flag, text in GLOBAL_SWITCHES:
@@ -248,6 +276,15 @@ def train_overrides(args: argparse.Namespace) -> dict[str, Any]:
     if getattr(args, "preset", None):
         out["preset"] = args.preset
     return out
+
+
+def name_flags(message: str) -> str:
+    """Add the command-line flag to a config error that names only its key (`train.lr=-1.0` → `--lr`)."""
+    specs = [(f, s, n) for f, s, n, _, _ in TRAIN_FLAGS] + [(f, s, n) for f, s, n, _ in TRAIN_SWITCHES]
+    for flag, section, name, *_ in specs:
+        if f"Invalid config value {_dest(section, name)}=" in message:
+            return f"{message.rstrip('.')} (flag {flag}, or key {_dest(section, name)} in the --config file)."
+    return message
 
 
 def _quiet_libraries(verbose: bool) -> None:

@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from llmclf import artifacts, reporting
@@ -29,11 +30,14 @@ def dispatch(args: argparse.Namespace) -> int:
 
 def train(args: argparse.Namespace) -> int:
     from llmclf import distributed
-    from llmclf.cli import train_overrides
+    from llmclf.cli import name_flags, train_overrides
     from llmclf.pipeline import run_training
 
-    config = load_config(args.config, train_overrides(args))
-    run_training(config, overwrite=args.overwrite, quiet=args.quiet)
+    try:
+        config = load_config(args.config, train_overrides(args))
+    except LlmclfError as exc:
+        raise LlmclfError(name_flags(str(exc))) from None
+    run_training(config, overwrite=args.overwrite, quiet=args.quiet, resume=args.resume)
     distributed.shutdown()  # under a launcher: wait for rank 0's writes, then leave the group
     return 0
 
@@ -72,13 +76,22 @@ def write_table(frame: pd.DataFrame, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _note_truncated(clf, texts: list[str], source: str) -> None:
+    """Say how many texts are longer than the classifier's max_length (they are truncated, not refused)."""
+    lengths = [len(ids) for ids in clf.tokenizer(texts, truncation=False)["input_ids"]]
+    n = sum(length > clf.max_length for length in lengths)
+    if n:
+        print(f"note: {source}: {n} text(s) longer than {clf.max_length} tokens truncated.", file=sys.stderr)
+
+
 def predict(args: argparse.Namespace) -> int:
     if args.input and not args.output:
         raise LlmclfError(
             "--input needs --output FILE (.csv, .jsonl or .parquet) to write the predictions to."
         )
-    clf = _load(args)
+    run_dir = artifacts.check_run_dir(args.run_dir)
     if args.text:
+        clf = _load(args)
         probs = clf.predict_proba(args.text)
         for text, row in zip(args.text, probs):
             ranked = sorted(zip(clf.labels, row), key=lambda kv: -kv[1])
@@ -93,11 +106,13 @@ def predict(args: argparse.Namespace) -> int:
                 )
             )
         return 0
-    text_column = (
-        args.text_column or config_from_saved(Path(args.run_dir) / artifacts.CONFIG).data.text_column
-    )
-    frame = _single_frame(args.input)
-    clean_frame(frame, args.input, text_column, None)  # empty texts are an error naming their rows
+    text_column = args.text_column or config_from_saved(run_dir / artifacts.CONFIG).data.text_column
+    frame = _single_frame(args.input)  # the input is checked before the model loads
+    # Empty texts are an error naming their rows; with --drop-invalid they stay in the output, unlabelled.
+    notes: list[str] = []
+    valid = clean_frame(frame, args.input, text_column, None, drop_invalid=args.drop_invalid, notes=notes)
+    keep = (valid["row"] - 1).to_numpy()
+    clf = _load(args)
     added = [args.prediction_column] + [f"prob_{label}" for label in clf.labels]
     clash = [c for c in added if c in frame.columns]
     if clash:
@@ -105,14 +120,20 @@ def predict(args: argparse.Namespace) -> int:
             f"{args.input} already has column(s) {clash}, which predict would add. Pass --prediction-column "
             "with another name, or rename those columns."
         )
-    probs = clf.predict_proba(
-        frame[text_column].astype(str).tolist(),
-        progress=None if not args.quiet else False,
-    )
+    texts = valid["text"].tolist()
+    _note_truncated(clf, texts, args.input)
+    probs = clf.predict_proba(texts, progress=None if not args.quiet else False)
     out = frame.copy()
-    out[args.prediction_column] = [clf.labels[i] for i in probs.argmax(axis=1)]
+    predicted: list[str | None] = [None] * len(frame)
+    for row, i in zip(keep, probs.argmax(axis=1)):
+        predicted[row] = clf.labels[i]
+    out[args.prediction_column] = predicted
     for i, label in enumerate(clf.labels):
-        out[f"prob_{label}"] = probs[:, i]
+        column = np.full(len(frame), np.nan)
+        column[keep] = probs[:, i]
+        out[f"prob_{label}"] = column
+    for note in notes:
+        print(f"note: {note.replace('dropped', 'left unlabelled')}", file=sys.stderr)
     write_table(out, Path(args.output))
     if not args.quiet:
         print(f"Wrote {len(out)} rows to {args.output}", file=sys.stderr)
@@ -120,13 +141,14 @@ def predict(args: argparse.Namespace) -> int:
 
 
 def evaluate(args: argparse.Namespace) -> int:
-    saved = config_from_saved(Path(args.run_dir) / artifacts.CONFIG)
+    saved = config_from_saved(artifacts.check_run_dir(args.run_dir) / artifacts.CONFIG)
     text_column = args.text_column or saved.data.text_column
     label_column = args.label_column or saved.data.label_column
     frame = clean_frame(
         _single_frame(args.data), args.data, text_column, label_column, drop_invalid=args.drop_invalid
     )
     clf = _load(args)
+    _note_truncated(clf, frame["text"].tolist(), args.data)
     metrics, _ = clf.evaluate(
         frame["text"].tolist(), frame["label"].tolist(), progress=False if args.quiet else None
     )

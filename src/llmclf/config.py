@@ -116,6 +116,9 @@ class ModelConfig:
     attn_implementation: str = "auto"
     """Attention kernel: `auto` = flash_attention_2 on CUDA when flash-attn is installed (bf16/fp16),
     else sdpa; or `sdpa`, `flash_attention_2`, `eager`."""
+    allow_pickle: bool = False
+    """Allow a base model with pickle weights only (`pytorch_model.bin`), read with
+    `torch.load(weights_only=True)`. Off by default: safetensors only."""
 
     def __post_init__(self) -> None:
         _require(isinstance(self.name, str) and self.name.strip() != "", "model.name", self.name, "a model")
@@ -203,6 +206,11 @@ class TrainConfig:
     by later runs on the same model and texts), or `off` (run the whole model every step)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (non-reentrant): less memory, ~30% slower steps."""
+    save_steps: int | None = None
+    """Also write a checkpoint every this many optimizer steps (for `--resume` mid-epoch). Empty: each
+    epoch only."""
+    keep_checkpoint: bool = False
+    """Keep the newest checkpoint after a successful run (by default all checkpoints are deleted)."""
 
     def __post_init__(self) -> None:
         _number("train", "epochs", self.epochs, 0.0, 1000.0, low_open=True)
@@ -224,6 +232,13 @@ class TrainConfig:
             value = getattr(self, key)
             _require(value in choices, f"train.{key}", value, ", ".join(choices))
         _number("train", "warmup_ratio", self.warmup_ratio, 0.0, 0.5)
+        _positive_int_or_none("train", "save_steps", self.save_steps)
+        _require(
+            isinstance(self.keep_checkpoint, bool),
+            "train.keep_checkpoint",
+            self.keep_checkpoint,
+            "true, false",
+        )
         _require(
             isinstance(self.seed, int) and not isinstance(self.seed, bool),
             "train.seed",

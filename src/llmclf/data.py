@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -21,6 +22,7 @@ import pandas as pd
 from llmclf.errors import LlmclfError
 
 DEMO_NAME = "demo"
+_INTEGRAL_FLOAT = re.compile(r"[+-]?\d+\.0+")
 TABLE_SUFFIXES = {".csv", ".tsv", ".jsonl", ".ndjson", ".json", ".parquet", ".pq"}
 
 
@@ -129,8 +131,10 @@ def read_table(spec: str) -> Table:
                 f"{path}: unreadable format '{path.suffix or '(no extension)'}'. Supported: "
                 f"{', '.join(sorted(TABLE_SUFFIXES))}, or a datasets folder."
             )
+        if not path.read_bytes().strip():
+            raise LlmclfError(f"{path} is empty. Give a file with a header row and one row per example.")
         try:
-            return Table({"all": _read_file(path)}, str(path))
+            frame = _read_file(path)
         except UnicodeDecodeError:
             line, excerpt = _first_bad_utf8_line(path)
             raise LlmclfError(
@@ -141,8 +145,14 @@ def read_table(spec: str) -> Table:
             raise
         except Exception as exc:  # pandas/pyarrow parse errors
             raise LlmclfError(
-                f"{path}: could not be read as {path.suffix[1:].upper()} ({type(exc).__name__}: {exc})."
+                f"{path}: could not be read as {path.suffix[1:].upper()} ({type(exc).__name__}: "
+                f"{' '.join(str(exc).split())}). Check that the file is a valid {path.suffix[1:].upper()} file."
             ) from None
+        if len(frame) == 0:
+            raise LlmclfError(
+                f"{path} has no data rows (columns: {list(frame.columns)}). Give a file with one row per example."
+            )
+        return Table({"all": frame}, str(path))
     if path.suffix.lower() in TABLE_SUFFIXES or spec.startswith((".", "/", "~")) or spec.count("/") > 1:
         raise LlmclfError(f"Data file not found: {path}. Check the path (relative to {Path.cwd()}).")
     return _load_hub_dataset(spec)
@@ -180,7 +190,11 @@ def normalise_label(value: Any, names: list[str] | None = None) -> str:
         return str(value).lower()
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
-    return str(value).strip()
+    text = str(value).strip()
+    # "1.0" (a CSV column that pandas once wrote as floats) is the class "1", like the number 1.0 above.
+    if _INTEGRAL_FLOAT.fullmatch(text):
+        return str(int(text.split(".")[0]))
+    return text
 
 
 def _rows_text(rows: list[int]) -> str:

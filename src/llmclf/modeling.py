@@ -149,7 +149,8 @@ def hub_errors(model: str) -> Iterator[None]:
         if "safetensors" in text or "pytorch_model.bin" in text:
             raise LlmclfError(
                 f"Model '{model}': no safetensors weights found. llmclf loads safetensors only, since pickle "
-                "checkpoints can run code when loaded; convert the model to safetensors first."
+                "checkpoints can run code when loaded; convert the model to safetensors, or pass "
+                "--allow-pickle to read its pytorch_model.bin with torch.load(weights_only=True)."
             ) from None
         if "trust_remote_code" in text:
             raise LlmclfError(
@@ -240,6 +241,7 @@ def load_classifier(
     precision: str | None = None,
     attn_implementation: str | None = None,
     gradient_checkpointing: bool = False,
+    allow_pickle: bool = False,
 ) -> LoadedModel:
     """Base model with a `num_labels` classification head, pad token set in tokenizer and config.
 
@@ -257,7 +259,9 @@ def load_classifier(
         "id2label": dict(enumerate(labels)),
         "label2id": {label: i for i, label in enumerate(labels)},
         "trust_remote_code": trust_remote_code,
-        "use_safetensors": True,
+        # Pickle weights only when asked, and then through torch.load(weights_only=True) (CVE-2025-32434).
+        "use_safetensors": None if allow_pickle else True,
+        "weights_only": True,
     }
     dtype = DTYPES[precision] if precision else None
     if attn_implementation:

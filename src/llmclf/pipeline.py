@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from llmclf import __version__, artifacts, distributed, hardware, progress, reporting
+from llmclf import __version__, artifacts, checkpoints, distributed, hardware, progress, reporting
 from llmclf.config import RunConfig
 from llmclf.data import Splits, class_weights, load_splits, to_dataset, tokenize_texts
 from llmclf.errors import LlmclfError
@@ -50,11 +50,22 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def prepare_output(output: str, overwrite: bool) -> Path:
+def prepare_output(output: str, overwrite: bool, resume: str | None = None) -> Path:
     path = Path(output).expanduser()
+    if resume is not None:
+        if overwrite:
+            raise LlmclfError(
+                "--resume continues the run in --output; --overwrite would delete it. Give one."
+            )
+        if not path.is_dir():
+            raise LlmclfError(
+                f"Cannot resume: run folder {path} not found. Give the --output of the interrupted run."
+            )
+        return path
     if path.exists() and any(path.iterdir()) and not overwrite:  # every process stops alike
         raise LlmclfError(
-            f"Output folder {path} is not empty. Choose another --output, or pass --overwrite to replace it."
+            f"Output folder {path} is not empty. Choose another --output, pass --resume to continue an "
+            "interrupted run there, or --overwrite to replace it."
         )
     distributed.barrier()  # all have looked before the main process clears it
     if distributed.is_main():  # under a launcher only rank 0 touches the run folder
@@ -79,8 +90,13 @@ def write_predictions(path: Path, splits: Splits, probs: np.ndarray) -> None:
     frame.to_csv(path, index=False, float_format="%.9g")
 
 
-def run_training(config: RunConfig, *, overwrite: bool = False, quiet: bool = False) -> RunResult:
-    """Train, evaluate before and after, and write the run folder. Returns the metrics."""
+def run_training(
+    config: RunConfig, *, overwrite: bool = False, quiet: bool = False, resume: str | None = None
+) -> RunResult:
+    """Train, evaluate before and after, and write the run folder. Returns the metrics.
+
+    `resume`: `last` or a checkpoint folder, to continue an interrupted run in `config.output`.
+    """
     started = time.perf_counter()
     timings: dict[str, float] = {}
     distributed.setup()  # under torchrun / accelerate launch: join the process group
@@ -88,7 +104,7 @@ def run_training(config: RunConfig, *, overwrite: bool = False, quiet: bool = Fa
     quiet = quiet or not main
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     dc, mc, lc, tc = config.data, config.model, config.lora, config.train
-    out = prepare_output(config.output, overwrite)
+    out = prepare_output(config.output, overwrite, resume)
     seed_everything(tc.seed)
 
     # 1. Data: read, validate, split per class, weigh classes.
@@ -119,6 +135,8 @@ def run_training(config: RunConfig, *, overwrite: bool = False, quiet: bool = Fa
     quantized = resolve_quantize(mc.quantize)
     precision = hardware.resolve_precision(mc.precision)
     attn = hardware.resolve_attn_implementation(mc.attn_implementation, precision)
+    fingerprint = checkpoints.run_fingerprint(config, splits, source, quantized)
+    start = checkpoints.begin_run(out, fingerprint, resume, say)
     say(f"Loading {mc.name} ({'4-bit NF4' if quantized else 'full precision'}, {precision}, {attn}) ...")
     loaded = load_classifier(
         source,
@@ -128,6 +146,7 @@ def run_training(config: RunConfig, *, overwrite: bool = False, quiet: bool = Fa
         precision=precision,
         attn_implementation=attn,
         gradient_checkpointing=tc.gradient_checkpointing,
+        allow_pickle=mc.allow_pickle,
     )
     tokenizer = loaded.tokenizer
     top_layers = resolve_top_layers(loaded.model, lc.layers)
@@ -168,12 +187,12 @@ def run_training(config: RunConfig, *, overwrite: bool = False, quiet: bool = Fa
         use_cache = False
     if use_cache:
         tick = time.perf_counter()
-        start = check_layers(model, top_layers)
+        first_layer = check_layers(model, top_layers)
         with hardware.autocast(precision):
             cache, reused = cached_or_built(
                 model,
                 [ids for name in SPLITS for ids in encoded[name][0]],
-                start,
+                first_layer,
                 pad_id=tokenizer.pad_token_id,
                 batch_size=tc.eval_batch_size,
                 dtype=CACHE_DTYPE,
@@ -184,7 +203,7 @@ def run_training(config: RunConfig, *, overwrite: bool = False, quiet: bool = Fa
             )
         timings["cache"] = time.perf_counter() - tick
         say(
-            f"Frozen layers 0-{start - 1} {'read from the disk cache' if reused else 'run once'} for "
+            f"Frozen layers 0-{first_layer - 1} {'read from the disk cache' if reused else 'run once'} for "
             f"{len(cache)} texts ({cache.nbytes / 2**20:.0f} MiB, {timings['cache']:.0f} s)"
         )
 
@@ -208,7 +227,13 @@ def run_training(config: RunConfig, *, overwrite: bool = False, quiet: bool = Fa
 
     # 3. Evaluate before training: the head is random, so this is the chance-level baseline.
     tick = time.perf_counter()
-    before, _ = test_eval("evaluating before training", cached=True)
+    if start.before is None:
+        before, _ = test_eval("evaluating before training", cached=True)
+        if main:
+            checkpoints.save_before(out, before)
+    else:
+        before = start.before  # saved by the interrupted run: the same model and test split
+        say("Reusing the metrics before training saved by the interrupted run.")
     timings["eval_before"] = time.perf_counter() - tick
     say(reporting.compare(None, before, title="Test metrics before training"), "\n")
 
@@ -251,9 +276,14 @@ def run_training(config: RunConfig, *, overwrite: bool = False, quiet: bool = Fa
         lr_scheduler=tc.lr_scheduler,
         warmup_ratio=tc.warmup_ratio,
     )
-    trainer = build_trainer(model, tokenizer, train_ds, val_ds, args, weights, quiet=quiet, cache=cache)
+    trainer = build_trainer(
+        model, tokenizer, train_ds, val_ds, args, weights, quiet=quiet, cache=cache, save_steps=tc.save_steps
+    )
     progress.send_tensorboard_to(trainer, str(out / progress.TENSORBOARD_DIR))
-    train_output = trainer.train()
+    trainer.fingerprint_sha = checkpoints.fingerprint_sha(fingerprint)
+    if start.checkpoint:
+        say(f"Resuming from {start.checkpoint}")
+    train_output = trainer.train(resume_from_checkpoint=start.checkpoint)
     model = trainer.model  # the best epoch's weights when there is a validation split
     timings["train"] = time.perf_counter() - tick
 
@@ -304,7 +334,7 @@ def run_training(config: RunConfig, *, overwrite: bool = False, quiet: bool = Fa
     )
     artifacts.write_json(out / artifacts.METRICS, {"before": before, "after": after})
     write_predictions(out / artifacts.PREDICTIONS, splits, probs)
-    shutil.rmtree(out / artifacts.CHECKPOINTS, ignore_errors=True)  # the best adapter is saved above
+    checkpoints.finish(out, keep_last=tc.keep_checkpoint)  # the best adapter is saved above
     report = build_report(out)  # report.md, report.html and the PNGs, from the files above
 
     seconds = time.perf_counter() - started

@@ -72,6 +72,7 @@ class Classifier:
             tokenizer_source=str(path / artifacts.TOKENIZER),
             precision=precision,
             attn_implementation=attn,
+            allow_pickle=config.model.allow_pickle,
         )
         model = PeftModel.from_pretrained(loaded.model, str(path / artifacts.ADAPTER))
         if not loaded.quantized:

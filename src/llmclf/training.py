@@ -19,6 +19,7 @@ from transformers import (
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from llmclf import distributed
+from llmclf.checkpoints import AtomicCheckpoints, SaveEverySteps
 from llmclf.errors import LlmclfError
 from llmclf.progress import PlainProgressCallback, report_to_list
 
@@ -27,8 +28,9 @@ class NonFiniteLossError(LlmclfError):
     """Training produced NaN or inf; raised at once instead of being averaged away in the logs."""
 
 
-class WeightedLossTrainer(Trainer):
-    """Trainer whose loss is cross-entropy with per-class weights (transformers has none built in)."""
+class WeightedLossTrainer(AtomicCheckpoints, Trainer):
+    """Trainer whose loss is cross-entropy with per-class weights (transformers has none built in);
+    checkpoints are written atomically with a manifest (checkpoints.py)."""
 
     def __init__(
         self,
@@ -109,7 +111,10 @@ def training_arguments(
     """The recipe's settings: evaluate and save each epoch, keep the best by validation accuracy.
 
     `group_by_length` batches texts of similar length together (shuffled in groups), so dynamic
-    padding wastes little compute; `precision` bf16 or fp16 is mixed precision (autocast)."""
+    padding wastes little compute; `precision` bf16 or fp16 is mixed precision (autocast).
+
+    Checkpoints are saved each epoch even without a validation split, so that a run can be resumed;
+    `build_trainer(save_steps=N)` adds saves every N steps."""
     steps_per_epoch = max(1, math.ceil(n_train / batch_size))
     return TrainingArguments(
         lr_scheduler_type=lr_scheduler,
@@ -124,11 +129,11 @@ def training_arguments(
         seed=seed,
         data_seed=seed,
         eval_strategy="epoch" if has_val else "no",
-        save_strategy="epoch" if has_val else "no",
+        save_strategy="epoch",
         load_best_model_at_end=has_val,
         metric_for_best_model="balanced_accuracy" if has_val else None,
         greater_is_better=True,
-        save_total_limit=2 if has_val else None,
+        save_total_limit=2,  # the newest (to resume) and the best (kept by rotation)
         save_only_model=False,
         logging_steps=max(1, min(50, steps_per_epoch // 5)),
         logging_nan_inf_filter=False,  # show NaN as NaN (the default averages it away)
@@ -158,6 +163,7 @@ def build_trainer(
     class_weights: list[float] | None,
     quiet: bool = False,
     cache: Any = None,
+    save_steps: int | None = None,
 ) -> WeightedLossTrainer:
     """`cache`: an ActivationCache holding every row the datasets' `row` column points to."""
     collator = TokenCollator(tokenizer) if cache is None else CachedStatesCollator(cache)
@@ -171,6 +177,7 @@ def build_trainer(
         compute_metrics=metrics_for_trainer if val_dataset is not None else None,
         class_weights=class_weights,
         cache_start=None if cache is None else cache.start,
+        callbacks=[SaveEverySteps(save_steps)] if save_steps else None,
     )
     if quiet:
         trainer.remove_callback(PrinterCallback)  # it prints every log line when progress bars are off
