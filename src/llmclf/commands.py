@@ -22,7 +22,8 @@ def dispatch(args: argparse.Namespace) -> int:
     from llmclf.pipeline import set_threads
 
     set_threads()
-    return {"train": train, "predict": predict, "evaluate": evaluate, "export": export}[args.command](args)
+    commands = {"train": train, "predict": predict, "evaluate": evaluate, "export": export, "serve": serve}
+    return commands[args.command](args)
 
 
 def train(args: argparse.Namespace) -> int:
@@ -148,3 +149,12 @@ def export(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(f"Exported a merged model ({len(clf.labels)} labels) to {out}")
     return 0
+
+
+def serve(args: argparse.Namespace) -> int:
+    from llmclf.serving import ServeOptions, run_server
+
+    keys = ("host", "port", "max_batch_size", "max_wait_ms", "max_texts", "max_body_bytes", "max_queue")
+    given = {k: getattr(args, k) for k in keys + ("max_length",) if getattr(args, k) is not None}
+    options = ServeOptions(**given)
+    return run_server(args.run_dir, options, quiet=args.quiet, verbose=args.verbose)
