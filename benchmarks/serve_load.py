@@ -47,6 +47,7 @@ def start_server(args: argparse.Namespace, port: int, log: Path) -> subprocess.P
     env["PYTHONPATH"] = os.pathsep.join([src, env.get("PYTHONPATH", "")])
     command = [sys.executable, "-m", "llmclf", "--quiet", "serve", args.run, "--port", str(port)]
     command += ["--max-batch-size", str(args.max_batch_size), "--max-wait-ms", str(args.max_wait_ms)]
+    command += ["--max-padding", str(args.max_padding)]
     return subprocess.Popen(command, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
 
 
@@ -137,6 +138,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--max-wait-ms", type=float, default=10.0)
+    parser.add_argument("--max-padding", type=float, default=0.25)
     args = parser.parse_args()
 
     data = args.data or str(demo_data_path())
@@ -157,7 +159,7 @@ def main() -> None:
         print(
             f"run {args.run}; texts from {data} ({len(texts)} unique); {args.rounds} x ({args.seconds:.0f}s "
             f"sequential + {args.seconds:.0f}s {args.clients} clients); max batch {args.max_batch_size}, "
-            f"max wait {args.max_wait_ms} ms"
+            f"max wait {args.max_wait_ms} ms, max padding {args.max_padding}"
         )
         phases: dict[str, list[dict]] = {"sequential": [], "concurrent": []}
         passes: dict[str, list[tuple[int, float]]] = {"sequential": [], "concurrent": []}

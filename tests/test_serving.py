@@ -23,7 +23,7 @@ from fastapi.testclient import TestClient
 
 import llmclf
 from conftest import read_demo_rows
-from llmclf.batching import DynamicBatcher, QueueFull, classifier_predictor
+from llmclf.batching import DynamicBatcher, QueueFull, classifier_predictor, padding_groups
 from llmclf.cli import main
 from llmclf.errors import LlmclfError
 from llmclf.prediction import Classifier
@@ -277,6 +277,16 @@ def test_batcher_refuses_past_max_queue_and_drains_on_stop():
         return [probs.shape for probs, _ in done]
 
     assert asyncio.run(scenario()) == [(2, 2), (3, 2)]
+
+
+def test_padding_groups_keep_every_row_once_and_bound_the_padding():
+    lengths = [40, 42, 180, 41, 12, 39, 60, 11]
+    groups = padding_groups(lengths, 0.25)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    assert [2] in groups  # the long outlier runs alone instead of padding seven rows to 180 tokens
+    for group in groups:
+        assert max(lengths[i] for i in group) * len(group) <= 1.25 * sum(lengths[i] for i in group)
+    assert padding_groups(lengths, 100.0) == [sorted(range(8), key=lambda i: -lengths[i])]
 
 
 def test_serve_options_are_validated():

@@ -1,8 +1,8 @@
 """Dynamic batching and serving metrics for `llmclf serve` (the HTTP layer is in serving.py).
 
 Requests hand their texts to a `DynamicBatcher`; one worker thread takes rows from all waiting requests,
-up to `max_batch_size` rows or until the oldest row has waited `max_wait_s`, and runs them as one
-forward pass. Each request's future is resolved on its own event loop once all of its rows are done, so
+up to `max_batch_size` rows or until the oldest row has waited `max_wait_s`, and runs them together
+(one forward pass, or a few where lengths differ widely: `padding_groups`). Each request's future is resolved on its own event loop once all of its rows are done, so
 the event loop never runs the model and every caller gets exactly its own rows back, in its own order.
 
 A request larger than `max_batch_size` is split over several passes; rows of many small requests share
@@ -238,9 +238,28 @@ class DynamicBatcher:
             pass
 
 
-def classifier_predictor(classifier: Any, max_length: int) -> Predictor:
+def padding_groups(lengths: list[int], max_padding: float) -> list[list[int]]:
+    """Split rows into forward passes, longest first, so that no pass computes more than
+    `max_padding` (a share of its real tokens) on padding. On a CPU, where a pass costs about its
+    tokens, one pass padded to a long outlier costs more than the merge saves; on a GPU, pass a large
+    `max_padding` to keep one pass."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    groups: list[list[int]] = []
+    for i in order:
+        if groups:
+            group = groups[-1]
+            padded = lengths[group[0]] * (len(group) + 1)  # the group's first row is its longest
+            if padded <= (1 + max_padding) * (sum(lengths[j] for j in group) + lengths[i]):
+                group.append(i)
+                continue
+        groups.append([i])
+    return groups
+
+
+def classifier_predictor(classifier: Any, max_length: int, max_padding: float = 0.25) -> Predictor:
     """A `Predictor` for a `llmclf.prediction.Classifier`: same tokenisation and forward pass as
-    `Classifier.predict_proba`, and flags the texts longer than `max_length` tokens (which are cut)."""
+    `Classifier.predict_proba`, and flags the texts longer than `max_length` tokens (which are cut).
+    Rows of very different lengths go to separate passes (`padding_groups`)."""
     from llmclf.evaluation import predict_proba
 
     tokenizer = classifier.tokenizer
@@ -255,14 +274,16 @@ def classifier_predictor(classifier: Any, max_length: int) -> Predictor:
             cut_ids = tokenizer([texts[i] for i in long], truncation=True, max_length=max_length)["input_ids"]
             for i, row in zip(long, cut_ids):
                 ids[i] = row
-        probs = predict_proba(
-            classifier.model,
-            tokenizer,
-            input_ids=ids,
-            batch_size=max(1, len(ids)),
-            max_length=max_length,
-            progress=False,
-        )
+        probs = np.zeros((len(ids), len(classifier.labels)), dtype=np.float64)
+        for group in padding_groups([len(row) for row in ids], max_padding):
+            probs[group] = predict_proba(
+                classifier.model,
+                tokenizer,
+                input_ids=[ids[i] for i in group],
+                batch_size=len(group),
+                max_length=max_length,
+                progress=False,
+            )
         return probs, truncated
 
     return predict

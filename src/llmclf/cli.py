@@ -153,6 +153,7 @@ def _add_serve(sub: Any, common: argparse.ArgumentParser) -> None:
     ]:
         p.add_argument(flag, type=positive_int, help=f"{text} (default {default})")
     p.add_argument("--max-wait-ms", type=float, help="how long a row waits for others to join (default 10)")
+    p.add_argument("--max-padding", type=float, help="split a pass where padding passes this share (0.25)")
     p.add_argument(
         "--max-length", type=positive_int, default=None, help="tokens per text (default: as trained)"
     )

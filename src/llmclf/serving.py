@@ -71,6 +71,9 @@ class ServeOptions:
     """Most rows waiting for a forward pass; a request that would exceed it gets 503 at once."""
     max_length: int | None = None
     """Tokens per text; longer texts are cut and flagged (None: as in training)."""
+    max_padding: float = 0.25
+    """A merged pass is split where padding would exceed this share of its real tokens (CPU: a pass
+    costs about its tokens). On a GPU, raise it (e.g. 10) to keep one pass per merge."""
     graceful_timeout_s: float = 60.0
     """On SIGTERM, how long to wait for requests in flight before cancelling them."""
 
@@ -86,6 +89,8 @@ class ServeOptions:
             raise LlmclfError(f"serve: --max-wait-ms must be between 0 and 60000, found {self.max_wait_ms}.")
         if not (0 <= self.port <= 65535):
             raise LlmclfError(f"serve: --port must be between 0 and 65535, found {self.port}.")
+        if not self.max_padding >= 0:
+            raise LlmclfError(f"serve: --max-padding must be 0 or more, found {self.max_padding}.")
         if self.max_queue < self.max_texts:
             raise LlmclfError(
                 f"serve: --max-queue ({self.max_queue}) is smaller than --max-texts ({self.max_texts}), so "
@@ -362,7 +367,7 @@ def run_server(run_dir: str, options: ServeOptions, *, quiet: bool = False, verb
         print(f"Loading classifier from {path} ...", file=sys.stderr, flush=True)
     clf = Classifier.load(path, quiet=quiet)
     options.max_length = options.max_length or clf.max_length
-    app = create_app(clf.labels, classifier_predictor(clf, options.max_length), options)
+    app = create_app(clf.labels, classifier_predictor(clf, options.max_length, options.max_padding), options)
     config = uvicorn.Config(
         app,
         host=options.host,
