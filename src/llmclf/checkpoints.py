@@ -243,9 +243,12 @@ def begin_run(
     `resume`: None (a new run), `last` (the newest complete checkpoint under the run folder), or the path
     of one checkpoint folder.
     """
+    from llmclf import distributed
+
     saved_path = out / FINGERPRINT
     if resume is None:
-        artifacts.write_json(saved_path, fingerprint)
+        if distributed.is_main():  # under a launcher only rank 0 writes the run folder
+            artifacts.write_json(saved_path, fingerprint)
         return ResumePoint(None, None)
     if (out / artifacts.METRICS).is_file():
         raise LlmclfError(f"{out} holds a finished run (metrics.json): there is nothing to resume.")

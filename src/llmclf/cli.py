@@ -1,4 +1,4 @@
-"""Command line: `llmclf train | predict | evaluate | export | report | compare`.
+"""Command line: `llmclf train | predict | evaluate | export | serve | report | compare`.
 
 User errors (`LlmclfError`) print one message and exit with status 2, without a traceback.
 """
@@ -235,6 +235,26 @@ def _add_compare(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--output", help="also write the table to this file (.md or .csv)")
 
 
+def _add_serve(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("serve", parents=[common], help="serve a trained run over HTTP (FastAPI, batching)")
+    p.add_argument("run_dir", help="run folder written by `llmclf train`")
+    # Defaults live in llmclf.serving.ServeOptions (None here: not given).
+    p.add_argument("--host", help="interface to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="TCP port, 0 for any free one (default 8000)")
+    for flag, default, text in [
+        ("--max-batch-size", 32, "most rows per forward pass, merged across requests"),
+        ("--max-texts", 64, "most texts per request (more: 413)"),
+        ("--max-body-bytes", 1_048_576, "largest request body (more: 413)"),
+        ("--max-queue", 256, "most rows waiting for a pass (more: 503 with Retry-After)"),
+    ]:
+        p.add_argument(flag, type=positive_int, help=f"{text} (default {default})")
+    p.add_argument("--max-wait-ms", type=float, help="how long a row waits for others to join (default 10)")
+    p.add_argument("--max-padding", type=float, help="split a pass where padding passes this share (0.25)")
+    p.add_argument(
+        "--max-length", type=positive_int, default=None, help="tokens per text (default: as trained)"
+    )
+
+
 GLOBAL_SWITCHES = [
     ("--quiet", "print only results and errors"),
     ("--verbose", "show library warnings and tracebacks"),
@@ -256,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
         parser.add_argument(flag, action="store_true", help=text)
         common.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=text)
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_train, _add_predict, _add_evaluate, _add_export, _add_report, _add_compare):
+    for add in (_add_train, _add_predict, _add_evaluate, _add_export, _add_serve, _add_report, _add_compare):
         add(sub, common)
     return parser
 

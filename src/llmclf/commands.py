@@ -24,7 +24,7 @@ def dispatch(args: argparse.Namespace) -> int:
 
     set_threads()
     commands = {"train": train, "predict": predict, "evaluate": evaluate, "export": export}
-    commands.update(report=report, compare=compare)
+    commands.update(serve=serve, report=report, compare=compare)
     return commands[args.command](args)
 
 
@@ -196,3 +196,14 @@ def compare(args: argparse.Namespace) -> int:
     if args.output:
         print(f"\nWritten to {write_comparison(headers, rows, args.output)}")
     return 0
+
+
+def serve(args: argparse.Namespace) -> int:
+    from llmclf.serving import ServeOptions, run_server
+
+    keys = ("host", "port", "max_batch_size", "max_wait_ms", "max_texts", "max_body_bytes", "max_queue")
+    given = {
+        k: getattr(args, k) for k in keys + ("max_length", "max_padding") if getattr(args, k) is not None
+    }
+    options = ServeOptions(**given)
+    return run_server(args.run_dir, options, quiet=args.quiet, verbose=args.verbose)

@@ -1,0 +1,289 @@
+"""Dynamic batching and serving metrics for `llmclf serve` (the HTTP layer is in serving.py).
+
+Requests hand their texts to a `DynamicBatcher`; one worker thread takes rows from all waiting requests,
+up to `max_batch_size` rows or until the oldest row has waited `max_wait_s`, and runs them together
+(one forward pass, or a few where lengths differ widely: `padding_groups`). Each request's future is resolved on its own event loop once all of its rows are done, so
+the event loop never runs the model and every caller gets exactly its own rows back, in its own order.
+
+A request larger than `max_batch_size` is split over several passes; rows of many small requests share
+one. The number of rows waiting (not yet in a pass) is bounded by `max_queue`: beyond it `submit`
+raises `QueueFull` at once, so an overloaded server answers quickly instead of piling work up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger("llmclf.serve")
+
+# texts -> (probabilities (n, num_labels), truncated flags (n,)); runs on the worker thread only.
+Predictor = Callable[[list[str]], tuple[np.ndarray, list[bool]]]
+
+
+class QueueFull(Exception):
+    """More rows are waiting than `max_queue` allows; the caller should retry later."""
+
+
+class ShuttingDown(Exception):
+    """The batcher is stopping and takes no new work."""
+
+
+class ServingMetrics:
+    """Counters, batch sizes and recent request latencies; safe to update from any thread."""
+
+    def __init__(self, window: int = 10_000) -> None:
+        self._lock = threading.Lock()
+        self.started = time.time()
+        self.requests = 0
+        self.ok = 0
+        self.failed = 0
+        self.rows = 0
+        self.truncated_rows = 0
+        self.rejected: collections.Counter[str] = collections.Counter()
+        self.batch_sizes: collections.Counter[int] = collections.Counter()
+        self.merged_batches = 0  # passes that held rows of more than one request: proof of batching
+        self.latencies_ms: collections.deque[float] = collections.deque(maxlen=window)
+
+    def record_ok(self, rows: int, truncated: int, latency_s: float) -> None:
+        with self._lock:
+            self.requests += 1
+            self.ok += 1
+            self.rows += rows
+            self.truncated_rows += truncated
+            self.latencies_ms.append(latency_s * 1000.0)
+
+    def record_rejected(self, reason: str) -> None:
+        with self._lock:
+            self.requests += 1
+            self.rejected[reason] += 1
+
+    def record_failed(self) -> None:
+        with self._lock:
+            self.requests += 1
+            self.failed += 1
+
+    def record_batch(self, size: int, requests: int) -> None:
+        with self._lock:
+            self.batch_sizes[size] += 1
+            self.merged_batches += requests > 1
+
+    def snapshot(self) -> dict[str, Any]:
+        """A JSON-ready view: counts, batch-size histogram and mean, latency quantiles in ms."""
+        with self._lock:
+            latencies = np.asarray(self.latencies_ms, dtype=float)
+            batches = sum(self.batch_sizes.values())
+            batched_rows = sum(size * count for size, count in self.batch_sizes.items())
+            quantiles = (
+                {f"p{q}": round(float(np.percentile(latencies, q)), 2) for q in (50, 90, 99)}
+                if latencies.size
+                else {"p50": None, "p90": None, "p99": None}
+            )
+            return {
+                "uptime_s": round(time.time() - self.started, 1),
+                "requests": {
+                    "total": self.requests,
+                    "ok": self.ok,
+                    "failed": self.failed,
+                    "rejected": dict(self.rejected),
+                },
+                "rows": self.rows,
+                "truncated_rows": self.truncated_rows,
+                "batches": {
+                    "count": batches,
+                    "mean_size": round(batched_rows / batches, 3) if batches else None,
+                    "max_size": max(self.batch_sizes) if batches else None,
+                    "merged": self.merged_batches,
+                    "histogram": {str(k): v for k, v in sorted(self.batch_sizes.items())},
+                },
+                "latency_ms": {**quantiles, "window": int(latencies.size)},
+            }
+
+
+class _Job:
+    """One request's rows: filled in by the worker thread, handed to the future when complete."""
+
+    __slots__ = ("texts", "loop", "future", "probs", "truncated", "remaining", "enqueued", "failed")
+
+    def __init__(self, texts: list[str], loop: asyncio.AbstractEventLoop, future: asyncio.Future) -> None:
+        self.texts = texts
+        self.loop = loop
+        self.future = future
+        self.probs: np.ndarray | None = None
+        self.truncated = [False] * len(texts)
+        self.remaining = len(texts)
+        self.enqueued = time.monotonic()
+        self.failed = False
+
+
+def _settle(future: asyncio.Future, value: Any = None, error: BaseException | None = None) -> None:
+    # Runs on the job's event loop; the caller may have gone away (cancelled) meanwhile.
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(value)
+
+
+class DynamicBatcher:
+    """Gathers rows from concurrent requests into forward passes on one worker thread."""
+
+    def __init__(
+        self,
+        predictor: Predictor,
+        *,
+        max_batch_size: int,
+        max_wait_s: float,
+        max_queue: int,
+        metrics: ServingMetrics | None = None,
+    ) -> None:
+        self.predictor = predictor
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_s
+        self.max_queue = max_queue
+        self.metrics = metrics or ServingMetrics()
+        self._pending: collections.deque[tuple[_Job, int]] = collections.deque()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    @property
+    def queued_rows(self) -> int:
+        """Rows waiting for a forward pass (not counting the pass now running)."""
+        return len(self._pending)
+
+    def start(self) -> None:
+        """Start the worker thread (once)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="llmclf-batcher", daemon=True)
+            self._thread.start()
+
+    async def submit(self, texts: Sequence[str]) -> tuple[np.ndarray, list[bool]]:
+        """Probabilities and truncation flags for `texts`, in order; raises QueueFull or ShuttingDown."""
+        loop = asyncio.get_running_loop()
+        job = _Job(list(texts), loop, loop.create_future())
+        with self._cond:
+            if self._stopping:
+                raise ShuttingDown("the server is shutting down")
+            if len(self._pending) + len(job.texts) > self.max_queue:
+                raise QueueFull(f"{len(self._pending)} rows are waiting (limit {self.max_queue})")
+            self._pending.extend((job, i) for i in range(len(job.texts)))
+            self._cond.notify()
+        return await job.future
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Refuse new work, finish every row already queued (without waiting for more), end the thread."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _next_batch(self) -> list[tuple[_Job, int]] | None:
+        with self._cond:
+            while not self._pending and not self._stopping:
+                self._cond.wait()
+            if not self._pending:
+                return None  # stopping, and everything queued is done
+            # Wait for more rows only until the oldest waiting row has waited max_wait_s: after a long
+            # pass the queue is already old and the next pass starts at once.
+            deadline = self._pending[0][0].enqueued + self.max_wait_s
+            while len(self._pending) < self.max_batch_size and not self._stopping:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            count = min(len(self._pending), self.max_batch_size)
+            return [self._pending.popleft() for _ in range(count)]
+
+    def _run(self) -> None:
+        while (rows := self._next_batch()) is not None:
+            rows = [(job, i) for job, i in rows if not job.failed]
+            if rows:
+                self._process(rows)
+
+    def _process(self, rows: list[tuple[_Job, int]]) -> None:
+        jobs = list({id(job): job for job, _ in rows}.values())
+        try:
+            probs, truncated = self.predictor([job.texts[i] for job, i in rows])
+        except Exception as exc:  # a failed pass fails its requests, never the worker
+            logger.exception("forward pass of %d rows failed", len(rows))
+            for job in jobs:
+                job.failed = True
+                self._call(job, error=RuntimeError(f"the forward pass failed: {type(exc).__name__}: {exc}"))
+            return
+        self.metrics.record_batch(len(rows), len(jobs))
+        for (job, i), row, cut in zip(rows, probs, truncated):
+            if job.probs is None:
+                job.probs = np.zeros((len(job.texts), len(row)), dtype=np.float64)
+            job.probs[i] = row
+            job.truncated[i] = bool(cut)
+            job.remaining -= 1
+            if job.remaining == 0:
+                self._call(job, value=(job.probs, job.truncated))
+
+    @staticmethod
+    def _call(job: _Job, value: Any = None, error: BaseException | None = None) -> None:
+        try:
+            job.loop.call_soon_threadsafe(_settle, job.future, value, error)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            pass
+
+
+def padding_groups(lengths: list[int], max_padding: float) -> list[list[int]]:
+    """Split rows into forward passes, longest first, so that no pass computes more than
+    `max_padding` (a share of its real tokens) on padding. On a CPU, where a pass costs about its
+    tokens, one pass padded to a long outlier costs more than the merge saves; on a GPU, pass a large
+    `max_padding` to keep one pass."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    groups: list[list[int]] = []
+    for i in order:
+        if groups:
+            group = groups[-1]
+            padded = lengths[group[0]] * (len(group) + 1)  # the group's first row is its longest
+            if padded <= (1 + max_padding) * (sum(lengths[j] for j in group) + lengths[i]):
+                group.append(i)
+                continue
+        groups.append([i])
+    return groups
+
+
+def classifier_predictor(classifier: Any, max_length: int, max_padding: float = 0.25) -> Predictor:
+    """A `Predictor` for a `llmclf.prediction.Classifier`: same tokenisation and forward pass as
+    `Classifier.predict_proba`, and flags the texts longer than `max_length` tokens (which are cut).
+    Rows of very different lengths go to separate passes (`padding_groups`)."""
+    from llmclf.evaluation import predict_proba
+
+    tokenizer = classifier.tokenizer
+
+    def predict(texts: list[str]) -> tuple[np.ndarray, list[bool]]:
+        # Full-length ids tell which texts are cut; only those are tokenised again with truncation, so
+        # the ids are exactly those of predict_proba (special tokens kept where the tokenizer keeps them).
+        ids = tokenizer(texts, truncation=False)["input_ids"]
+        truncated = [len(row) > max_length for row in ids]
+        long = [i for i, cut in enumerate(truncated) if cut]
+        if long:
+            cut_ids = tokenizer([texts[i] for i in long], truncation=True, max_length=max_length)["input_ids"]
+            for i, row in zip(long, cut_ids):
+                ids[i] = row
+        probs = np.zeros((len(ids), len(classifier.labels)), dtype=np.float64)
+        for group in padding_groups([len(row) for row in ids], max_padding):
+            probs[group] = predict_proba(
+                classifier.model,
+                tokenizer,
+                input_ids=[ids[i] for i in group],
+                batch_size=len(group),
+                max_length=max_length,
+                progress=False,
+            )
+        return probs, truncated
+
+    return predict
