@@ -178,8 +178,8 @@ class LoraSettings:
 class TrainConfig:
     """Optimisation settings."""
 
-    epochs: float = 2.0
-    """Passes over the training split (the recipe: 1; with the activation cache an epoch is cheap)."""
+    epochs: float = 1.0
+    """Passes over the training split."""
     lr: float = 5e-4
     """Peak learning rate (the recipe: 1e-4)."""
     batch_size: int = 16

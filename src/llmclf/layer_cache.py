@@ -330,18 +330,24 @@ def pooled_features(
     batch_size: int = 32,
     autocast: bool = False,
 ) -> np.ndarray:
-    """The head's input (len(rows), hidden) for cached rows: what a linear probe is fitted on."""
+    """The head's input (len(rows), hidden) for cached rows: what a linear probe is fitted on.
+    Length-sorted batches, results in `rows` order."""
     rows = np.asarray(rows)
+    lengths = (cache.offsets[1:] - cache.offsets[:-1]).numpy()[rows]
+    order = np.argsort(lengths, kind="stable")[::-1]
     device = next(model.parameters()).device
-    chunks = []
+    out: np.ndarray | None = None
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            for begin in range(0, len(rows), batch_size):
-                states, mask = cache.batch(rows[begin : begin + batch_size])
+            for begin in range(0, len(order), batch_size):
+                idx = order[begin : begin + batch_size]
+                states, mask = cache.batch(rows[idx])
                 pooled = pooled_from_states(model, states.to(device), mask.to(device), cache.start)
-                chunks.append(pooled.float().cpu().numpy())
+                if out is None:
+                    out = np.zeros((len(rows), pooled.shape[1]), dtype=np.float32)
+                out[idx] = pooled.float().cpu().numpy()
     finally:
         model.train(was_training)
-    return np.concatenate(chunks) if chunks else np.zeros((0, 0))
+    return out if out is not None else np.zeros((0, 0), dtype=np.float32)
