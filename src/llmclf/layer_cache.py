@@ -302,24 +302,15 @@ def predict_proba_cached(
     batch_size: int = 32,
     autocast: bool = False,
 ) -> np.ndarray:
-    """Class probabilities (len(rows), num_labels) from cached states; length-sorted batches."""
-    rows = np.asarray(rows)
-    lengths = (cache.offsets[1:] - cache.offsets[:-1]).numpy()[rows]
-    order = np.argsort(lengths, kind="stable")[::-1]
-    device = next(model.parameters()).device
-    out = np.zeros((len(rows), _unwrap(model).config.num_labels))
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            for begin in range(0, len(order), batch_size):
-                idx = order[begin : begin + batch_size]
-                states, mask = cache.batch(rows[idx])
-                logits = logits_from_states(model, states.to(device), mask.to(device), cache.start)
-                out[idx] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
-    finally:
-        model.train(was_training)
-    return out
+    """Class probabilities (len(rows), num_labels) from cached states: the head on the pooled features."""
+    if len(rows) == 0:
+        return np.zeros((0, _unwrap(model).config.num_labels))
+    features = pooled_features(model, cache, rows, batch_size=batch_size, autocast=autocast)
+    head = head_of(model)
+    weight = next(head.parameters())
+    with torch.inference_mode():
+        logits = head(torch.from_numpy(features).to(weight.device, weight.dtype))  # (rows, num_labels)
+    return torch.softmax(logits.float(), dim=-1).cpu().numpy().astype(np.float64)
 
 
 def pooled_features(
