@@ -123,3 +123,13 @@ def test_all_linear_on_top_layers(tiny_model_dir):
         "up_proj",
         "down_proj",
     }
+
+
+def test_disk_cache_key_separates_precisions(tiny_model_dir):
+    from llmclf.layer_cache import cache_key
+
+    ids = [[1, 2, 3], [4, 5]]
+    keys = {p: cache_key(str(tiny_model_dir), False, 1, torch.bfloat16, p, ids) for p in ("fp32", "bf16")}
+    assert keys["fp32"] != keys["bf16"]  # states computed in bf16 must not be served to an fp32 run
+    assert keys["fp32"] == cache_key(str(tiny_model_dir), False, 1, torch.bfloat16, "fp32", ids)
+    assert keys["fp32"] != cache_key(str(tiny_model_dir), False, 1, torch.bfloat16, "fp32", [[1, 2, 3], [4]])

@@ -181,7 +181,6 @@ class ActivationCache:
         pad_id: int,
         batch_size: int = 32,
         dtype: torch.dtype = torch.bfloat16,
-        autocast: bool = False,
         progress: Any = None,
     ) -> ActivationCache:
         """Run layers 0 .. start-1 once over every text (longest first, batches padded on the right)."""
@@ -195,7 +194,7 @@ class ActivationCache:
         was_training = model.training
         model.eval()
         try:
-            with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            with torch.inference_mode():  # mixed precision, if any, is the caller's autocast context
                 for begin in range(0, len(order), batch_size):
                     idx = order[begin : begin + batch_size]
                     longest = int(lengths[idx].max())
@@ -238,11 +237,11 @@ def cache_key(
     quantized: bool,
     start: int,
     dtype: torch.dtype,
-    autocast: bool,
+    precision: str,
     input_ids: list[list[int]],
 ) -> str:
     """Everything the cached states depend on: weights (by source path and its files' sizes and dates),
-    quantisation, depth, precision and the exact token ids."""
+    quantisation, depth, storage dtype, compute precision (bf16/fp16/fp32) and the exact token ids."""
     digest = hashlib.sha256()
     source = Path(model_source)
     files = (
@@ -250,7 +249,7 @@ def cache_key(
         if source.is_dir()
         else []
     )
-    digest.update(json.dumps([model_source, files, quantized, start, str(dtype), autocast]).encode())
+    digest.update(json.dumps([model_source, files, quantized, start, str(dtype), precision]).encode())
     for ids in input_ids:
         digest.update(np.asarray(ids, dtype=np.int64).tobytes())
         digest.update(b"|")
@@ -265,17 +264,18 @@ def cached_or_built(
     pad_id: int,
     batch_size: int,
     dtype: torch.dtype,
-    autocast: bool,
+    precision: str,
     disk_dir: Path | None,
     model_source: str,
     quantized: bool,
     progress: Any = None,
 ) -> tuple[ActivationCache, bool]:
     """The cache for these texts: from `disk_dir` when an identical one was saved, else built (and saved
-    there when `disk_dir` is given). Returns (cache, reused)."""
+    there when `disk_dir` is given). Returns (cache, reused). `precision` only keys the disk cache: the
+    caller runs this under its own autocast context for that precision."""
     path = None
     if disk_dir is not None:
-        key = cache_key(model_source, quantized, start, dtype, autocast, input_ids)
+        key = cache_key(model_source, quantized, start, dtype, precision, input_ids)
         path = disk_dir / f"{key}.safetensors"
         if path.is_file():
             return ActivationCache.load(path), True
@@ -286,7 +286,6 @@ def cached_or_built(
         pad_id=pad_id,
         batch_size=batch_size,
         dtype=dtype,
-        autocast=autocast,
         progress=progress,
     )
     if path is not None:
@@ -300,12 +299,11 @@ def predict_proba_cached(
     rows: list[int] | np.ndarray,
     *,
     batch_size: int = 32,
-    autocast: bool = False,
 ) -> np.ndarray:
     """Class probabilities (len(rows), num_labels) from cached states: the head on the pooled features."""
     if len(rows) == 0:
         return np.zeros((0, _unwrap(model).config.num_labels))
-    features = pooled_features(model, cache, rows, batch_size=batch_size, autocast=autocast)
+    features = pooled_features(model, cache, rows, batch_size=batch_size)
     head = head_of(model)
     weight = next(head.parameters())
     with torch.inference_mode():
@@ -319,7 +317,6 @@ def pooled_features(
     rows: list[int] | np.ndarray,
     *,
     batch_size: int = 32,
-    autocast: bool = False,
 ) -> np.ndarray:
     """The head's input (len(rows), hidden) for cached rows: what a linear probe is fitted on.
     Length-sorted batches, results in `rows` order."""
@@ -331,7 +328,7 @@ def pooled_features(
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        with torch.inference_mode():  # mixed precision, if any, is the caller's autocast context
             for begin in range(0, len(order), batch_size):
                 idx = order[begin : begin + batch_size]
                 states, mask = cache.batch(rows[idx])

@@ -196,7 +196,7 @@ def run_training(
                 pad_id=tokenizer.pad_token_id,
                 batch_size=tc.eval_batch_size,
                 dtype=CACHE_DTYPE,
-                autocast=False,
+                precision=precision,
                 disk_dir=cache_dir() / "activations" if tc.activation_cache == "disk" else None,
                 model_source=source,
                 quantized=quantized,
