@@ -89,6 +89,12 @@ def small_csv(tmp_path_factory) -> Path:
 
 
 TRAIN_ARGS = [
+    # What `auto` gives on CPU, pinned, so that on a GPU machine these tests check the same exact
+    # (fp32) behaviour; the GPU defaults (4-bit, bf16) are tested in test_gpu.py.
+    "--quantize",
+    "none",
+    "--precision",
+    "fp32",
     "--train-per-class",
     "20",
     "--val-per-class",
@@ -106,6 +112,12 @@ TRAIN_ARGS = [
     "--seed",
     "7",
 ]
+
+
+def on_device(model, batch: dict) -> dict:
+    """The batch's tensors on the model's device: CUDA when the suite runs on a GPU machine."""
+    device = next(model.parameters()).device
+    return {key: value.to(device) for key, value in batch.items()}
 
 
 def train_tiny(data: Path, model: Path, out: Path, *extra: str) -> int:

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_gpu_benchmark_tiny_mode_runs_on_cpu(tmp_path):
     pytest.importorskip("bitsandbytes")
     out = tmp_path / "gpu.json"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--tiny", "--train-steps", "2"]
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--tiny", "--train-rows", "32"]
     done = subprocess.run(
         [*cmd, "--infer-rows", "40", "--json", str(out)], capture_output=True, text=True, timeout=300
     )

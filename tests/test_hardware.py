@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import train_tiny
+from conftest import on_device, train_tiny
 from llmclf import hardware, modeling
 from llmclf.cli import build_parser, train_overrides
 from llmclf.config import build_config
@@ -158,7 +158,9 @@ def test_half_precision_base_trains_fp32_weights(tiny_model_dir):
     assert trainable and set(trainable.values()) == {torch.float32}
     assert any("score" in n for n in trainable)
     assert torch.bfloat16 in set(frozen.values())
-    ids = loaded.tokenizer(["one text", "another, longer text"], padding=True, return_tensors="pt")
+    ids = on_device(
+        model, loaded.tokenizer(["one text", "another, longer text"], padding=True, return_tensors="pt")
+    )
     with hardware.autocast("bf16"):
         logits = model(**ids).logits
     assert logits.shape == (2, 3) and torch.isfinite(logits).all()
@@ -193,3 +195,14 @@ def test_a_run_loads_with_the_settings_this_machine_can_run(monkeypatch):
     )  # GPU run, CPU load
     fake_machine(monkeypatch, cuda=True, installed=("flash_attn",))
     assert inference_settings({"precision": "bf16"}, "flash_attention_2") == ("bf16", "flash_attention_2")
+
+
+def test_bf16_run_through_the_activation_cache(tmp_path, tiny_model_dir, small_csv):
+    """The cached training path calls the top layers itself, outside `model.forward`, which is where the
+    Trainer's mixed precision sits: it must take the autocast too (bf16 base, fp32 cached states)."""
+    out = tmp_path / "bf16"
+    assert train_tiny(small_csv, tiny_model_dir, out, "--precision", "bf16") == 0
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["precision"] == "bf16" and info["activation_cache"] is not None
+    losses = [e["loss"] for e in info["log_history"] if "loss" in e]
+    assert losses and np.isfinite(losses).all()

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import train_tiny
+from conftest import on_device, train_tiny
 from llmclf import pipeline
 from llmclf.errors import LlmclfError
 from llmclf.layer_cache import ActivationCache, check_layers, logits_from_states, lower_states
@@ -26,7 +26,7 @@ def test_cached_forward_equals_full_forward(tiny_model_dir):
             torch.nn.init.normal_(p, std=0.5)
     model.eval()
     tok = loaded.tokenizer
-    batch = tok.pad({"input_ids": tok(TEXTS)["input_ids"]}, return_tensors="pt")
+    batch = on_device(model, tok.pad({"input_ids": tok(TEXTS)["input_ids"]}, return_tensors="pt"))
     start = check_layers(model, 1)
     assert start == 1
     with torch.no_grad():
@@ -35,11 +35,14 @@ def test_cached_forward_equals_full_forward(tiny_model_dir):
         ids = tok(TEXTS)["input_ids"]
         cache = ActivationCache.build(model, ids, start, pad_id=tok.pad_token_id, dtype=torch.float32)
         states, mask = cache.batch(range(len(TEXTS)))
-        cached = logits_from_states(model, states, mask, start)
-        # The lower pass itself: right-padded rows equal each text run alone.
-        alone = lower_states(
-            model, torch.tensor([ids[2]]), torch.ones(1, len(ids[2]), dtype=torch.long), start
+        cached = logits_from_states(
+            model, **on_device(model, {"states": states, "attention_mask": mask}), start=start
         )
+        # The lower pass itself: right-padded rows equal each text run alone.
+        alone = on_device(
+            model, {"ids": torch.tensor([ids[2]]), "mask": torch.ones(1, len(ids[2]), dtype=torch.long)}
+        )
+        alone = lower_states(model, alone["ids"], alone["mask"], start).cpu()
     assert torch.allclose(cache.rows([2])[0], alone[0], atol=1e-5)
     assert mask.sum(1).tolist() == lengths.tolist()
     assert torch.allclose(full, cached, atol=1e-5), (full, cached)

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from conftest import on_device
 from llmclf.errors import LlmclfError
 from llmclf.modeling import (
     add_lora,
@@ -21,7 +22,9 @@ def test_pad_token_is_set_in_tokenizer_and_model_config(tiny_model_dir):
     assert model.config.pad_token_id == tok.eos_token_id
     assert model.config.use_cache is False
     assert model.config.id2label == {0: "a", 1: "b", 2: "c"}
-    batch = tok(["a short one", "a much longer text than the other"], padding=True, return_tensors="pt")
+    batch = on_device(
+        model, tok(["a short one", "a much longer text than the other"], padding=True, return_tensors="pt")
+    )
     # Without a pad id in the config transformers raises "Cannot handle batch sizes > 1" (pitfall 1).
     assert model(**batch).logits.shape == (2, 3)
 
@@ -71,7 +74,7 @@ def test_4bit_nf4_on_cpu_keeps_the_head_in_full_precision(tiny_model_dir):
     assert not isinstance(model.score, bnb.nn.Linear4bit) and model.score.weight.is_floating_point()
     peft_model = add_lora(model, r=4, alpha=8, dropout=0.0, targets="auto", seed=0)
     batch = loaded.tokenizer(["one text", "and another text"], padding=True, return_tensors="pt")
-    out = peft_model(**batch, labels=torch.tensor([0, 1]))
+    out = peft_model(**on_device(model, {**batch, "labels": torch.tensor([0, 1])}))
     out.loss.backward()  # pitfall 5: no "only Tensors of floating point dtype can require gradients"
     assert peft_model.base_model.model.score.modules_to_save["default"].weight.grad is not None
 

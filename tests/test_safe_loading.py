@@ -7,6 +7,7 @@ import shutil
 import pytest
 import torch
 
+from conftest import on_device
 from llmclf import Classifier
 from llmclf.cli import main
 from llmclf.errors import LlmclfError
@@ -46,7 +47,9 @@ def test_pickle_weights_need_allow_pickle_and_load_weights_only(pickled, tiny_mo
     want = load_classifier(str(tiny_model_dir), LABELS)  # same weights from safetensors, same random head
     batch = want.tokenizer(["one text", "and another one"], padding=True, return_tensors="pt")
     with torch.no_grad():
-        torch.testing.assert_close(got.model(**batch).logits, want.model(**batch).logits)
+        torch.testing.assert_close(
+            got.model(**on_device(got.model, batch)).logits, want.model(**on_device(want.model, batch)).logits
+        )
 
 
 def test_cli_refuses_a_pickle_model_without_the_flag(pickled, small_csv, tmp_path, capsys):

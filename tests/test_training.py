@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from conftest import on_device
 from llmclf.data import to_dataset
 from llmclf.modeling import add_lora, load_classifier
 from llmclf.training import NonFiniteLossError, build_trainer, training_arguments
@@ -33,12 +34,12 @@ def make_trainer(tiny_model_dir, tmp_path, weights, **overrides):
 def test_weighted_loss_matches_the_weighted_mean_of_cross_entropies(tiny_model_dir, tmp_path):
     weights = [0.2, 0.3, 0.5]
     trainer, tok, ids = make_trainer(tiny_model_dir, tmp_path, weights)
-    batch = tok.pad({"input_ids": ids}, return_tensors="pt")
     labels = torch.tensor([0, 1, 2, 0, 0, 2])
     model = trainer.model.eval()
+    batch = on_device(model, tok.pad({"input_ids": ids}, return_tensors="pt"))
     with torch.no_grad():
-        loss = trainer.compute_loss(model, {**batch, "labels": labels.clone()})
-        logits = model(**batch).logits
+        loss = trainer.compute_loss(model, {**batch, "labels": labels.to(batch["input_ids"].device)})
+        logits = model(**batch).logits.cpu()
     per_example = -torch.log_softmax(logits, -1)[torch.arange(6), labels]
     w = torch.tensor(weights)[labels]
     assert loss.item() == pytest.approx((w * per_example).sum().item() / w.sum().item(), rel=1e-5)

@@ -60,9 +60,11 @@ class WeightedLossTrainer(AtomicCheckpoints, Trainer):
             from llmclf.layer_cache import logits_from_states
 
             states = inputs["cached_states"]  # (batch, seq, hidden): input of layer cache_start
-            outputs = SequenceClassifierOutput(
-                logits=logits_from_states(model, states, inputs["attention_mask"], self.cache_start)
-            )
+            # The Trainer's mixed precision wraps `model.forward`, which this path does not call: take
+            # its autocast here too (fp32 states into a bf16/fp16 base would not run at all).
+            with self.accelerator.autocast():
+                logits = logits_from_states(model, states, inputs["attention_mask"], self.cache_start)
+            outputs = SequenceClassifierOutput(logits=logits)
         else:
             outputs = model(**inputs)
         logits = outputs.logits.float()  # (batch, num_labels); fp32 loss even under bf16 compute
