@@ -15,7 +15,8 @@ precision) and times, on the same 4-bit base, side by side:
       features; training steps run the top 7 layers on length-grouped batches (the Trainer's
       `get_length_grouped_indices`); SDPA (FlashAttention-2 when flash-attn is installed); no gradient
       checkpointing. (b)'s training time counts the cache and the probe: it is the cost of one epoch.
-      Inference: the whole model (as `llmclf predict`), texts sorted by length, 32 per batch.
+      Inference: the whole model (as `llmclf predict`), texts sorted by length, batches of `auto` size
+      (on a GPU as many texts as fit 16,384 padded tokens; 32 on CPU).
 
 Both use bf16 compute (autocast; NF4 matmuls in bf16) and the class-weighted cross-entropy, on the same
 synthetic texts: token ids whose lengths follow a log-normal spread around ~45 tokens (like AG News),
@@ -291,31 +292,28 @@ def train_llmclf(
     return {**result, "loss": loss, **parts, "cache_mib": cache.nbytes / 2**20}
 
 
-def infer_phase(model: Any, texts: list[list[int]], batch_size: int, sort: bool, env: dict) -> dict:
-    """Softmax probabilities for every text through the whole model; sorted longest-first (llmclf) or in
-    file order (recipe). One untimed batch of the longest texts first, for both alike."""
+def infer_phase(model: Any, texts: list[list[int]], batches: list[np.ndarray], env: dict) -> dict:
+    """Softmax probabilities for every text through the whole model, batch by batch as given; one
+    untimed pass over the first batch first, for both settings alike."""
     device, dtype = env["device"], env["dtype"]
     lengths = np.array([len(row) for row in texts])
-    order = np.argsort(lengths, kind="stable")[::-1] if sort else np.arange(len(lengths))
     model.eval()
     out = np.zeros((len(texts), NUM_LABELS))
     tokens = padded = 0
     with torch.inference_mode(), autocast(device, dtype):
-        longest = np.argsort(lengths, kind="stable")[::-1][:batch_size]
-        model(**make_batch([texts[i] for i in longest], env["pad_id"], device))
+        model(**make_batch([texts[i] for i in batches[0]], env["pad_id"], device))
         sync(device)
         reset_peak(device)
         started = time.perf_counter()
-        for begin in range(0, len(texts), batch_size):
-            idx = order[begin : begin + batch_size]
-            ids = [texts[i] for i in idx]
-            logits = model(**make_batch(ids, env["pad_id"], device)).logits
+        for idx in batches:
+            logits = model(**make_batch([texts[i] for i in idx], env["pad_id"], device)).logits
             out[idx] = torch.softmax(logits.float(), -1).cpu().numpy()
             tokens += int(lengths[idx].sum())
             padded += int(lengths[idx].max()) * len(idx)
         sync(device)
     assert np.allclose(out.sum(axis=1), 1.0, atol=1e-3), "every row scored"
-    return phase_result(len(texts), tokens, padded, time.perf_counter() - started, device)
+    result = phase_result(len(texts), tokens, padded, time.perf_counter() - started, device)
+    return {**result, "batches": len(batches)}
 
 
 def set_gradient_checkpointing(model: Any, on: bool, reentrant: bool) -> None:
@@ -337,7 +335,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--train-rows", type=int, default=None, help="training texts, one epoch each (default 512; tiny 48)"
     )
     p.add_argument("--infer-rows", type=int, default=None, help="texts to score (default 2000; tiny 64)")
-    p.add_argument("--eval-batch-size", type=int, default=32, help="inference batch, both (default 32)")
+    p.add_argument(
+        "--recipe-eval-batch-size", type=int, default=32, help="the recipe's inference batch (default 32)"
+    )
     p.add_argument("--median-tokens", type=float, default=40.0, help="median text length (mean ~1.13x)")
     p.add_argument("--max-length", type=int, default=512, help="length cap (default 512)")
     p.add_argument("--seed", type=int, default=0)
@@ -351,6 +351,7 @@ def main(argv: list[str] | None = None) -> dict:
     from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
 
     from llmclf.config import LoraSettings, TrainConfig
+    from llmclf.evaluation import length_batches
     from llmclf.layer_cache import check_layers, resolve_top_layers
     from llmclf.modeling import add_lora
 
@@ -378,6 +379,8 @@ def main(argv: list[str] | None = None) -> dict:
     )
     infer_lengths = synthetic_lengths(infer_rows, rng, args.median_tokens, args.max_length)
     infer_texts = random_ids(infer_lengths.tolist(), rng, vocab, pad_id)
+    recipe_batch = args.recipe_eval_batch_size
+    file_order = [np.arange(i, min(i + recipe_batch, infer_rows)) for i in range(0, infer_rows, recipe_batch)]
 
     started = time.perf_counter()
     base, n_quantized = build_model(shape, device, dtype, pad_id)
@@ -402,10 +405,10 @@ def main(argv: list[str] | None = None) -> dict:
             "lr": RECIPE_LR,
             "batch": RECIPE_BATCH,
             "sort": False,
-            "eval_batch": args.eval_batch_size,
+            "eval_batch": recipe_batch,
         },
         "train": train_recipe(model, texts, labels, warm, env),
-        "inference": infer_phase(model, infer_texts, args.eval_batch_size, sort=False, env=env),
+        "inference": infer_phase(model, infer_texts, file_order, env),
     }
     set_gradient_checkpointing(model, False, reentrant=True)
     base = model.unload()  # the 4-bit base without the recipe's adapter, for (b)
@@ -437,10 +440,13 @@ def main(argv: list[str] | None = None) -> dict:
             "batch": tc.batch_size,
             "head_init": tc.head_init,
             "sort": True,
-            "eval_batch": args.eval_batch_size,
+            "eval_batch": tc.eval_batch_size,
         },
         "train": train_llmclf(model, texts, labels, warm, env, (lc, tc)),
-        "inference": infer_phase(model, infer_texts, args.eval_batch_size, sort=True, env=env),
+        # As `llmclf predict`: length-sorted batches, `auto` size (a token budget on a GPU).
+        "inference": infer_phase(
+            model, infer_texts, length_batches(infer_lengths, tc.eval_batch_size, device), env
+        ),
     }
 
     report = {

@@ -136,7 +136,7 @@ def chunked(body: bytes):
 MALFORMED = [
     ("not json", dict(content=b"{texts: [oops"), 400, "invalid_json", "not valid JSON"),
     ("bad utf-8", dict(content=b'{"texts": ["\xff\xfe"]}'), 400, "invalid_json", "not valid JSON"),
-    ("deep nesting", dict(content=b"[" * 100_000 + b"]" * 100_000), 400, "invalid_json", "not valid JSON"),
+    ("deep nesting", dict(content=b"[" * 2000 + b"]" * 2000), 400, "invalid_json", "not valid JSON"),
     ("json list", dict(json=["a text"]), 422, "invalid_request", "valid dictionary"),
     ("no texts", dict(json={}), 422, "invalid_request", "texts: Field required"),
     ("texts a string", dict(json={"texts": "a text"}), 422, "invalid_request", "valid list"),
@@ -403,3 +403,13 @@ def test_loopback_load_is_correct_batched_and_sigterm_drains(trained_run, clf, t
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_nesting_depth_is_counted_outside_strings_only():
+    from llmclf.serving import MAX_JSON_DEPTH, too_deep
+
+    assert not too_deep(b'{"texts": ["' + b"[" * 500 + b'"]}')  # brackets inside a text are text
+    assert not too_deep(b'{"texts": ["a \\" [[[' + b"{" * 300 + b'"]}')  # an escaped quote stays inside
+    assert not too_deep(b"[" * MAX_JSON_DEPTH + b"]" * MAX_JSON_DEPTH)
+    assert too_deep(b"[" * (MAX_JSON_DEPTH + 1) + b"]" * (MAX_JSON_DEPTH + 1))
+    assert too_deep(b'{"a": ' * 70 + b"1" + b"}" * 70)

@@ -23,6 +23,16 @@ from llmclf.config import (
 from llmclf.errors import LlmclfError
 
 
+def int_or_auto(value: str) -> int | str:
+    """argparse type of --eval-batch-size: a whole number or `auto`."""
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number or auto, found {value!r}") from None
+
+
 def layers_value(value: str) -> int | str:
     """argparse type of --lora-layers: a whole number, `auto` or `all`."""
     if value in ("auto", "all"):
@@ -68,9 +78,15 @@ TRAIN_FLAGS: list[tuple[str, str | None, str, Any, str]] = [
         "auto: flash_attention_2 on CUDA if flash-attn is installed, else sdpa",
     ),
     ("--lora-r", "lora", "r", int, "LoRA rank (default 16)"),
-    ("--lora-alpha", "lora", "alpha", float, "LoRA alpha (default 8)"),
+    ("--lora-alpha", "lora", "alpha", float, "LoRA alpha (default 32)"),
     ("--lora-dropout", "lora", "dropout", float, "LoRA dropout (default 0.05)"),
-    ("--lora-targets", "lora", "targets", str, "auto (q/k/v/o), all-linear, or comma-separated module names"),
+    (
+        "--lora-targets",
+        "lora",
+        "targets",
+        str,
+        "all-linear (default), auto (q/k/v/o), or comma-separated module names",
+    ),
     (
         "--lora-layers",
         "lora",
@@ -79,9 +95,15 @@ TRAIN_FLAGS: list[tuple[str, str | None, str, Any, str]] = [
         "adapt the top N layers only (the frozen rest runs once, cached); auto (default) or all",
     ),
     ("--epochs", "train", "epochs", float, "passes over the training data (default 1)"),
-    ("--lr", "train", "lr", float, "learning rate (default 1e-4)"),
-    ("--batch-size", "train", "batch_size", int, "training batch size (default 8)"),
-    ("--eval-batch-size", "train", "eval_batch_size", int, "inference batch size (default 32)"),
+    ("--lr", "train", "lr", float, "learning rate (default 5e-4)"),
+    ("--batch-size", "train", "batch_size", int, "training batch size (default 16)"),
+    (
+        "--eval-batch-size",
+        "train",
+        "eval_batch_size",
+        int_or_auto,
+        "inference batch: texts, or auto (default: 32 on CPU, up to 16384 tokens on a GPU)",
+    ),
     ("--weight-decay", "train", "weight_decay", float, "AdamW weight decay (default 0.01)"),
     ("--class-weights", "train", "class_weights", CLASS_WEIGHT_CHOICES, "auto: inverse frequency (default)"),
     ("--seed", "train", "seed", int, "random seed (default 42)"),
@@ -173,12 +195,17 @@ def positive_int(value: str) -> int:
     return number
 
 
+def positive_int_or_auto(value: str) -> int | str:
+    """argparse type of predict/evaluate --batch-size: a whole number > 0 or `auto`."""
+    return value if value == "auto" else positive_int(value)
+
+
 def _add_inference_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--batch-size",
-        type=positive_int,
+        type=positive_int_or_auto,
         default=None,
-        help="texts per forward pass (default: as in training)",
+        help="texts per forward pass, or auto (default: as in training)",
     )
     p.add_argument(
         "--max-length", type=positive_int, default=None, help="tokens per text (default: as in training)"

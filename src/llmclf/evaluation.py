@@ -17,6 +17,35 @@ from sklearn.metrics import (
 from llmclf.modeling import device_of
 from llmclf.progress import Progress
 
+CPU_BATCH = 32
+"""`auto` batch on CPU: a pass costs about its tokens there, so the batch size matters little."""
+GPU_BATCH_TOKENS = 16_384
+"""`auto` budget of padded tokens per batch on a GPU, where a pass over 32 short texts costs about as
+much as one over hundreds (an 8B model in 4-bit on an H200: benchmarks/gpu.py)."""
+GPU_BATCH_MAX = 1024
+
+
+def length_batches(
+    lengths: list[int] | np.ndarray, batch_size: int | str, device: torch.device
+) -> list[np.ndarray]:
+    """Row indices, longest first, cut into batches; each pads only to its own longest (its first row).
+
+    `batch_size` texts per batch, or `auto`: 32 on CPU; on CUDA as many as fit GPU_BATCH_TOKENS padded
+    tokens (rows x the batch's longest), at most GPU_BATCH_MAX. Every row is in exactly one batch.
+    """
+    lengths = np.asarray(lengths)
+    order = np.argsort(lengths, kind="stable")[::-1]  # longest first: an out-of-memory shows early
+    if batch_size != "auto" or device.type != "cuda":
+        size = CPU_BATCH if batch_size == "auto" else int(batch_size)
+        return [order[i : i + size] for i in range(0, len(order), size)]
+    batches, begin = [], 0
+    while begin < len(order):
+        longest = max(int(lengths[order[begin]]), 1)
+        size = max(1, min(GPU_BATCH_MAX, GPU_BATCH_TOKENS // longest))
+        batches.append(order[begin : begin + size])
+        begin += size
+    return batches
+
 
 def predict_proba(
     model: Any,
@@ -24,15 +53,15 @@ def predict_proba(
     texts: list[str] | None = None,
     *,
     input_ids: list[list[int]] | None = None,
-    batch_size: int = 32,
+    batch_size: int | str = "auto",
     max_length: int = 512,
     progress: bool | None = None,
     desc: str = "predicting",
 ) -> np.ndarray:
     """Class probabilities, shape (n_texts, num_labels), rows in input order.
 
-    Texts are sorted by token count and batched so that each batch pads only to its own longest
-    member; the order is restored at the end. Pooling takes the last non-pad token, so the padding side
+    Texts are sorted by token count and batched (`length_batches`) so that each batch pads only to its
+    own longest member; the order is restored at the end. Pooling takes the last non-pad token, so the padding side
     does not change the result (tested).
     """
     if input_ids is None:
@@ -42,16 +71,15 @@ def predict_proba(
     out = np.zeros((n, num_labels), dtype=np.float64)
     if n == 0:
         return out
-    order = np.argsort([len(ids) for ids in input_ids], kind="stable")[::-1]  # longest first: OOM shows early
     device = device_of(model)
+    batches = length_batches([len(ids) for ids in input_ids], batch_size, device)
     was_training = model.training
     model.eval()
     # a bar on a terminal, plain lines in a log (no carriage returns), nothing with progress=False
     bar = Progress(n, desc, "text", progress=progress)
     try:
         with torch.inference_mode():
-            for start in range(0, n, batch_size):
-                idx = order[start : start + batch_size]
+            for idx in batches:
                 batch = tokenizer.pad({"input_ids": [input_ids[i] for i in idx]}, return_tensors="pt")
                 batch = {k: v.to(device) for k, v in batch.items()}
                 logits = model(**batch).logits  # (batch, num_labels)
@@ -100,7 +128,7 @@ def evaluate(
     label_ids: list[int],
     labels: list[str],
     *,
-    batch_size: int = 32,
+    batch_size: int | str = "auto",
     max_length: int = 512,
     input_ids: list[list[int]] | None = None,
     desc: str = "evaluating",
@@ -121,7 +149,7 @@ def evaluate(
 
 
 def head_inputs(
-    model: Any, tokenizer: Any, input_ids: list[list[int]], *, batch_size: int = 32
+    model: Any, tokenizer: Any, input_ids: list[list[int]], *, batch_size: int | str = "auto"
 ) -> np.ndarray:
     """What the classification head sees for each text, shape (n_texts, hidden): the final hidden state
     of the last real token. Used to fit a linear-probe head without an activation cache."""
@@ -129,15 +157,13 @@ def head_inputs(
 
     captured: list[torch.Tensor] = []
     hook = head_of(model).register_forward_hook(lambda mod, args, out: captured.append(args[0]))
-    order = np.argsort([len(ids) for ids in input_ids], kind="stable")[::-1]
     out = None
     device = device_of(model)
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
-            for start in range(0, len(order), batch_size):
-                idx = order[start : start + batch_size]
+            for idx in length_batches([len(ids) for ids in input_ids], batch_size, device):
                 batch = tokenizer.pad({"input_ids": [input_ids[i] for i in idx]}, return_tensors="pt")
                 mask = batch["attention_mask"].to(device)
                 model(**{k: v.to(device) for k, v in batch.items()})

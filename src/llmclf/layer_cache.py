@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from llmclf.errors import LlmclfError
+from llmclf.evaluation import length_batches
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 """Decoder families whose forward passes `inputs_embeds` unchanged into layer 0."""
@@ -179,7 +180,7 @@ class ActivationCache:
         start: int,
         *,
         pad_id: int,
-        batch_size: int = 32,
+        batch_size: int | str = "auto",
         dtype: torch.dtype = torch.bfloat16,
         progress: Any = None,
     ) -> ActivationCache:
@@ -190,13 +191,11 @@ class ActivationCache:
         offsets[1:] = torch.from_numpy(np.cumsum(lengths))
         hidden = _unwrap(model).config.get_text_config().hidden_size
         flat = torch.empty(int(offsets[-1]), hidden, dtype=dtype)
-        order = np.argsort(lengths, kind="stable")[::-1]
         was_training = model.training
         model.eval()
         try:
             with torch.inference_mode():  # mixed precision, if any, is the caller's autocast context
-                for begin in range(0, len(order), batch_size):
-                    idx = order[begin : begin + batch_size]
+                for idx in length_batches(lengths, batch_size, device):
                     longest = int(lengths[idx].max())
                     ids = torch.full((len(idx), longest), pad_id, dtype=torch.long)
                     mask = torch.zeros(len(idx), longest, dtype=torch.long)
@@ -262,7 +261,7 @@ def cached_or_built(
     start: int,
     *,
     pad_id: int,
-    batch_size: int,
+    batch_size: int | str,
     dtype: torch.dtype,
     precision: str,
     disk_dir: Path | None,
@@ -298,7 +297,7 @@ def predict_proba_cached(
     cache: ActivationCache,
     rows: list[int] | np.ndarray,
     *,
-    batch_size: int = 32,
+    batch_size: int | str = "auto",
 ) -> np.ndarray:
     """Class probabilities (len(rows), num_labels) from cached states: the head on the pooled features."""
     if len(rows) == 0:
@@ -316,21 +315,19 @@ def pooled_features(
     cache: ActivationCache,
     rows: list[int] | np.ndarray,
     *,
-    batch_size: int = 32,
+    batch_size: int | str = "auto",
 ) -> np.ndarray:
     """The head's input (len(rows), hidden) for cached rows: what a linear probe is fitted on.
     Length-sorted batches, results in `rows` order."""
     rows = np.asarray(rows)
     lengths = (cache.offsets[1:] - cache.offsets[:-1]).numpy()[rows]
-    order = np.argsort(lengths, kind="stable")[::-1]
     device = next(model.parameters()).device
     out: np.ndarray | None = None
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():  # mixed precision, if any, is the caller's autocast context
-            for begin in range(0, len(order), batch_size):
-                idx = order[begin : begin + batch_size]
+            for idx in length_batches(lengths, batch_size, device):
                 states, mask = cache.batch(rows[idx])
                 pooled = pooled_from_states(model, states.to(device), mask.to(device), cache.start)
                 if out is None:

@@ -42,7 +42,13 @@ class Classifier:
     """A fine-tuned text classifier: base model + LoRA adapter + head, with its label names."""
 
     def __init__(
-        self, model: Any, tokenizer: Any, labels: list[str], *, max_length: int = 512, batch_size: int = 32
+        self,
+        model: Any,
+        tokenizer: Any,
+        labels: list[str],
+        *,
+        max_length: int = 512,
+        batch_size: int | str = "auto",
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -87,7 +93,7 @@ class Classifier:
         )
 
     def predict_proba(
-        self, texts: list[str] | str, *, batch_size: int | None = None, progress: bool | None = False
+        self, texts: list[str] | str, *, batch_size: int | str | None = None, progress: bool | None = False
     ) -> np.ndarray:
         """Probabilities, shape (len(texts), len(labels)), in input order."""
         texts = [texts] if isinstance(texts, str) else list(texts)
@@ -103,7 +109,7 @@ class Classifier:
             progress=progress,
         )
 
-    def predict(self, texts: list[str] | str, *, batch_size: int | None = None) -> list[str]:
+    def predict(self, texts: list[str] | str, *, batch_size: int | str | None = None) -> list[str]:
         """Label names, in input order."""
         probs = self.predict_proba(texts, batch_size=batch_size)
         return [self.labels[i] for i in probs.argmax(axis=1)]

@@ -171,9 +171,45 @@ def _too_large(size: int, limit: int, at_least: bool = False) -> str:
     )
 
 
+MAX_JSON_DEPTH = 64
+"""A /classify body nests 2 levels; deeper ones are refused before parsing. The json module's own
+limit depends on the Python version (3.11 refused 2,000 levels, 3.12 parsed them)."""
+
+
+def too_deep(body: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
+    """True when the JSON text nests arrays/objects deeper than `limit` (brackets inside strings do not
+    count). Scans only bodies with more than `limit` brackets in all, so ordinary requests cost a count."""
+    if body.count(b"[") + body.count(b"{") <= limit:
+        return False
+    depth, in_string, escaped = 0, False, False
+    for byte in body:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # closing quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            if depth > limit:
+                return True
+        elif byte in (0x5D, 0x7D):  # ] }
+            depth -= 1
+    return False
+
+
 def parse_texts(body: bytes, options: ServeOptions) -> list[str]:
     """Validated texts of a /classify body, or an ApiError naming the problem."""
     example = 'Send {"texts": ["first text", "second text"]}.'
+    if too_deep(body):
+        raise ApiError(
+            400,
+            "invalid_json",
+            f"The body is not valid JSON for this API (nested over {MAX_JSON_DEPTH} levels). {example}",
+        )
     try:
         payload = json.loads(body)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError, bad UTF-8, absurd nesting

@@ -97,7 +97,7 @@ def training_arguments(
     epochs: float,
     lr: float,
     batch_size: int,
-    eval_batch_size: int,
+    eval_batch_size: int | str,
     weight_decay: float,
     seed: int,
     has_val: bool,
@@ -126,7 +126,9 @@ def training_arguments(
         num_train_epochs=epochs,
         learning_rate=lr,
         per_device_train_batch_size=batch_size,
-        per_device_eval_batch_size=eval_batch_size,
+        # The Trainer's validation pass takes a fixed count: `auto` (a token budget for our own
+        # length-sorted passes) is 32 there.
+        per_device_eval_batch_size=32 if eval_batch_size == "auto" else eval_batch_size,
         weight_decay=weight_decay,
         seed=seed,
         data_seed=seed,
