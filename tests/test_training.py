@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -56,3 +57,25 @@ def test_nan_loss_stops_training_with_a_message(tiny_model_dir, tmp_path):
     head.register_forward_hook(lambda module, inp, out: out * float("nan"))
     with pytest.raises(NonFiniteLossError, match="Training loss became nan at step 1"):
         trainer.train()
+
+
+@pytest.mark.parametrize("classes", [2, 3])
+def test_probe_head_reproduces_the_probe_on_raw_features_with_outlier_dimensions(tiny_model_dir, classes):
+    """The probe is fitted on standardised features; the head must carry the scale back (W / s)."""
+    from llmclf.training import init_head_from_probe, trainable_head
+
+    labels = [str(i) for i in range(classes)]
+    model = add_lora(
+        load_classifier(str(tiny_model_dir), labels).model, r=4, alpha=8, dropout=0.0, targets="auto", seed=0
+    )
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(classes), 40)
+    hidden = trainable_head(model).weight.shape[1]
+    features = rng.normal(size=(len(y), hidden)) + 1.5 * np.eye(classes, hidden)[y]  # separable-ish
+    features[:, :3] *= 80.0  # outlier dimensions, as decoders have, carrying no label signal
+    accuracy = init_head_from_probe(model, features.astype(np.float32), y.tolist(), None, seed=0)
+    head = trainable_head(model)
+    with torch.no_grad():
+        logits = head(torch.as_tensor(features, dtype=head.weight.dtype, device=head.weight.device))
+    assert accuracy > 0.8
+    assert float((logits.argmax(-1).cpu().numpy() == y).mean()) == pytest.approx(accuracy)

@@ -192,8 +192,9 @@ def build_trainer(
     return trainer
 
 
-PROBE_CS = [0.001, 0.01, 0.1, 1.0]
-"""Inverse regularisation strengths the linear probe chooses from by cross-validation."""
+PROBE_CS = [1e-4, 1e-3, 1e-2, 1e-1]
+"""Inverse regularisation strengths the probe's cross-validation chooses from (on standardised features;
+AG News with SmolLM2, 2,000 rows: 1e-3 chosen, 0.858 test accuracy)."""
 
 
 class TokenCollator:
@@ -245,24 +246,31 @@ def init_head_from_probe(
 
     y = np.asarray(label_ids)
     weight = None if class_weights is None else {i: w for i, w in enumerate(class_weights)}
+    # A decoder's hidden states have a few dimensions far larger than the rest (60x in SmolLM2's pooled
+    # features): unscaled, L-BFGS crawls. The probe is fitted on features divided by their standard
+    # deviation, and the scale is folded back into the head (W x = (W / s)(s x)), so no bias is needed.
+    # On AG News (2,000 rows) that fitted 4.6x faster at the same test accuracy (0.858 vs 0.855).
+    scale = features.std(axis=0).astype(np.float64) + 1e-6  # (hidden,)
+    scaled = features / scale
     # The features are nearly separable on small data, so the regularisation decides how well the head
-    # generalises: choose it by cross-validation (C=1 lost 2 points of test accuracy to C=0.01 in a
-    # trial on AG News), falling back to C=0.01 when a class has too few rows to fold.
+    # generalises: choose it by cross-validation, falling back to C=1e-3 when a class has too few rows
+    # to fold.
     folds = min(5, int(np.bincount(y).min()))
     if folds >= 2:
         probe = LogisticRegressionCV(
             Cs=PROBE_CS, cv=folds, max_iter=2000, fit_intercept=False, class_weight=weight, random_state=seed
         )
     else:
-        probe = LogisticRegression(C=0.01, max_iter=2000, fit_intercept=False, class_weight=weight)
-    probe.fit(features, y)
+        probe = LogisticRegression(C=1e-3, max_iter=2000, fit_intercept=False, class_weight=weight)
+    probe.fit(scaled, y)
     head = trainable_head(model)
     num_labels, hidden = head.weight.shape
     coef = np.zeros((num_labels, hidden))
-    if probe.coef_.shape[0] == 1:  # binary: sklearn keeps one vector w for p(class 1) = sigmoid(w.x)
-        coef[probe.classes_[0]], coef[probe.classes_[1]] = -probe.coef_[0] / 2, probe.coef_[0] / 2
+    unscaled = probe.coef_ / scale  # (classes or 1, hidden): weights on the raw features
+    if unscaled.shape[0] == 1:  # binary: sklearn keeps one vector w for p(class 1) = sigmoid(w.x)
+        coef[probe.classes_[0]], coef[probe.classes_[1]] = -unscaled[0] / 2, unscaled[0] / 2
     else:
-        coef[probe.classes_] = probe.coef_
+        coef[probe.classes_] = unscaled
     with torch.no_grad():
         head.weight.copy_(torch.as_tensor(coef, dtype=head.weight.dtype))
-    return float(probe.score(features, y))
+    return float(probe.score(scaled, y))
