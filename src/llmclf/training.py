@@ -18,7 +18,7 @@ from transformers import (
 )
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from llmclf import distributed
+from llmclf import distributed, fsdp
 from llmclf.checkpoints import AtomicCheckpoints, SaveEverySteps
 from llmclf.errors import LlmclfError
 from llmclf.progress import PlainProgressCallback, report_to_list
@@ -263,6 +263,5 @@ def init_head_from_probe(
         coef[probe.classes_[0]], coef[probe.classes_[1]] = -probe.coef_[0] / 2, probe.coef_[0] / 2
     else:
         coef[probe.classes_] = probe.coef_
-    with torch.no_grad():
-        head.weight.copy_(torch.as_tensor(coef, dtype=head.weight.dtype))
+    fsdp.assign(head.weight, torch.as_tensor(coef))  # under FSDP the weight is a shard
     return float(probe.score(features, y))
