@@ -50,6 +50,7 @@ def test_fsdp_1_is_refused_with_the_setting_to_change(
     err = capsys.readouterr().err
     assert "FSDP2 only" in err and "fsdp_version: 2" in err
     assert "Traceback" not in err
+    assert not (tmp_path / "r").exists()  # refused before anything was written
 
 
 @pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes")

@@ -53,6 +53,9 @@ def _state() -> Any:
 
 def setup() -> None:
     """Join the process group now when launched, so barriers work before the Trainer exists."""
+    from llmclf import fsdp as fsdp_support  # (it imports this module)
+
+    fsdp_support.check_launch()
     if launched():
         _state()
 

@@ -40,18 +40,22 @@ def requested() -> bool:
     return distributed.fsdp()
 
 
-def check_supported(mode: str, quantized: bool, say: Callable[..., None]) -> bool:
-    """Stop before loading the model when FSDP is asked in a form llmclf does not run; returns whether
-    to quantise (`--quantize auto` picks full precision under FSDP, where 4-bit is not supported)."""
-    if not requested():
-        return quantized
+def check_launch() -> None:
+    """Stop at the start of a run launched with an FSDP version llmclf does not run (before any writing)."""
     version = os.environ.get("FSDP_VERSION", "1")
-    if version != "2":
+    if requested() and version != "2":
         raise LlmclfError(
             f"llmclf train runs FSDP2 only, but this launch asks for FSDP version {version} (FSDP_VERSION; "
             "accelerate's default is 1). Set `fsdp_version: 2` in the accelerate config file "
             f"(or pass --fsdp_version 2 to accelerate launch). {GUIDE}"
         )
+
+
+def check_supported(mode: str, quantized: bool, say: Callable[..., None]) -> bool:
+    """Whether to quantise under FSDP: `--quantize auto` picks full precision there, `4bit` is refused
+    (llmclf does not shard 4-bit models). Without FSDP, `quantized` unchanged."""
+    if not requested():
+        return quantized
     if quantized and mode == "auto":
         say("note: FSDP: the model is loaded in full precision (llmclf does not shard 4-bit models)")
         return False

@@ -254,7 +254,7 @@ def run_training(
             if cached and cache is not None:
                 probs = predict_proba_cached(model, cache, rows["test"], batch_size=tc.eval_batch_size)
                 return compute_metrics(y, probs.argmax(axis=1), labels), probs
-            if trainer is not None:  # FSDP: through trainer.predict, every test row once
+            if fsdp.requested():  # through trainer.predict on the sharded model, every test row once
                 return fsdp.evaluate(trainer, ids, y, labels)
             # Sharded across processes when launched; every test row is scored exactly once.
             return distributed.evaluate(
@@ -288,7 +288,7 @@ def run_training(
         with hardware.autocast(precision):
             if cache is not None:
                 features = pooled_features(model, cache, rows["train"], batch_size=tc.eval_batch_size)
-            elif trainer is not None:
+            elif fsdp.requested():
                 features = fsdp.head_inputs(trainer, train_ids)
             else:
                 features = head_inputs(model, tokenizer, train_ids, batch_size=tc.eval_batch_size)
