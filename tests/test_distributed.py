@@ -1,4 +1,5 @@
-"""Multi-process training: the real `llmclf train` under torchrun, 2 CPU processes (gloo), tiny model.
+"""Multi-process training: the real `llmclf train` under torchrun (DDP) and `accelerate launch` (FSDP), 2 CPU
+processes (gloo), tiny model.
 
 Also the shard/gather bookkeeping that makes sharded evaluation score every test row exactly once.
 """
@@ -82,18 +83,23 @@ def test_reassemble_refuses_missing_or_duplicated_rows():
         reassemble([(np.array([0, 1]), rows), (np.array([1, 2]), rows)], 4, 2)
 
 
-# ------------------------------------------------------------------------------- torchrun end to end
-def test_torchrun_two_cpu_processes(tmp_path, tiny_model_dir, small_csv):
-    out = tmp_path / "ddp-run"
-    hooks = tmp_path / "hooks"
+# ------------------------------------------------------------------------------ launched end to end
+SRC = Path(__file__).resolve().parents[1] / "src"
+FSDP_CPU_CONFIG = Path(__file__).resolve().parents[1] / "examples" / "accelerate" / "fsdp_cpu.yaml"
+
+
+def launch(tmp_path: Path, launcher: list[str], data: Path, model: Path, name: str) -> dict:
+    """Run `llmclf train` on the tiny model under `launcher` (2 CPU processes), the non-zero ranks
+    watched for writes into the run folder. Returns the run folder, the result and per-rank logs."""
+    out = tmp_path / name
+    hooks = tmp_path / f"{name}-hooks"
     hooks.mkdir()
     (hooks / "sitecustomize.py").write_text(WATCH, encoding="utf-8")
-    writes = tmp_path / "rank-writes"
-    logs = tmp_path / "logs"
-    src = Path(__file__).resolve().parents[1] / "src"
+    writes = tmp_path / f"{name}-rank-writes"
+    logs = tmp_path / f"{name}-logs"
     env = {
         **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(hooks), str(src), os.environ.get("PYTHONPATH", "")]),
+        "PYTHONPATH": os.pathsep.join([str(hooks), str(SRC), os.environ.get("PYTHONPATH", "")]),
         "LLMCLF_TEST_WATCH": str(out),
         "LLMCLF_TEST_WRITES": str(writes),
         "HF_HUB_OFFLINE": "1",
@@ -101,24 +107,22 @@ def test_torchrun_two_cpu_processes(tmp_path, tiny_model_dir, small_csv):
         "OMP_NUM_THREADS": "1",
         "CUDA_VISIBLE_DEVICES": "",  # gloo on CPU even where a GPU exists
     }
+    # Per-rank stdout/stderr files under `logs` (torchrun redirects; accelerate launch only tees).
+    torchrun = "torch.distributed.run" in launcher
+    per_rank_logs = (
+        ["--log-dir", str(logs), "--redirects", "3"] if torchrun else ["--log_dir", str(logs), "--tee", "3"]
+    )
     cmd = [
         sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-        "--log-dir",
-        str(logs),
-        "--redirects",
-        "3",
+        *launcher,
+        *per_rank_logs,
         "-m",
         "llmclf",
         "train",
         "--data",
-        str(small_csv),
+        str(data),
         "--model",
-        str(tiny_model_dir),
+        str(model),
         "--output",
         str(out),
         *TRAIN_ARGS,
@@ -127,20 +131,28 @@ def test_torchrun_two_cpu_processes(tmp_path, tiny_model_dir, small_csv):
     stdout = {int(p.parent.name): p.read_text() for p in logs.rglob("stdout.log")}
     stderr = {int(p.parent.name): p.read_text() for p in logs.rglob("stderr.log")}
     assert done.returncode == 0, (done.stderr[-3000:], stderr)
+    # Every process loads the best epoch at the end (it scores its share of the test rows with it): none may
+    # miss it (they used to look for it in the staging folder, already renamed by rank 0).
+    assert not any("Could not locate the best model" in text for text in stderr.values()), stderr
+    log = writes.with_name(writes.name + ".1")
+    rank1_writes = log.read_text().splitlines() if log.exists() else []
+    return {"out": out, "stdout": stdout, "rank1_writes": rank1_writes}
 
-    # The run folder is complete and holds no leftovers (checkpoints removed by rank 0).
+
+def check_run(out: Path, small_csv: Path) -> tuple[dict, dict, np.ndarray]:
+    """What every launched run must satisfy: a complete run folder like a single-process run's, every test
+    row exactly once in order, and a classifier that loads and reproduces the saved probabilities."""
     for name in ("config.yaml", "labels.json", "run_info.json", "metrics.json", "data_summary.json"):
         assert (out / name).is_file(), name
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     assert (out / "tokenizer" / "tokenizer.json").is_file()
-    assert not (out / "checkpoints").exists()
+    assert not (out / "checkpoints").exists()  # removed by rank 0 at the end
     info = json.loads((out / "run_info.json").read_text())
     assert info["world_size"] == 2
     # Data sharded: 80 training rows, 8 per process per step, 2 processes -> 5 steps/epoch, 2 epochs.
     assert max(entry.get("step", 0) for entry in info["log_history"]) == 10
     assert sum("eval_balanced_accuracy" in entry for entry in info["log_history"]) == 2  # best epoch kept
 
-    # Every test row exactly once, in the order a single process uses.
     expected = load_splits(
         str(small_csv), "text", "label", train_per_class=20, val_per_class=5, test_per_class=10, seed=7
     ).test
@@ -164,16 +176,60 @@ def test_torchrun_two_cpu_processes(tmp_path, tiny_model_dir, small_csv):
     clf = Classifier.load(out)
     again = clf.predict_proba(predictions["text"].tolist())
     np.testing.assert_allclose(again, probs, atol=1e-5)
+    return info, metrics, probs
 
-    # Only rank 0 wrote the run folder and printed the report.
-    # (Rank 1 does write the Trainer's own rng_state_1.pth into checkpoints/, removed at the end.)
-    log = writes.with_name(writes.name + ".1")
-    recorded = log.read_text().splitlines() if log.exists() else []
+
+def check_only_rank0_wrote(run: dict) -> None:
+    """Only rank 0 wrote the run folder and printed the report. (The other ranks do write the Trainer's
+    checkpoint parts into checkpoints/: their RNG state, under FSDP their shards; removed at the end.)"""
+    recorded = run["rank1_writes"]
     assert any(f"{os.sep}checkpoints" in line for line in recorded)  # the watcher saw rank 1's Trainer
     assert [line for line in recorded if f"{os.sep}checkpoints" not in line] == []
+    stdout = run["stdout"]
     assert "Run folder:" in stdout[0] and "Confusion matrix" in stdout[0]
     assert (
         "Run folder:" not in stdout[1]
         and "Test metrics" not in stdout[1]
         and "Class balance" not in stdout[1]
     )
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory, tiny_model_dir, small_csv) -> dict:
+    """`llmclf train` under torchrun, 2 CPU processes (DDP over gloo)."""
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    return launch(tmp_path_factory.mktemp("ddp"), launcher, small_csv, tiny_model_dir, "ddp-run")
+
+
+def test_torchrun_two_cpu_processes(ddp_run, small_csv):
+    info, _, _ = check_run(ddp_run["out"], small_csv)
+    assert info["fsdp"] is False
+    check_only_rank0_wrote(ddp_run)
+
+
+def test_fsdp_two_cpu_processes_match_ddp(tmp_path, tiny_model_dir, small_csv, ddp_run):
+    """FSDP2 under `accelerate launch` with examples/accelerate/fsdp_cpu.yaml: the model sharded across
+    2 CPU processes, llmclf's evaluation and probe through the Trainer, the adapter gathered to rank 0."""
+    launcher = ["-m", "accelerate.commands.launch", "--config_file", str(FSDP_CPU_CONFIG)]
+    run = launch(tmp_path, launcher, small_csv, tiny_model_dir, "fsdp-run")
+    info, metrics, probs = check_run(run["out"], small_csv)
+    assert info["fsdp"] is True
+    check_only_rank0_wrote(run)
+
+    # Same data, seed and batches as the DDP run: FSDP must train the same model, to float rounding.
+    ddp_info = json.loads((ddp_run["out"] / "run_info.json").read_text())
+    ddp_metrics = json.loads((ddp_run["out"] / "metrics.json").read_text())
+    assert metrics["before"] == ddp_metrics["before"]  # the same random head, scored on the same rows
+    assert info["probe"] == ddp_info["probe"]  # the head's inputs read through the sharded model
+
+    def losses(entries):
+        return [
+            (e["step"], e.get("loss", e.get("eval_loss"))) for e in entries if "loss" in e or "eval_loss" in e
+        ]
+
+    ours, theirs = losses(info["log_history"]), losses(ddp_info["log_history"])
+    assert [step for step, _ in ours] == [step for step, _ in theirs]
+    np.testing.assert_allclose([v for _, v in ours], [v for _, v in theirs], rtol=1e-4)
+    ddp_probs = pd.read_csv(ddp_run["out"] / "predictions_test.csv")
+    labels = json.loads((run["out"] / "labels.json").read_text())
+    np.testing.assert_allclose(probs, ddp_probs[[f"prob_{label}" for label in labels]].to_numpy(), atol=1e-4)

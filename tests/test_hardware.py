@@ -89,15 +89,6 @@ def test_quantize_auto_is_4bit_on_cuda_with_bitsandbytes(monkeypatch, cuda, inst
     assert modeling.resolve_quantize("auto") is expected
 
 
-def test_fsdp_launch_is_refused_with_the_way_out(monkeypatch, tmp_path, tiny_model_dir, small_csv, capsys):
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` sets with an FSDP config
-    out = tmp_path / "fsdp"
-    assert train_tiny(small_csv, tiny_model_dir, out) == 2
-    err = capsys.readouterr().err
-    assert "does not support FSDP" in err and "examples/accelerate/ddp.yaml" in err
-    assert not out.exists()  # refused before anything was written
-
-
 def test_flags_reach_the_config():
     args = build_parser().parse_args(
         ["train", "--precision", "bf16", "--attn-implementation", "eager", "--gradient-checkpointing"]

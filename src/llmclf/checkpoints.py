@@ -27,7 +27,7 @@ from typing import Any
 from transformers import TrainerCallback
 from transformers.trainer_utils import rotate_checkpoints
 
-from llmclf import artifacts
+from llmclf import artifacts, distributed
 from llmclf.errors import LlmclfError
 
 MANIFEST = "llmclf_manifest.json"
@@ -182,23 +182,28 @@ class AtomicCheckpoints:
         if writer:
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
+        # Every process writes into the staging folder (its RNG state; under FSDP its weight shards): not
+        # before it is cleared, and all done before it gets a manifest and is renamed.
+        distributed.barrier()
         limit = self.args.save_total_limit  # type: ignore[attr-defined]
         self._staging_root = str(staging)
         try:
             super()._save_checkpoint(model, trial)  # type: ignore[misc]
         finally:
             self._staging_root = None
-        if not writer:
-            return
+        distributed.barrier()
         state = self.state  # type: ignore[attr-defined]
-        name = f"checkpoint-{state.global_step}"
-        written, final = staging / name, root / name
         # The Trainer pointed best_model_checkpoint at the staging folder (or left an older value): point it
-        # where the checkpoints will be after the rename, and save the state again with that path.
+        # where the checkpoints will be after the rename, on every process (each loads the best model at
+        # the end), and save the state again with that path.
         if state.best_global_step:
             best = root / f"checkpoint-{state.best_global_step}"
             if state.best_global_step == state.global_step or best.is_dir():
                 state.best_model_checkpoint = str(best)
+        if not writer:
+            return
+        name = f"checkpoint-{state.global_step}"
+        written, final = staging / name, root / name
         state.save_to_json(str(written / "trainer_state.json"))
         write_manifest(written, self.fingerprint_sha)
         if final.exists():  # an incomplete leftover of the same step from an interrupted run

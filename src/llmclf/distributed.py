@@ -2,7 +2,8 @@
 
 The Hugging Face Trainer already shards the training data and averages gradients (DDP) or shards the
 model (FSDP) once the launcher's environment variables are set. What llmclf does around the Trainer
-must be made multi-process here:
+must be made multi-process here (under FSDP, where no process holds the whole model, fsdp.py runs the
+evaluation, the probe and the saving through the Trainer instead):
 
 - the model source is resolved (GGUF conversion, hub download) by the main process first, the others
   wait and then find it cached;
@@ -52,14 +53,9 @@ def _state() -> Any:
 
 def setup() -> None:
     """Join the process group now when launched, so barriers work before the Trainer exists."""
-    if fsdp():
-        # llmclf's own steps around the Trainer (evaluation before and after, saving the adapter from
-        # rank 0) assume every process holds the whole model, which FSDP breaks: refuse, not hang.
-        raise LlmclfError(
-            "llmclf train does not support FSDP yet (its test evaluation and saving run outside the Trainer "
-            "on whole-model copies). Launch with DDP instead (examples/accelerate/ddp.yaml, or torchrun); "
-            "with --quantize 4bit an 8B model fits on each GPU. See README, 'Multi-GPU and multi-node'."
-        )
+    from llmclf import fsdp as fsdp_support  # (it imports this module)
+
+    fsdp_support.check_launch()
     if launched():
         _state()
 

@@ -288,8 +288,8 @@ def load_classifier(
             use_gradient_checkpointing=gradient_checkpointing and for_training,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
-    if not quantize and torch.cuda.is_available():
-        model = model.to(distributed.cuda_device())
+    if not quantize and torch.cuda.is_available() and not distributed.fsdp():
+        model = model.to(distributed.cuda_device())  # (under FSDP the Trainer moves each shard to its GPU)
     return LoadedModel(model, tokenizer, quantize)
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from llmclf import __version__, artifacts, checkpoints, distributed, hardware, progress, reporting
+from llmclf import __version__, artifacts, checkpoints, distributed, fsdp, hardware, progress, reporting
 from llmclf.config import RunConfig
 from llmclf.data import Splits, class_weights, load_splits, to_dataset, tokenize_texts
 from llmclf.errors import LlmclfError
@@ -30,7 +30,7 @@ from llmclf.layer_cache import (
 )
 from llmclf.modeling import add_lora, cache_dir, load_classifier, resolve_model_source, resolve_quantize
 from llmclf.report import build_report
-from llmclf.training import build_trainer, init_head_from_probe, training_arguments
+from llmclf.training import WeightedLossTrainer, build_trainer, init_head_from_probe, training_arguments
 
 SPLITS = ("train", "val", "test")
 CACHE_DTYPE = torch.bfloat16
@@ -133,6 +133,7 @@ def run_training(
     with distributed.main_process_first():  # download / GGUF conversion once, the others reuse it
         source = resolve_model_source(mc.name, quiet=quiet)
     quantized = resolve_quantize(mc.quantize)
+    quantized = fsdp.check_supported(mc.quantize, quantized, say)
     precision = hardware.resolve_precision(mc.precision)
     attn = hardware.resolve_attn_implementation(mc.attn_implementation, precision)
     fingerprint = checkpoints.run_fingerprint(config, splits, source, quantized)
@@ -182,7 +183,8 @@ def run_training(
         rows[name] = list(range(first, first + len(encoded[name][0])))
         first += len(rows[name])
     use_cache = top_layers is not None and tc.activation_cache != "off"
-    if use_cache and distributed.world_size() > 1:  # a cached forward would bypass DDP's gradient sync
+    # A cached forward would bypass DDP's gradient sync, and FSDP's gathering of the sharded weights.
+    if use_cache and (distributed.world_size() > 1 or fsdp.requested()):
         say("note: the activation cache runs in one process; under a launcher every step runs the model")
         use_cache = False
     if use_cache:
@@ -207,12 +209,53 @@ def run_training(
             f"{len(cache)} texts ({cache.nbytes / 2**20:.0f} MiB, {timings['cache']:.0f} s)"
         )
 
+    def make_trainer() -> WeightedLossTrainer:
+        train_ds = to_dataset(*encoded["train"], rows=rows["train"])
+        val_ds = to_dataset(*encoded["val"], rows=rows["val"]) if encoded["val"][0] else None
+        args = training_arguments(
+            str(out / artifacts.CHECKPOINTS),
+            epochs=tc.epochs,
+            lr=tc.lr,
+            batch_size=tc.batch_size,
+            eval_batch_size=tc.eval_batch_size,
+            weight_decay=tc.weight_decay,
+            seed=tc.seed,
+            has_val=val_ds is not None,
+            n_train=len(train_ds),
+            report_to=tc.report_to,
+            precision=precision,
+            gradient_checkpointing=tc.gradient_checkpointing,
+            quiet=quiet,
+            lr_scheduler=tc.lr_scheduler,
+            warmup_ratio=tc.warmup_ratio,
+        )
+        trainer = build_trainer(
+            model,
+            tokenizer,
+            train_ds,
+            val_ds,
+            args,
+            weights,
+            quiet=quiet,
+            cache=cache,
+            save_steps=tc.save_steps,
+        )
+        progress.send_tensorboard_to(trainer, str(out / progress.TENSORBOARD_DIR))
+        trainer.fingerprint_sha = checkpoints.fingerprint_sha(fingerprint)
+        fsdp.adopt(trainer)  # under FSDP: the Trainer shards the model (also on CPU processes)
+        return trainer
+
+    # Under FSDP the Trainer holds the sharded model: every forward pass below goes through it.
+    trainer = make_trainer() if fsdp.requested() else None
+
     def test_eval(desc: str, cached: bool) -> tuple[dict, np.ndarray]:
         ids, y = encoded["test"]
         with hardware.autocast(precision):
             if cached and cache is not None:
                 probs = predict_proba_cached(model, cache, rows["test"], batch_size=tc.eval_batch_size)
                 return compute_metrics(y, probs.argmax(axis=1), labels), probs
+            if fsdp.requested():  # through trainer.predict on the sharded model, every test row once
+                return fsdp.evaluate(trainer, ids, y, labels)
             # Sharded across processes when launched; every test row is scored exactly once.
             return distributed.evaluate(
                 model,
@@ -245,6 +288,8 @@ def run_training(
         with hardware.autocast(precision):
             if cache is not None:
                 features = pooled_features(model, cache, rows["train"], batch_size=tc.eval_batch_size)
+            elif fsdp.requested():
+                features = fsdp.head_inputs(trainer, train_ids)
             else:
                 features = head_inputs(model, tokenizer, train_ids, batch_size=tc.eval_batch_size)
         probe = {"train_accuracy": init_head_from_probe(model, features, train_y, weights, tc.seed)}
@@ -257,30 +302,8 @@ def run_training(
 
     # 4. Train.
     tick = time.perf_counter()
-    train_ds = to_dataset(*encoded["train"], rows=rows["train"])
-    val_ds = to_dataset(*encoded["val"], rows=rows["val"]) if encoded["val"][0] else None
-    args = training_arguments(
-        str(out / artifacts.CHECKPOINTS),
-        epochs=tc.epochs,
-        lr=tc.lr,
-        batch_size=tc.batch_size,
-        eval_batch_size=tc.eval_batch_size,
-        weight_decay=tc.weight_decay,
-        seed=tc.seed,
-        has_val=val_ds is not None,
-        n_train=len(train_ds),
-        report_to=tc.report_to,
-        precision=precision,
-        gradient_checkpointing=tc.gradient_checkpointing,
-        quiet=quiet,
-        lr_scheduler=tc.lr_scheduler,
-        warmup_ratio=tc.warmup_ratio,
-    )
-    trainer = build_trainer(
-        model, tokenizer, train_ds, val_ds, args, weights, quiet=quiet, cache=cache, save_steps=tc.save_steps
-    )
-    progress.send_tensorboard_to(trainer, str(out / progress.TENSORBOARD_DIR))
-    trainer.fingerprint_sha = checkpoints.fingerprint_sha(fingerprint)
+    if trainer is None:
+        trainer = make_trainer()
     if start.checkpoint:
         say(f"Resuming from {start.checkpoint}")
     train_output = trainer.train(resume_from_checkpoint=start.checkpoint)
@@ -292,11 +315,13 @@ def run_training(
     # The whole model, as `Classifier` runs it: the reported metrics are those of the saved classifier.
     after, probs = test_eval("evaluating after training", cached=False)
     timings["eval_after"] = time.perf_counter() - tick
+    # FSDP: the trained weights are shards; gather them in full (collective, so every process calls it).
+    state = fsdp.trainable_state_dict(model) if fsdp.requested() else None
     if not main:  # the main process writes the run folder; the others wait for it in shutdown()
         return RunResult(out, {"before": before, "after": after}, time.perf_counter() - started)
 
     # 6. Save everything needed to reuse the classifier.
-    model.save_pretrained(str(out / artifacts.ADAPTER))  # adapter + head (modules_to_save), safetensors
+    model.save_pretrained(str(out / artifacts.ADAPTER), state_dict=state)  # adapter + head, safetensors
     tokenizer.save_pretrained(str(out / artifacts.TOKENIZER))
     config.save(out / artifacts.CONFIG)
     artifacts.write_json(out / artifacts.LABELS, labels)
@@ -309,6 +334,7 @@ def run_training(
             "precision": precision,
             "attn_implementation": attn,
             "world_size": distributed.world_size(),
+            "fsdp": fsdp.requested(),
             "llmclf_version": __version__,
             "torch_version": torch.__version__,
             "train_runtime_s": train_output.metrics.get("train_runtime"),

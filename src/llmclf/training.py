@@ -18,7 +18,7 @@ from transformers import (
 )
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from llmclf import distributed
+from llmclf import distributed, fsdp
 from llmclf.checkpoints import AtomicCheckpoints, SaveEverySteps
 from llmclf.errors import LlmclfError
 from llmclf.progress import PlainProgressCallback, report_to_list
@@ -271,6 +271,5 @@ def init_head_from_probe(
         coef[probe.classes_[0]], coef[probe.classes_[1]] = -unscaled[0] / 2, unscaled[0] / 2
     else:
         coef[probe.classes_] = unscaled
-    with torch.no_grad():
-        head.weight.copy_(torch.as_tensor(coef, dtype=head.weight.dtype))
+    fsdp.assign(head.weight, torch.as_tensor(coef))  # under FSDP the weight is a shard
     return float(probe.score(scaled, y))
