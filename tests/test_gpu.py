@@ -24,6 +24,8 @@ from llmclf.modeling import add_lora, load_classifier
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 bnb = pytest.importorskip("bitsandbytes") if torch.cuda.is_available() else None
 
+# conftest's TRAIN_ARGS pin the CPU behaviour (no 4-bit, fp32); these tests check the GPU defaults.
+GPU_DEFAULTS = ("--quantize", "auto", "--precision", "auto")
 TEXTS = ["the market fell sharply today", "a new phone", "the team won the cup final at home", "rain"]
 
 
@@ -45,7 +47,7 @@ def test_default_run_on_cuda_is_qlora_in_bf16_and_reloads_to_the_same_probabilit
     tmp_path, tiny_model_dir, small_csv
 ):
     out = tmp_path / "run"
-    assert train_tiny(small_csv, tiny_model_dir, out) == 0
+    assert train_tiny(small_csv, tiny_model_dir, out, *GPU_DEFAULTS) == 0
     info = run_info(out)
     assert info["quantized"] is True  # --quantize auto: 4-bit NF4 on CUDA with bitsandbytes
     assert info["precision"] == "bf16" if torch.cuda.is_bf16_supported() else "fp16"
@@ -67,7 +69,8 @@ def test_default_run_on_cuda_is_qlora_in_bf16_and_reloads_to_the_same_probabilit
 
 def test_evaluate_command_reproduces_the_metrics_on_cuda(tmp_path, tiny_model_dir, small_csv):
     out = tmp_path / "run"
-    assert train_tiny(small_csv, tiny_model_dir, out) == 0
+    assert train_tiny(small_csv, tiny_model_dir, out, *GPU_DEFAULTS) == 0
+    assert run_info(out)["quantized"] is True
     preds, _ = saved_probs(out)
     test_csv = tmp_path / "test.csv"
     preds[["text", "label"]].to_csv(test_csv, index=False)
@@ -81,7 +84,9 @@ def test_evaluate_command_reproduces_the_metrics_on_cuda(tmp_path, tiny_model_di
 
 def test_gradient_checkpointing_with_4bit_and_every_layer_adapted(tmp_path, tiny_model_dir, small_csv):
     out = tmp_path / "run"
-    code = train_tiny(small_csv, tiny_model_dir, out, "--gradient-checkpointing", "--lora-layers", "all")
+    code = train_tiny(
+        small_csv, tiny_model_dir, out, *GPU_DEFAULTS, "--gradient-checkpointing", "--lora-layers", "all"
+    )
     assert code == 0
     info = run_info(out)
     assert info["quantized"] is True and info["activation_cache"] is None  # every layer trains: no cache

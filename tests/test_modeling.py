@@ -1,3 +1,5 @@
+import shutil
+
 import pytest
 import torch
 
@@ -95,9 +97,13 @@ def test_model_source_errors(tmp_path, monkeypatch):
 
 
 def _http_error(cls, status):
-    import httpx2
+    # huggingface_hub 2 speaks httpx2, 1.x httpx: build the response with the one it uses.
+    try:
+        import httpx2 as httpx
+    except ImportError:
+        import httpx
 
-    response = httpx2.Response(status, request=httpx2.Request("GET", "https://huggingface.co/x"))
+    response = httpx.Response(status, request=httpx.Request("GET", "https://huggingface.co/x"))
     return cls("denied", response=response)
 
 
@@ -131,3 +137,28 @@ def test_pickle_only_model_is_refused(tmp_path, tiny_model_dir):
     torch.save(model.state_dict(), pickled / "pytorch_model.bin")
     with pytest.raises(LlmclfError, match="safetensors"):
         load_classifier(str(pickled), LABELS)
+
+
+def test_a_4bit_model_loads_for_inference_with_the_dtypes_it_was_trained_in(tiny_model_dir, tmp_path):
+    """prepare_model_for_kbit_training upcasts the weights left in full precision (norms, embeddings,
+    head) to fp32 for training; the inference load must do the same, or a reloaded run computes
+    differently from the model that wrote the training's predictions (3e-3 apart in bf16 on an H200)."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM
+
+    bf16_dir = tmp_path / "bf16"  # a checkpoint stored in bf16, as hub models are
+    AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.bfloat16).save_pretrained(
+        str(bf16_dir)
+    )
+    for path in tiny_model_dir.glob("*token*"):
+        shutil.copy(path, bf16_dir / path.name)
+
+    def dtypes(for_training):
+        loaded = load_classifier(
+            str(bf16_dir), LABELS, quantize=True, precision="bf16", for_training=for_training
+        )
+        return {n: p.dtype for n, p in loaded.model.named_parameters() if p.dtype != torch.uint8}
+
+    training, inference = dtypes(True), dtypes(False)
+    assert training and set(training.values()) == {torch.float32}  # norms, embeddings, head upcast
+    assert inference == training

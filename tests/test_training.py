@@ -46,7 +46,7 @@ def test_weighted_loss_matches_the_weighted_mean_of_cross_entropies(tiny_model_d
     assert loss.item() == pytest.approx((w * per_example).sum().item() / w.sum().item(), rel=1e-5)
     unweighted, _, _ = make_trainer(tiny_model_dir, tmp_path, None)
     with torch.no_grad():
-        plain = unweighted.compute_loss(model, {**batch, "labels": labels.clone()})
+        plain = unweighted.compute_loss(model, {**batch, "labels": labels.to(batch["input_ids"].device)})
     assert plain.item() == pytest.approx(per_example.mean().item(), rel=1e-5)
     assert abs(plain.item() - loss.item()) > 1e-4  # the weights really change the loss
 
