@@ -96,6 +96,13 @@ def test_flags_reach_the_config():
     config = build_config(train_overrides(args))
     assert config.model.precision == "bf16" and config.model.attn_implementation == "eager"
     assert config.train.gradient_checkpointing is True
+    for flag in ("bf16", "fp16"):  # the Trainer's spellings set the same field
+        assert (
+            build_config(train_overrides(build_parser().parse_args(["train", f"--{flag}"]))).model.precision
+            == flag
+        )
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--bf16", "--fp16"])
     defaults = build_config({})
     assert defaults.model.precision == "auto" and defaults.model.attn_implementation == "auto"
     assert defaults.train.gradient_checkpointing is False

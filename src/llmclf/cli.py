@@ -173,6 +173,17 @@ def _add_train(sub: Any, common: argparse.ArgumentParser) -> None:
         p.add_argument(
             flag, dest=_dest(section, name), action="store_const", const=True, default=None, help=text
         )
+    # The Trainer's own spellings, as shortcuts: they set the same field as --precision.
+    precision = p.add_mutually_exclusive_group()
+    for flag in ("bf16", "fp16"):
+        precision.add_argument(
+            f"--{flag}",
+            dest=_dest("model", "precision"),
+            action="store_const",
+            const=flag,
+            default=None,
+            help=f"same as --precision {flag}",
+        )
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.add_argument(
         "--resume",
