@@ -26,6 +26,10 @@ from llmclf.errors import LlmclfError
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def train_command(data: Path, model: Path, out: Path) -> list[str]:
+    return ["train", "--data", str(data), "--model", str(model), "--output", str(out)]
+
+
 @pytest.fixture
 def fsdp_env(monkeypatch):
     """The variables `accelerate launch` gives its workers with examples/accelerate/fsdp.yaml."""
@@ -37,15 +41,7 @@ def test_fsdp_1_is_refused_with_the_setting_to_change(
     fsdp_env, monkeypatch, tmp_path, tiny_model_dir, small_csv, capsys
 ):
     monkeypatch.setenv("FSDP_VERSION", "1")
-    args = [
-        "train",
-        "--data",
-        str(small_csv),
-        "--model",
-        str(tiny_model_dir),
-        "--output",
-        str(tmp_path / "r"),
-    ]
+    args = train_command(small_csv, tiny_model_dir, tmp_path / "r")
     assert main([*args, *TRAIN_ARGS]) == 2
     err = capsys.readouterr().err
     assert "FSDP2 only" in err and "fsdp_version: 2" in err
@@ -55,15 +51,7 @@ def test_fsdp_1_is_refused_with_the_setting_to_change(
 
 @pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes")
 def test_fsdp_with_4bit_is_refused(fsdp_env, tmp_path, tiny_model_dir, small_csv, capsys):
-    args = [
-        "train",
-        "--data",
-        str(small_csv),
-        "--model",
-        str(tiny_model_dir),
-        "--output",
-        str(tmp_path / "r"),
-    ]
+    args = train_command(small_csv, tiny_model_dir, tmp_path / "r")
     assert main([*args, *TRAIN_ARGS, "--quantize", "4bit"]) == 2
     err = capsys.readouterr().err
     assert "FSDP with a 4-bit model" in err and "--quantize none" in err and "ddp.yaml" in err
