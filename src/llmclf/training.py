@@ -21,6 +21,7 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 from llmclf import distributed, fsdp
 from llmclf.checkpoints import AtomicCheckpoints, SaveEverySteps
 from llmclf.errors import LlmclfError
+from llmclf.evaluation import CPU_BATCH
 from llmclf.progress import PlainProgressCallback, report_to_list
 
 
@@ -127,8 +128,8 @@ def training_arguments(
         learning_rate=lr,
         per_device_train_batch_size=batch_size,
         # The Trainer's validation pass takes a fixed count: `auto` (a token budget for our own
-        # length-sorted passes) is 32 there.
-        per_device_eval_batch_size=32 if eval_batch_size == "auto" else eval_batch_size,
+        # length-sorted passes) is the CPU count there.
+        per_device_eval_batch_size=CPU_BATCH if eval_batch_size == "auto" else eval_batch_size,
         weight_decay=weight_decay,
         seed=seed,
         data_seed=seed,
