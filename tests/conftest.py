@@ -8,6 +8,7 @@ Its tokenizer has no pad token on purpose, like Llama's.
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import os
 import random
@@ -112,6 +113,15 @@ TRAIN_ARGS = [
     "--seed",
     "7",
 ]
+
+
+def saved_probs(run: Path):
+    """A run's written test predictions and their probability columns, shape (rows, labels)."""
+    import pandas as pd
+
+    preds = pd.read_csv(run / "predictions_test.csv", keep_default_na=False)
+    labels = json.loads((run / "labels.json").read_text())
+    return preds, preds[[f"prob_{label}" for label in labels]].to_numpy()
 
 
 def on_device(model, batch: dict) -> dict:

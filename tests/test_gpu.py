@@ -11,11 +11,10 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 
-from conftest import train_tiny
+from conftest import saved_probs, train_tiny
 from llmclf import Classifier
 from llmclf.cli import main
 from llmclf.layer_cache import ActivationCache, check_layers, logits_from_states
@@ -31,12 +30,6 @@ TEXTS = ["the market fell sharply today", "a new phone", "the team won the cup f
 
 def run_info(run):
     return json.loads((run / "run_info.json").read_text())
-
-
-def saved_probs(run):
-    preds = pd.read_csv(run / "predictions_test.csv", keep_default_na=False)
-    labels = json.loads((run / "labels.json").read_text())
-    return preds, preds[[f"prob_{label}" for label in labels]].to_numpy()
 
 
 def linear4bit_count(model) -> int:

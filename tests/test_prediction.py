@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import read_demo_rows, write_csv
+from conftest import read_demo_rows, saved_probs, write_csv
 from llmclf import Classifier
 from llmclf.cli import main
 
@@ -17,12 +17,6 @@ from llmclf.cli import main
 @pytest.fixture(scope="module")
 def clf(trained_run):
     return Classifier.load(trained_run)
-
-
-def saved_probs(run):
-    preds = pd.read_csv(run / "predictions_test.csv", keep_default_na=False)
-    labels = json.loads((run / "labels.json").read_text())
-    return preds, preds[[f"prob_{lab}" for lab in labels]].to_numpy()
 
 
 def test_reload_in_a_fresh_process_gives_the_training_probabilities(trained_run, tmp_path):
