@@ -92,5 +92,8 @@ def test_train_reload_and_export_on_the_default_model(tmp_path):
         [sys.executable, "-c", script, json.dumps(preds["text"].tolist())], check=True, timeout=600
     )
     got = json.loads((tmp_path / "p.json").read_text())
-    np.testing.assert_allclose(got["reloaded"], expected, atol=1e-5)
-    np.testing.assert_allclose(got["exported"], expected, atol=1e-4)
+    np.testing.assert_allclose(got["reloaded"], expected, atol=1e-5)  # computes as training did
+    # `auto` is bf16 on a CPU with native bf16: the export is then bf16 weights with LoRA merged in
+    # (rounded), run by plain transformers in bf16 without autocast: agreement to bf16's 3 digits.
+    precision = json.loads((run / "run_info.json").read_text())["precision"]
+    np.testing.assert_allclose(got["exported"], expected, atol=1e-4 if precision == "fp32" else 4e-3)

@@ -86,6 +86,37 @@ def test_training_with_cache_matches_training_without(
     assert lora and all(".layers.1." in k for k in lora)
 
 
+def test_cached_batches_run_in_parts_train_as_whole_batches(tiny_model_dir, small_csv, tmp_path, monkeypatch):
+    """--step-tokens small enough that every cached training batch runs in parts: the same run."""
+    from conftest import saved_probs
+    from llmclf import training
+
+    split = training.split_batch
+    part_counts: list[int] = []
+
+    def counting(inputs, max_tokens):
+        parts = split(inputs, max_tokens)
+        part_counts.append(1 if parts is None else len(parts))
+        return parts
+
+    monkeypatch.setattr(training, "split_batch", counting)
+    common = ["--lora-layers", "1", "--lora-dropout", "0"]
+    assert train_tiny(small_csv, tiny_model_dir, tmp_path / "whole", *common) == 0
+    assert part_counts and set(part_counts) == {1}  # the default budget holds these batches whole
+    part_counts.clear()
+    assert train_tiny(small_csv, tiny_model_dir, tmp_path / "parts", *common, "--step-tokens", "64") == 0
+    assert part_counts and min(part_counts) >= 2
+    (train_whole, eval_whole), (train_parts, eval_parts) = (
+        _losses(tmp_path / "whole"),
+        _losses(tmp_path / "parts"),
+    )
+    np.testing.assert_allclose(train_parts, train_whole, rtol=1e-5)
+    np.testing.assert_allclose(eval_parts, eval_whole, rtol=1e-5)
+    np.testing.assert_allclose(
+        saved_probs(tmp_path / "parts")[1], saved_probs(tmp_path / "whole")[1], atol=1e-5
+    )
+
+
 def test_disk_cache_is_reused(tiny_model_dir, small_csv, tmp_path, monkeypatch):
     monkeypatch.setenv("LLMCLF_CACHE", str(tmp_path / "cache"))
     args = ["--lora-layers", "1", "--activation-cache", "disk"]

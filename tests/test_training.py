@@ -5,7 +5,7 @@ import torch
 from conftest import on_device
 from llmclf.data import to_dataset
 from llmclf.modeling import add_lora, load_classifier
-from llmclf.training import NonFiniteLossError, build_trainer, training_arguments
+from llmclf.training import NonFiniteLossError, build_trainer, split_batch, training_arguments
 
 LABELS = ["a", "b", "c"]
 TEXTS = ["the market fell", "a new phone", "the team won", "rain in the city", "shares rose", "a late goal"]
@@ -79,3 +79,48 @@ def test_probe_head_reproduces_the_probe_on_raw_features_with_outlier_dimensions
         logits = head(torch.as_tensor(features, dtype=head.weight.dtype, device=head.weight.device))
     assert accuracy > 0.8
     assert float((logits.argmax(-1).cpu().numpy() == y).mean()) == pytest.approx(accuracy)
+
+
+def test_split_batch_cuts_rows_into_parts_padded_to_their_own_longest():
+    lengths = [9, 2, 5, 3]
+    mask = torch.tensor([[1] * n + [0] * (9 - n) for n in lengths])
+    inputs = {
+        "input_ids": torch.arange(36).reshape(4, 9),
+        "attention_mask": mask,
+        "labels": torch.tensor([0, 1, 2, 0]),
+    }
+    assert split_batch(inputs, max_tokens=36) is None  # fits as it is
+    parts = split_batch(inputs, max_tokens=12)
+    # Longest first: 9 alone (9 + 5 would pad to 18), then 5 and 3 (10 tokens), then 2.
+    assert [p["labels"].tolist() for p in parts] == [[0], [2, 0], [1]]
+    assert [tuple(p["input_ids"].shape) for p in parts] == [(1, 9), (2, 5), (1, 2)]
+    assert parts[1]["input_ids"].tolist() == [list(range(18, 23)), list(range(27, 32))]
+    assert parts[1]["attention_mask"].tolist() == [[1] * 5, [1, 1, 1, 0, 0]]
+    # Left padding: a row's positions would shift if its padding were cut, so parts keep the width.
+    left = {**inputs, "attention_mask": mask.flip(1)}
+    assert [tuple(p["input_ids"].shape) for p in split_batch(left, max_tokens=12)] == [(1, 9), (2, 9), (1, 9)]
+
+
+@pytest.mark.parametrize("weights", [None, [0.2, 0.3, 0.5]])
+def test_a_batch_run_in_parts_gives_the_whole_batch_loss_and_gradients(tiny_model_dir, tmp_path, weights):
+    trainer, tok, ids = make_trainer(tiny_model_dir, tmp_path, weights)
+    model = trainer.model
+    trainer.current_gradient_accumulation_steps = 1  # set by the training loop
+    batch = {**tok.pad({"input_ids": ids}, return_tensors="pt"), "labels": torch.tensor([0, 1, 2, 0, 0, 2])}
+    calls = []
+    compute_loss = trainer.compute_loss
+    trainer.compute_loss = lambda *a, **k: calls.append(1) or compute_loss(*a, **k)
+    results = []
+    for step_tokens in (None, 6):
+        trainer.step_tokens = step_tokens
+        model.zero_grad()
+        calls.clear()
+        loss = trainer.training_step(model, dict(batch)).item()
+        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        results.append((loss, grads, len(calls)))
+    (whole, whole_grads, whole_calls), (split, split_grads, split_calls) = results
+    assert whole_calls == 1 and split_calls >= 3  # the split really ran in parts
+    assert split == pytest.approx(whole, rel=1e-5)
+    assert whole_grads.keys() == split_grads.keys()
+    for name, grad in whole_grads.items():
+        torch.testing.assert_close(split_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)

@@ -104,6 +104,13 @@ TRAIN_FLAGS: list[tuple[str, str | None, str, Any, str]] = [
         int_or_auto,
         "inference batch: texts, or auto (default: 32 on CPU, up to 16384 tokens on a GPU)",
     ),
+    (
+        "--step-tokens",
+        "train",
+        "step_tokens",
+        int_or_auto,
+        "padded tokens per training pass; longer batches run in parts (default auto: 1024 on CPU)",
+    ),
     ("--weight-decay", "train", "weight_decay", float, "AdamW weight decay (default 0.01)"),
     ("--class-weights", "train", "class_weights", CLASS_WEIGHT_CHOICES, "auto: inverse frequency (default)"),
     ("--seed", "train", "seed", int, "random seed (default 42)"),

@@ -188,6 +188,11 @@ class TrainConfig:
     """Texts per forward pass when evaluating and predicting (length-sorted batches). `auto`: 32 on CPU;
     on a GPU as many as fit 16,384 padded tokens (a GPU pass costs about the same for 32 short texts as
     for hundreds, so bigger batches pay there)."""
+    step_tokens: int | str | None = "auto"
+    """Most padded tokens one forward/backward pass holds: a training batch with more runs in parts
+    (its rows sorted by length, each part padded to its own longest) whose gradients add up to the
+    batch's: the same step, with less memory and less padding. `auto`: 1,024 on CPU, 16,384 on a GPU;
+    empty: batches stay whole."""
     weight_decay: float = 0.01
     """AdamW weight decay."""
     class_weights: str = "auto"
@@ -220,6 +225,8 @@ class TrainConfig:
         _positive_int_or_none("train", "batch_size", self.batch_size)
         if self.eval_batch_size != "auto":
             _positive_int_or_none("train", "eval_batch_size", self.eval_batch_size)
+        if self.step_tokens != "auto":
+            _positive_int_or_none("train", "step_tokens", self.step_tokens)
         _number("train", "weight_decay", self.weight_decay, 0.0, 1.0)
         _require(
             self.class_weights in CLASS_WEIGHT_CHOICES,

@@ -34,14 +34,23 @@ def length_batches(
     tokens (rows x the batch's longest), at most GPU_BATCH_MAX. Every row is in exactly one batch.
     """
     lengths = np.asarray(lengths)
-    order = np.argsort(lengths, kind="stable")[::-1]  # longest first: an out-of-memory shows early
     if batch_size != "auto" or device.type != "cuda":
+        order = np.argsort(lengths, kind="stable")[::-1]  # longest first: an out-of-memory shows early
         size = CPU_BATCH if batch_size == "auto" else int(batch_size)
         return [order[i : i + size] for i in range(0, len(order), size)]
+    return token_budget_batches(lengths, GPU_BATCH_TOKENS, GPU_BATCH_MAX)
+
+
+def token_budget_batches(lengths: list[int] | np.ndarray, max_tokens: int, max_rows: int) -> list[np.ndarray]:
+    """Row indices, longest first, cut so that each batch padded to its own longest (its first row)
+    holds at most `max_tokens` tokens (a single row longer than that is a batch of its own) and at most
+    `max_rows` rows. Every row is in exactly one batch."""
+    lengths = np.asarray(lengths)
+    order = np.argsort(lengths, kind="stable")[::-1]
     batches, begin = [], 0
     while begin < len(order):
         longest = max(int(lengths[order[begin]]), 1)
-        size = max(1, min(GPU_BATCH_MAX, GPU_BATCH_TOKENS // longest))
+        size = max(1, min(max_rows, max_tokens // longest))
         batches.append(order[begin : begin + size])
         begin += size
     return batches

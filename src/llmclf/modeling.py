@@ -359,6 +359,13 @@ def add_lora(
     return peft_model
 
 
+def upcast_head(model: Any) -> None:
+    """The classification head in fp32 over a bf16/fp16 base: the head is trained (and saved) in fp32."""
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in HEAD_NAMES:
+            module.float()
+
+
 def head_parameter_names(model: Any) -> list[str]:
     return [n for n, _ in model.named_parameters() if any(f".{h}." in f".{n}" for h in HEAD_NAMES)]
 

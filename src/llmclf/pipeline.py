@@ -30,7 +30,13 @@ from llmclf.layer_cache import (
 )
 from llmclf.modeling import add_lora, cache_dir, load_classifier, resolve_model_source, resolve_quantize
 from llmclf.report import build_report
-from llmclf.training import WeightedLossTrainer, build_trainer, init_head_from_probe, training_arguments
+from llmclf.training import (
+    WeightedLossTrainer,
+    build_trainer,
+    init_head_from_probe,
+    resolve_step_tokens,
+    training_arguments,
+)
 
 SPLITS = ("train", "val", "test")
 CACHE_DTYPE = torch.bfloat16
@@ -161,6 +167,7 @@ def run_training(
         top_layers=top_layers,
     )
     timings["load_model"] = time.perf_counter() - tick
+    hardware.release_memory()  # the loading's transient copies
 
     tick = time.perf_counter()
     label_index = {label: i for i, label in enumerate(labels)}
@@ -204,6 +211,7 @@ def run_training(
                 quantized=quantized,
             )
         timings["cache"] = time.perf_counter() - tick
+        hardware.release_memory()
         say(
             f"Frozen layers 0-{first_layer - 1} {'read from the disk cache' if reused else 'run once'} for "
             f"{len(cache)} texts ({cache.nbytes / 2**20:.0f} MiB, {timings['cache']:.0f} s)"
@@ -239,6 +247,7 @@ def run_training(
             quiet=quiet,
             cache=cache,
             save_steps=tc.save_steps,
+            step_tokens=resolve_step_tokens(tc.step_tokens),
         )
         progress.send_tensorboard_to(trainer, str(out / progress.TENSORBOARD_DIR))
         trainer.fingerprint_sha = checkpoints.fingerprint_sha(fingerprint)
@@ -298,6 +307,7 @@ def run_training(
                 probs = predict_proba_cached(model, cache, rows["test"], batch_size=tc.eval_batch_size)
             probe["test_accuracy"] = float((probs.argmax(axis=1) == np.asarray(encoded["test"][1])).mean())
         timings["probe"] = time.perf_counter() - tick
+        hardware.release_memory()  # the features and scikit-learn's copies of them
         say(f"Head initialised from a linear probe: {probe}")
 
     # 4. Train.
@@ -309,6 +319,7 @@ def run_training(
     train_output = trainer.train(resume_from_checkpoint=start.checkpoint)
     model = trainer.model  # the best epoch's weights when there is a validation split
     timings["train"] = time.perf_counter() - tick
+    hardware.release_memory()  # the activations of the longest batches
 
     # 5. Evaluate after training, on the same test split.
     tick = time.perf_counter()
@@ -368,6 +379,8 @@ def run_training(
     artifacts.write_json(
         out / artifacts.RUN_INFO, {**artifacts.read_json(out / artifacts.RUN_INFO), "timings_s": timings}
     )
+    trainer = model = loaded = cache = None  # drop the references the run folder no longer needs
+    hardware.release_memory()  # a caller going on (e.g. to Classifier.load) starts from here
     print(reporting.full_report(before, after), flush=True)  # the result: printed even with --quiet
     print(f"\nRun folder: {out}  ({seconds:.0f} s)", flush=True)
     say(f"Report: {report}")

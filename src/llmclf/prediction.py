@@ -20,18 +20,19 @@ from llmclf import artifacts
 from llmclf.config import config_from_saved
 from llmclf.errors import LlmclfError
 from llmclf.evaluation import compute_metrics, predict_proba
-from llmclf.modeling import load_classifier, resolve_model_source
+from llmclf.modeling import load_classifier, resolve_model_source, upcast_head
 
 
 def inference_settings(info: dict, attn_mode: str) -> tuple[str | None, str | None]:
     """Precision and attention kernel for loading a run: as in training where this machine can run them
-    (a bf16 run loaded on a CPU-only machine falls back to fp32). None for runs that predate them."""
+    (a bf16 run loaded on a CPU without native bf16, or an fp16 run on a CPU, falls back to fp32). None
+    for runs that predate them."""
     from llmclf import hardware
 
     precision = info.get("precision")
     if precision is None:
         return None, None
-    if precision != "fp32" and not hardware.cuda():
+    if precision != "fp32" and not hardware.cuda() and not (precision == "bf16" and hardware.cpu_bf16()):
         precision = "fp32"
     if attn_mode == "flash_attention_2":
         attn_mode = "auto"  # the same kernel where flash-attn is installed, SDPA elsewhere
@@ -49,12 +50,14 @@ class Classifier:
         *,
         max_length: int = 512,
         batch_size: int | str = "auto",
+        precision: str | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.labels = list(labels)
         self.max_length = max_length
         self.batch_size = batch_size
+        self.precision = precision  # bf16 / fp16: run under autocast, as the model was at training's end
         self.model.eval()
 
     @classmethod
@@ -80,9 +83,15 @@ class Classifier:
             attn_implementation=attn,
             allow_pickle=config.model.allow_pickle,
         )
+        half = precision in ("bf16", "fp16")
+        if half and not loaded.quantized:
+            # Training kept the head in fp32 over the half-precision base (modeling.add_lora): load the
+            # saved fp32 head into an fp32 copy, not a rounded one.
+            upcast_head(loaded.model)
         model = PeftModel.from_pretrained(loaded.model, str(path / artifacts.ADAPTER))
-        if not loaded.quantized:
-            # Fold LoRA into the base weights: same outputs (to float rounding), no adapter matmuls per layer.
+        if not loaded.quantized and not half:
+            # Fold LoRA into the base weights: same outputs (to float rounding), no adapter matmuls per
+            # layer. Not into bf16/fp16 weights: the sum would be rounded, and differ from training's.
             model = model.merge_and_unload()
         return cls(
             model,
@@ -90,6 +99,7 @@ class Classifier:
             labels,
             max_length=config.data.max_length,
             batch_size=config.train.eval_batch_size,
+            precision=precision,
         )
 
     def predict_proba(
@@ -100,14 +110,17 @@ class Classifier:
         bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
         if bad:
             raise LlmclfError(f"Texts must be strings; item(s) {bad[:10]} are not.")
-        return predict_proba(
-            self.model,
-            self.tokenizer,
-            texts,
-            batch_size=batch_size or self.batch_size,
-            max_length=self.max_length,
-            progress=progress,
-        )
+        from llmclf import hardware
+
+        with hardware.autocast(self.precision):
+            return predict_proba(
+                self.model,
+                self.tokenizer,
+                texts,
+                batch_size=batch_size or self.batch_size,
+                max_length=self.max_length,
+                progress=progress,
+            )
 
     def predict(self, texts: list[str] | str, *, batch_size: int | str | None = None) -> list[str]:
         """Label names, in input order."""

@@ -21,12 +21,50 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 from llmclf import distributed, fsdp
 from llmclf.checkpoints import AtomicCheckpoints, SaveEverySteps
 from llmclf.errors import LlmclfError
-from llmclf.evaluation import CPU_BATCH
+from llmclf.evaluation import CPU_BATCH, GPU_BATCH_TOKENS, token_budget_batches
 from llmclf.progress import PlainProgressCallback, report_to_list
 
 
 class NonFiniteLossError(LlmclfError):
     """Training produced NaN or inf; raised at once instead of being averaged away in the logs."""
+
+
+CPU_STEP_TOKENS = 1024
+"""`auto` budget of padded tokens per forward/backward pass on CPU. A batch's saved activations grow
+with its padded tokens: SmolLM2's top 6 layers hold about 0.3 MiB per token, so 16 AG News texts padded
+to the longest (382 tokens) took 1.7 GiB on their own, for mostly padding. A typical batch (16 texts
+of ~45 tokens) fits whole."""
+
+
+def resolve_step_tokens(step_tokens: int | str | None) -> int | None:
+    """Padded-token budget of one pass: `auto` = CPU_STEP_TOKENS on CPU, GPU_BATCH_TOKENS on CUDA."""
+    if step_tokens == "auto":
+        return GPU_BATCH_TOKENS if torch.cuda.is_available() else CPU_STEP_TOKENS
+    return step_tokens
+
+
+def split_batch(inputs: dict[str, torch.Tensor], max_tokens: int) -> list[dict[str, torch.Tensor]] | None:
+    """A batch whose padded tokens exceed `max_tokens`, cut into parts of rows of similar length, each
+    padded only to its own longest; None when the batch fits. Only right-padded batches are trimmed
+    (a left-padded row's positions would shift), so a left-padded batch is only cut by rows."""
+    mask = inputs["attention_mask"]  # (batch, seq)
+    rows, width = mask.shape
+    if rows < 2 or rows * width <= max_tokens:
+        return None
+    lengths = mask.sum(dim=1)
+    right_padded = bool(mask[:, 0].all())
+    parts = []
+    for index in token_budget_batches(lengths.numpy(force=True), max_tokens, rows):
+        index = torch.as_tensor(index.copy(), device=mask.device)
+        keep = int(lengths[index].max()) if right_padded else width
+        part = {}
+        for key, value in inputs.items():
+            value = value[index]
+            if value.dim() >= 2 and value.shape[1] == width:  # (batch, seq, ...): ids, mask, states
+                value = value[:, :keep]
+            part[key] = value
+        parts.append(part)
+    return parts
 
 
 class WeightedLossTrainer(AtomicCheckpoints, Trainer):
@@ -38,6 +76,7 @@ class WeightedLossTrainer(AtomicCheckpoints, Trainer):
         *args: Any,
         class_weights: list[float] | None = None,
         cache_start: int | None = None,
+        step_tokens: int | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -48,6 +87,34 @@ class WeightedLossTrainer(AtomicCheckpoints, Trainer):
         self.cache_start = cache_start
         # We compute the loss ourselves, so the Trainer must scale it for gradient accumulation itself.
         self.model_accepts_loss_kwargs = False
+        # A batch with more padded tokens than this runs in parts whose gradients add up (split_batch).
+        self.step_tokens = step_tokens
+        self._loss_denominator: torch.Tensor | None = None  # set while a split batch runs
+
+    def training_step(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, torch.Tensor],
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor:
+        # Under a launcher every backward pass would synchronise gradients: there, batches stay whole.
+        parts = None
+        if self.step_tokens and distributed.world_size() == 1 and not fsdp.requested():
+            parts = split_batch(inputs, self.step_tokens)
+        if parts is None:
+            return super().training_step(model, inputs, num_items_in_batch)
+        # Each part's loss is its share of the whole batch's weighted mean: sum(w_y * loss) over the
+        # part, divided by sum(w_y) over the batch. The parts' gradients then add up to the batch's.
+        labels = inputs["labels"]
+        weights = torch.ones(len(labels)) if self.class_weights is None else self.class_weights[labels.cpu()]
+        self._loss_denominator = weights.sum()
+        try:
+            total = torch.zeros(())
+            for part in parts:
+                total = total + super().training_step(model, part, num_items_in_batch).cpu()
+            return total.to(self.args.device)
+        finally:
+            self._loss_denominator = None
 
     def compute_loss(
         self,
@@ -70,7 +137,10 @@ class WeightedLossTrainer(AtomicCheckpoints, Trainer):
             outputs = model(**inputs)
         logits = outputs.logits.float()  # (batch, num_labels); fp32 loss even under bf16 compute
         weight = None if self.class_weights is None else self.class_weights.to(logits.device)
-        loss = F.cross_entropy(logits, labels, weight=weight)
+        if self._loss_denominator is None:
+            loss = F.cross_entropy(logits, labels, weight=weight)
+        else:  # one part of a split batch (training_step)
+            loss = F.cross_entropy(logits, labels, weight=weight, reduction="sum") / self._loss_denominator
         if model.training and not torch.isfinite(loss):
             raise NonFiniteLossError(
                 f"Training loss became {loss.item()} at step {self.state.global_step + 1}. Lower the learning "
@@ -169,8 +239,10 @@ def build_trainer(
     quiet: bool = False,
     cache: Any = None,
     save_steps: int | None = None,
+    step_tokens: int | None = None,
 ) -> WeightedLossTrainer:
-    """`cache`: an ActivationCache holding every row the datasets' `row` column points to."""
+    """`cache`: an ActivationCache holding every row the datasets' `row` column points to;
+    `step_tokens`: padded tokens one forward/backward pass may hold (None: batches stay whole)."""
     collator = TokenCollator(tokenizer) if cache is None else CachedStatesCollator(cache)
     trainer = WeightedLossTrainer(
         model=model,
@@ -182,6 +254,7 @@ def build_trainer(
         compute_metrics=metrics_for_trainer if val_dataset is not None else None,
         class_weights=class_weights,
         cache_start=None if cache is None else cache.start,
+        step_tokens=step_tokens,
         callbacks=[SaveEverySteps(save_steps)] if save_steps else None,
     )
     if quiet:
