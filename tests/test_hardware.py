@@ -253,6 +253,11 @@ def test_bf16_run_through_the_activation_cache_reloads_as_trained(
     assert {d for n, d in dtypes.items() if "lora_" in n or "modules_to_save" in n} == {torch.float32}
     preds, saved = saved_probs(out)
     np.testing.assert_allclose(clf.predict_proba(preds["text"].tolist()), saved, atol=1e-6)
+    # The server's batcher calls the model from its worker thread: the same numbers there.
+    from llmclf.batching import classifier_predictor
+
+    probs, _ = classifier_predictor(clf, clf.max_length)(preds["text"].tolist())
+    np.testing.assert_allclose(probs, saved, atol=1e-6)
 
 
 def test_release_memory_collects_and_trims_the_allocator(monkeypatch):

@@ -124,3 +124,19 @@ def test_a_batch_run_in_parts_gives_the_whole_batch_loss_and_gradients(tiny_mode
     assert whole_grads.keys() == split_grads.keys()
     for name, grad in whole_grads.items():
         torch.testing.assert_close(split_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_step_tokens_takes_auto_a_positive_count_or_empty(monkeypatch):
+    from llmclf.config import build_config
+    from llmclf.errors import LlmclfError
+    from llmclf.training import CPU_STEP_TOKENS, resolve_step_tokens
+
+    assert build_config({}).train.step_tokens == "auto"
+    assert build_config({"train": {"step_tokens": None}}).train.step_tokens is None  # batches stay whole
+    for bad in (0, -5, "many"):
+        with pytest.raises(LlmclfError, match="train.step_tokens"):
+            build_config({"train": {"step_tokens": bad}})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_step_tokens("auto") == CPU_STEP_TOKENS
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_step_tokens("auto") == 16_384 and resolve_step_tokens(300) == 300

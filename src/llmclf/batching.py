@@ -260,6 +260,7 @@ def classifier_predictor(classifier: Any, max_length: int, max_padding: float = 
     """A `Predictor` for a `llmclf.prediction.Classifier`: same tokenisation and forward pass as
     `Classifier.predict_proba`, and flags the texts longer than `max_length` tokens (which are cut).
     Rows of very different lengths go to separate passes (`padding_groups`)."""
+    from llmclf import hardware
     from llmclf.evaluation import predict_proba
 
     tokenizer = classifier.tokenizer
@@ -275,15 +276,17 @@ def classifier_predictor(classifier: Any, max_length: int, max_padding: float = 
             for i, row in zip(long, cut_ids):
                 ids[i] = row
         probs = np.zeros((len(ids), len(classifier.labels)), dtype=np.float64)
-        for group in padding_groups([len(row) for row in ids], max_padding):
-            probs[group] = predict_proba(
-                classifier.model,
-                tokenizer,
-                input_ids=[ids[i] for i in group],
-                batch_size=len(group),
-                max_length=max_length,
-                progress=False,
-            )
+        # Autocast is per thread: entered here, in the batcher's worker, as Classifier.predict_proba does.
+        with hardware.autocast(classifier.precision):
+            for group in padding_groups([len(row) for row in ids], max_padding):
+                probs[group] = predict_proba(
+                    classifier.model,
+                    tokenizer,
+                    input_ids=[ids[i] for i in group],
+                    batch_size=len(group),
+                    max_length=max_length,
+                    progress=False,
+                )
         return probs, truncated
 
     return predict
