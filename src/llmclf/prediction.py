@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from llmclf import artifacts
+from llmclf import artifacts, hardware
 from llmclf.config import config_from_saved
 from llmclf.errors import LlmclfError
 from llmclf.evaluation import compute_metrics, predict_proba
@@ -27,8 +27,6 @@ def inference_settings(info: dict, attn_mode: str) -> tuple[str | None, str | No
     """Precision and attention kernel for loading a run: as in training where this machine can run them
     (a bf16 run loaded on a CPU without native bf16, or an fp16 run on a CPU, falls back to fp32). None
     for runs that predate them."""
-    from llmclf import hardware
-
     precision = info.get("precision")
     if precision is None:
         return None, None
@@ -110,8 +108,6 @@ class Classifier:
         bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
         if bad:
             raise LlmclfError(f"Texts must be strings; item(s) {bad[:10]} are not.")
-        from llmclf import hardware
-
         with hardware.autocast(self.precision):
             return predict_proba(
                 self.model,
