@@ -252,6 +252,41 @@ def test_batcher_merges_requests_and_gives_each_caller_its_own_rows():
     assert metrics["batches"]["merged"] >= 1
 
 
+def test_rows_queued_during_a_pass_wait_for_the_callers_it_answers():
+    """Closed-loop clients must not split into cohorts: a row that waited out a pass still waits up
+    to max_wait after the pass for the callers that pass answered, who send again at once."""
+    gate, entered = threading.Event(), threading.Event()
+    passes: list[list[str]] = []
+
+    def held(texts):
+        passes.append(list(texts))
+        entered.set()
+        gate.wait(10)  # only the first pass is held: the gate stays open afterwards
+        return np.ones((len(texts), 2)) / 2, [False] * len(texts)
+
+    async def scenario():
+        # max_wait is long next to an event-loop hop, so the test does not hang on timing; the
+        # old rule (counted from arrival alone) runs "b" alone the moment the first pass ends.
+        batcher = DynamicBatcher(held, max_batch_size=8, max_wait_s=1.0, max_queue=100)
+        batcher.start()
+        first = asyncio.ensure_future(batcher.submit(["a"]))
+        while not entered.is_set():
+            await asyncio.sleep(0.005)
+        waiting = asyncio.ensure_future(batcher.submit(["b"]))  # arrives during the pass...
+        await asyncio.sleep(1.2)  # ...and is older than max_wait by the time the pass ends
+        gate.set()
+        await first
+        await asyncio.sleep(0.1)  # the answer's way back to its client, and the next request's way in
+        again = await batcher.submit(["a2"])  # the answered caller sends its next request
+        await waiting
+        batcher.stop()
+        return again
+
+    probs, _ = asyncio.run(scenario())
+    assert probs.shape == (1, 2)
+    assert passes == [["a"], ["b", "a2"]]
+
+
 def test_batcher_refuses_past_max_queue_and_drains_on_stop():
     gate, entered = threading.Event(), threading.Event()
 

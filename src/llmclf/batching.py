@@ -1,7 +1,8 @@
 """Dynamic batching and serving metrics for `llmclf serve` (the HTTP layer is in serving.py).
 
 Requests hand their texts to a `DynamicBatcher`; one worker thread takes rows from all waiting requests,
-up to `max_batch_size` rows or until the oldest row has waited `max_wait_s`, and runs them together
+up to `max_batch_size` rows or until `max_wait_s` has passed since the oldest row arrived or the last
+pass ended (whichever is later), and runs them together
 (one forward pass, or a few where lengths differ widely: `padding_groups`). Each request's future is resolved on its own event loop once all of its rows are done, so
 the event loop never runs the model and every caller gets exactly its own rows back, in its own order.
 
@@ -154,6 +155,7 @@ class DynamicBatcher:
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self._free_since = 0.0  # monotonic time the last forward pass ended
 
     @property
     def queued_rows(self) -> int:
@@ -193,9 +195,13 @@ class DynamicBatcher:
                 self._cond.wait()
             if not self._pending:
                 return None  # stopping, and everything queued is done
-            # Wait for more rows only until the oldest waiting row has waited max_wait_s: after a long
-            # pass the queue is already old and the next pass starts at once.
-            deadline = self._pending[0][0].enqueued + self.max_wait_s
+            # Wait for more rows until max_wait_s after the oldest row arrived or after the last pass
+            # ended, whichever is later. Counting from arrival alone splits closed-loop clients into
+            # cohorts: rows queued during a pass are already "old" when it ends, so the next pass would
+            # start before the callers just answered can send again, and 16 clients settle into two
+            # alternating passes of 8 whose requests also arrive while the other cohort computes.
+            # A row therefore waits at most the pass in progress plus max_wait_s.
+            deadline = max(self._pending[0][0].enqueued, self._free_since) + self.max_wait_s
             while len(self._pending) < self.max_batch_size and not self._stopping:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -209,6 +215,7 @@ class DynamicBatcher:
             rows = [(job, i) for job, i in rows if not job.failed]
             if rows:
                 self._process(rows)
+                self._free_since = time.monotonic()
 
     def _process(self, rows: list[tuple[_Job, int]]) -> None:
         jobs = list({id(job): job for job, _ in rows}.values())
