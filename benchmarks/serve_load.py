@@ -6,7 +6,9 @@ same length: one client sending single-text requests one after another, and N co
 requests, latency quantiles and the server's batch sizes are printed side by side. Every text answered
 in both kinds of phase is compared: a row lost or mixed up between callers would show as a different
 probability (tolerance 1e-4 for an fp32 run, 2e-2 for bf16/fp16, whose rounding depends on the pass's
-shape; batching changes padding, not results). Ends with SIGTERM and the exit code.
+shape; batching changes padding, not results). Ends with SIGTERM and the exit code, then measures the
+model alone in this process (the server's predictor for 1 and for N texts per call, no HTTP): the
+ceiling that batching can reach on this machine, and how close the server came to it.
 
     python benchmarks/serve_load.py --run RUN_DIR --data ag_test.csv --text-column content --seconds 20
 
@@ -17,8 +19,10 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import http.client
 import itertools
 import json
+import logging
 import os
 import platform
 import signal
@@ -28,6 +32,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import httpx
@@ -68,34 +73,46 @@ def wait_healthy(base: str, process: subprocess.Popen, log: Path, timeout: float
 
 
 def run_phase(base: str, texts: list[str], clients: int, seconds: float) -> dict:
-    """`clients` threads send single-text requests back to back for `seconds`; texts from index 0 on."""
+    """`clients` threads send single-text requests back to back for `seconds`; texts from index 0 on.
+
+    Each client is a keep-alive `http.client` connection: the load generator shares the server's CPU
+    on loopback, and httpx cost 1.7 ms of CPU per request under the GIL against about 0.3 ms for
+    http.client, time taken from the server's forward passes and spent before the answered callers
+    could send again."""
+    host, port = base.removeprefix("http://").rsplit(":", 1)
     counter = itertools.count()
     lock = threading.Lock()
     latencies: list[float] = []
     answers: dict[str, np.ndarray] = {}
     failures: list[str] = []
+    cpu_started = time.process_time()
     deadline = time.monotonic() + seconds
 
     def client() -> None:
-        with httpx.Client(base_url=base, timeout=120) as session:
-            while time.monotonic() < deadline:
+        connection = http.client.HTTPConnection(host, int(port), timeout=120)
+        while time.monotonic() < deadline:
+            with lock:
+                text = texts[next(counter) % len(texts)]
+            body = json.dumps({"texts": [text]})
+            sent = time.perf_counter()
+            try:
+                connection.request("POST", "/classify", body, {"Content-Type": "application/json"})
+                response = connection.getresponse()
+                raw = response.read()
+                elapsed = time.perf_counter() - sent
+                predictions = json.loads(raw)["predictions"] if response.status == 200 else None
+            except Exception as exc:  # counted, never hidden; the next request opens a new connection
+                connection.close()
                 with lock:
-                    text = texts[next(counter) % len(texts)]
-                sent = time.perf_counter()
-                try:
-                    response = session.post("/classify", json={"texts": [text]})
-                    elapsed = time.perf_counter() - sent
-                    body = response.json()
-                    ok = response.status_code == 200 and len(body["predictions"]) == 1
-                except Exception as exc:  # counted, never hidden
                     failures.append(f"{type(exc).__name__}: {exc}")
+                continue
+            with lock:
+                if predictions is None or len(predictions) != 1:
+                    failures.append(f"{response.status}: {raw[:200]!r}")
                     continue
-                with lock:
-                    if not ok:
-                        failures.append(f"{response.status_code}: {response.text[:200]}")
-                        continue
-                    latencies.append(elapsed * 1000)
-                    answers[text] = np.array(list(body["predictions"][0]["probabilities"].values()))
+                latencies.append(elapsed * 1000)
+                answers[text] = np.array(list(predictions[0]["probabilities"].values()))
+        connection.close()
 
     started = time.perf_counter()
     threads = [threading.Thread(target=client) for _ in range(clients)]
@@ -110,7 +127,38 @@ def run_phase(base: str, texts: list[str], clients: int, seconds: float) -> dict
         "latencies": latencies,
         "answers": answers,
         "failures": failures,
+        "client_cpu_s": time.process_time() - cpu_started,
     }
+
+
+def model_ceiling(args: argparse.Namespace, texts: list[str]) -> dict[int, float]:
+    """Rows/s of the server's own predictor, in this process and without HTTP, for 1 and for `clients`
+    texts per call, phases alternating as above: what the model allows on this machine, the bound on
+    what batching can gain here. Run after the server has exited, so the two do not share the CPU."""
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # an optional kernel package is absent
+    import transformers
+
+    from llmclf.batching import classifier_predictor
+    from llmclf.prediction import Classifier
+
+    # As `llmclf serve --quiet` does: no load report (the head comes from the run, not the base model).
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    clf = Classifier.load(args.run, quiet=True)
+    predict = classifier_predictor(clf, clf.max_length, args.max_padding)
+    predict(texts[: args.clients])  # warm-up, as the server's health check does
+    done = {1: [0, 0.0], args.clients: [0, 0.0]}
+    position = 0
+    for _ in range(args.rounds):
+        for size in done:
+            started = time.perf_counter()
+            while time.perf_counter() - started < args.seconds:
+                predict([texts[(position + i) % len(texts)] for i in range(size)])
+                position += size
+                done[size][0] += size
+            done[size][1] += time.perf_counter() - started
+    return {size: rows / wall for size, (rows, wall) in done.items()}
 
 
 def batch_delta(before: dict, after: dict) -> tuple[int, float]:
@@ -141,6 +189,12 @@ def main() -> None:
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--max-wait-ms", type=float, default=10.0)
     parser.add_argument("--max-padding", type=float, default=0.25)
+    parser.add_argument(
+        "--no-ceiling",
+        dest="ceiling",
+        action="store_false",
+        help="skip the in-process measurement of the model alone (1 vs N texts per pass)",
+    )
     args = parser.parse_args()
 
     data = args.data or str(demo_data_path())
@@ -177,10 +231,12 @@ def main() -> None:
             n_passes = sum(p for p, _ in passes[name])
             mean_batch = sum(p * m for p, m in passes[name]) / n_passes if n_passes else 0.0
             failures = [f for r in runs for f in r["failures"]]
+            client_ms = 1000 * sum(r["client_cpu_s"] for r in runs) / max(1, rows + len(failures))
             totals[name] = rows / wall
             print(
                 f"{name:>10}: {rows:5d} rows in {wall:5.1f}s = {rows / wall:6.2f} rows/s; failures {len(failures)}; "
-                f"latency {quantiles([x for r in runs for x in r['latencies']])}; mean batch {mean_batch:.1f}"
+                f"latency {quantiles([x for r in runs for x in r['latencies']])}; mean batch {mean_batch:.1f}; "
+                f"client CPU {client_ms:.2f} ms/request"
             )
             for failure in failures[:5]:
                 print(f"            {failure}")
@@ -210,6 +266,14 @@ def main() -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             print("SIGTERM: server did not exit in 120s; killed")
+    if args.ceiling:
+        rates = model_ceiling(args, texts)
+        single, batched = rates[1], rates[args.clients]
+        print(
+            f"model alone (server's predictor, no HTTP): 1 text per call {single:.2f} rows/s, "
+            f"{args.clients} per call {batched:.2f} rows/s = {batched / single:.2f}x; the server reached "
+            f"{totals['sequential'] / single:.0%} and {totals['concurrent'] / batched:.0%} of these"
+        )
 
 
 if __name__ == "__main__":

@@ -287,6 +287,28 @@ def test_rows_queued_during_a_pass_wait_for_the_callers_it_answers():
     assert passes == [["a"], ["b", "a2"]]
 
 
+def test_a_lone_caller_never_waits_for_company():
+    """One client sending request after request: nobody else is coming, so no pass waits max_wait
+    (a minute here) for more rows. The old rule (wait from each arrival) would take 3 minutes."""
+    passes: list[list[str]] = []
+
+    def record(texts):
+        passes.append(list(texts))
+        return np.ones((len(texts), 2)) / 2, [False] * len(texts)
+
+    async def scenario():
+        batcher = DynamicBatcher(record, max_batch_size=8, max_wait_s=60.0, max_queue=100)
+        batcher.start()
+        for text in ("one", "two", "three"):
+            await asyncio.wait_for(batcher.submit([text]), timeout=20)
+        empty = await batcher.submit([])
+        batcher.stop()
+        return empty
+
+    assert asyncio.run(scenario())[1] == []
+    assert passes == [["one"], ["two"], ["three"]]
+
+
 def test_batcher_refuses_past_max_queue_and_drains_on_stop():
     gate, entered = threading.Event(), threading.Event()
 

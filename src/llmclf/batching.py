@@ -1,10 +1,11 @@
 """Dynamic batching and serving metrics for `llmclf serve` (the HTTP layer is in serving.py).
 
-Requests hand their texts to a `DynamicBatcher`; one worker thread takes rows from all waiting requests,
-up to `max_batch_size` rows or until `max_wait_s` has passed since the oldest row arrived or the last
-pass ended (whichever is later), and runs them together
-(one forward pass, or a few where lengths differ widely: `padding_groups`). Each request's future is resolved on its own event loop once all of its rows are done, so
-the event loop never runs the model and every caller gets exactly its own rows back, in its own order.
+Requests hand their texts to a `DynamicBatcher`; one worker thread takes up to `max_batch_size` rows from
+all waiting requests and runs them together (one forward pass, or a few where lengths differ widely:
+`padding_groups`). Before a pass it waits, at most `max_wait_s` from the oldest row's arrival or the last
+pass's end (whichever is later), for the callers that the last pass answered to send again; a lone
+caller never waits. Each request's future is resolved on its own event loop once all of its rows are
+done, so the event loop never runs the model and every caller gets exactly its own rows back, in order.
 
 A request larger than `max_batch_size` is split over several passes; rows of many small requests share
 one. The number of rows waiting (not yet in a pass) is bounded by `max_queue`: beyond it `submit`
@@ -156,6 +157,10 @@ class DynamicBatcher:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._free_since = 0.0  # monotonic time the last forward pass ended
+        self._queued_jobs = 0  # requests with rows in _pending
+        # Requests worth waiting for after a pass: those queued then, plus those it answered, whose
+        # callers may send again at once. 0 at start: a first request does not wait for company.
+        self._expected_jobs = 0
 
     @property
     def queued_rows(self) -> int:
@@ -170,6 +175,8 @@ class DynamicBatcher:
 
     async def submit(self, texts: Sequence[str]) -> tuple[np.ndarray, list[bool]]:
         """Probabilities and truncation flags for `texts`, in order; raises QueueFull or ShuttingDown."""
+        if not texts:  # no row would ever resolve the future
+            return np.zeros((0, 0)), []
         loop = asyncio.get_running_loop()
         job = _Job(list(texts), loop, loop.create_future())
         with self._cond:
@@ -178,6 +185,7 @@ class DynamicBatcher:
             if len(self._pending) + len(job.texts) > self.max_queue:
                 raise QueueFull(f"{len(self._pending)} rows are waiting (limit {self.max_queue})")
             self._pending.extend((job, i) for i in range(len(job.texts)))
+            self._queued_jobs += 1
             self._cond.notify()
         return await job.future
 
@@ -195,39 +203,55 @@ class DynamicBatcher:
                 self._cond.wait()
             if not self._pending:
                 return None  # stopping, and everything queued is done
-            # Wait for more rows until max_wait_s after the oldest row arrived or after the last pass
-            # ended, whichever is later. Counting from arrival alone splits closed-loop clients into
-            # cohorts: rows queued during a pass are already "old" when it ends, so the next pass would
-            # start before the callers just answered can send again, and 16 clients settle into two
-            # alternating passes of 8 whose requests also arrive while the other cohort computes.
+            # Wait for more rows, at most until max_wait_s after the oldest row arrived or after the last
+            # pass ended, whichever is later, and only while fewer requests are queued than the last
+            # pass left waiting plus the callers it answered (who may send again at once).
+            # - From the pass's end, not only from arrival: rows queued during a pass are already "old"
+            #   when it ends, so the next pass would start before the answered callers can send again,
+            #   and 16 closed-loop clients settle into two alternating passes of 8.
+            # - Only for expected callers: a lone client is never held back waiting for company (its
+            #   request runs at once), and a full set of returning callers starts the pass at once.
             # A row therefore waits at most the pass in progress plus max_wait_s.
             deadline = max(self._pending[0][0].enqueued, self._free_since) + self.max_wait_s
-            while len(self._pending) < self.max_batch_size and not self._stopping:
+            while (
+                len(self._pending) < self.max_batch_size
+                and self._queued_jobs < self._expected_jobs
+                and not self._stopping
+            ):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
                 self._cond.wait(remaining)
-            count = min(len(self._pending), self.max_batch_size)
-            return [self._pending.popleft() for _ in range(count)]
+            batch = [self._pending.popleft() for _ in range(min(len(self._pending), self.max_batch_size))]
+            # A request leaves the queue with its last row (its rows are queued together, in order).
+            self._queued_jobs -= sum(i == len(job.texts) - 1 for job, i in batch)
+            return batch
 
     def _run(self) -> None:
         while (rows := self._next_batch()) is not None:
             rows = [(job, i) for job, i in rows if not job.failed]
-            if rows:
-                self._process(rows)
+            answers = self._process(rows) if rows else []
+            with self._cond:
+                # Counted before the answers go out: a caller that sends again at once must not be
+                # counted twice (as queued and as answered).
                 self._free_since = time.monotonic()
+                self._expected_jobs = self._queued_jobs + len(answers)
+            for job, value, error in answers:
+                self._call(job, value, error)
 
-    def _process(self, rows: list[tuple[_Job, int]]) -> None:
+    def _process(self, rows: list[tuple[_Job, int]]) -> list[tuple[_Job, Any, BaseException | None]]:
+        """Run one gathered batch; returns the requests it finished, each with its result or error."""
         jobs = list({id(job): job for job, _ in rows}.values())
         try:
             probs, truncated = self.predictor([job.texts[i] for job, i in rows])
         except Exception as exc:  # a failed pass fails its requests, never the worker
             logger.exception("forward pass of %d rows failed", len(rows))
+            message = f"the forward pass failed: {type(exc).__name__}: {exc}"
             for job in jobs:
                 job.failed = True
-                self._call(job, error=RuntimeError(f"the forward pass failed: {type(exc).__name__}: {exc}"))
-            return
+            return [(job, None, RuntimeError(message)) for job in jobs]
         self.metrics.record_batch(len(rows), len(jobs))
+        finished = []
         for (job, i), row, cut in zip(rows, probs, truncated):
             if job.probs is None:
                 job.probs = np.zeros((len(job.texts), len(row)), dtype=np.float64)
@@ -235,7 +259,8 @@ class DynamicBatcher:
             job.truncated[i] = bool(cut)
             job.remaining -= 1
             if job.remaining == 0:
-                self._call(job, value=(job.probs, job.truncated))
+                finished.append((job, (job.probs, job.truncated), None))
+        return finished
 
     @staticmethod
     def _call(job: _Job, value: Any = None, error: BaseException | None = None) -> None:
