@@ -293,7 +293,7 @@ def _add_serve(sub: Any, common: argparse.ArgumentParser) -> None:
         ("--max-queue", 256, "most rows waiting for a pass (more: 503 with Retry-After)"),
     ]:
         p.add_argument(flag, type=positive_int, help=f"{text} (default {default})")
-    p.add_argument("--max-wait-ms", type=float, help="how long a row waits for others to join (default 10)")
+    p.add_argument("--max-wait-ms", type=float, help="longest wait before a pass for the callers just answered to send again (default 10)")
     p.add_argument("--max-padding", type=float, help="split a pass where padding passes this share (0.25)")
     p.add_argument(
         "--max-length", type=positive_int, default=None, help="tokens per text (default: as trained)"

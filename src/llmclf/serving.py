@@ -62,7 +62,8 @@ class ServeOptions:
     max_batch_size: int = 32
     """Most rows in one forward pass; rows of concurrent requests are merged up to this."""
     max_wait_ms: float = 10.0
-    """How long the oldest waiting row may wait for others to join its pass."""
+    """Longest wait before a pass for the callers the last pass answered to send again, counted from
+    the oldest row's arrival or the last pass's end, whichever is later (a lone caller never waits)."""
     max_texts: int = 64
     """Most texts in one request (more: 413)."""
     max_body_bytes: int = 1_048_576
