@@ -54,7 +54,7 @@ def start_server(args: argparse.Namespace, port: int, log: Path) -> subprocess.P
     env["PYTHONPATH"] = os.pathsep.join([src, env.get("PYTHONPATH", "")])
     command = [sys.executable, "-m", "llmclf", "--quiet", "serve", args.run, "--port", str(port)]
     command += ["--max-batch-size", str(args.max_batch_size), "--max-wait-ms", str(args.max_wait_ms)]
-    command += ["--max-padding", str(args.max_padding)]
+    command += ["--pass-overhead-tokens", str(args.pass_overhead_tokens)]
     return subprocess.Popen(command, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
 
 
@@ -131,7 +131,7 @@ def run_phase(base: str, texts: list[str], clients: int, seconds: float) -> dict
     }
 
 
-def model_ceiling(args: argparse.Namespace, texts: list[str]) -> dict[int, float]:
+def model_ceiling(args: argparse.Namespace, texts: list[str], overhead: float) -> dict[int, float]:
     """Rows/s of the server's own predictor, in this process and without HTTP, for 1 and for `clients`
     texts per call, phases alternating as above: what the model allows on this machine, the bound on
     what batching can gain here. Run after the server has exited, so the two do not share the CPU."""
@@ -146,7 +146,7 @@ def model_ceiling(args: argparse.Namespace, texts: list[str]) -> dict[int, float
     transformers.utils.logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning)
     clf = Classifier.load(args.run, quiet=True)
-    predict = classifier_predictor(clf, clf.max_length, args.max_padding)
+    predict = classifier_predictor(clf, clf.max_length, overhead)
     predict(texts[: args.clients])  # warm-up, as the server's health check does
     done = {1: [0, 0.0], args.clients: [0, 0.0]}
     position = 0
@@ -188,7 +188,9 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--max-wait-ms", type=float, default=10.0)
-    parser.add_argument("--max-padding", type=float, default=0.25)
+    parser.add_argument(
+        "--pass-overhead-tokens", default="auto", help="passed to the server (default auto: timed there)"
+    )
     parser.add_argument(
         "--no-ceiling",
         dest="ceiling",
@@ -215,7 +217,7 @@ def main() -> None:
         print(
             f"run {args.run}; texts from {data} ({len(texts)} unique); {args.rounds} x ({args.seconds:.0f}s "
             f"sequential + {args.seconds:.0f}s {args.clients} clients); max batch {args.max_batch_size}, "
-            f"max wait {args.max_wait_ms} ms, max padding {args.max_padding}"
+            f"max wait {args.max_wait_ms} ms, pass overhead {args.pass_overhead_tokens} tokens"
         )
         phases: dict[str, list[dict]] = {"sequential": [], "concurrent": []}
         passes: dict[str, list[tuple[int, float]]] = {"sequential": [], "concurrent": []}
@@ -257,8 +259,10 @@ def main() -> None:
         )
         metrics = httpx.get(f"{base}/metrics").json()
         print(
-            f"server: {metrics['requests']}, batches {metrics['batches']['count']} (max {metrics['batches']['max_size']})"
+            f"server: {metrics['requests']}, batches {metrics['batches']['count']} (max {metrics['batches']['max_size']}), "
+            f"pass overhead {metrics['limits']['pass_overhead_tokens']} tokens"
         )
+        overhead = float(metrics["limits"]["pass_overhead_tokens"])  # the in-process ceiling splits alike
     finally:
         process.send_signal(signal.SIGTERM)
         try:
@@ -267,7 +271,7 @@ def main() -> None:
             process.kill()
             print("SIGTERM: server did not exit in 120s; killed")
     if args.ceiling:
-        rates = model_ceiling(args, texts)
+        rates = model_ceiling(args, texts, overhead)
         single, batched = rates[1], rates[args.clients]
         print(
             f"model alone (server's predictor, no HTTP): 1 text per call {single:.2f} rows/s, "

@@ -253,10 +253,21 @@ def test_bf16_run_through_the_activation_cache_reloads_as_trained(
     assert {d for n, d in dtypes.items() if "lora_" in n or "modules_to_save" in n} == {torch.float32}
     preds, saved = saved_probs(out)
     np.testing.assert_allclose(clf.predict_proba(preds["text"].tolist()), saved, atol=1e-6)
-    # The server's batcher calls the model from its worker thread: the same numbers there.
-    from llmclf.batching import classifier_predictor
+    # The server's batcher calls the model from its worker thread, where autocast must be entered again
+    # (it is per thread): the same numbers there, for passes of the same rows. bf16 rounds by the pass's
+    # shape, so the texts go in the batches Classifier.predict_proba used, one pass each.
+    from concurrent.futures import ThreadPoolExecutor
 
-    probs, _ = classifier_predictor(clf, clf.max_length)(preds["text"].tolist())
+    from llmclf.batching import NEVER_SPLIT, classifier_predictor
+    from llmclf.evaluation import length_batches
+
+    texts = preds["text"].tolist()
+    predict = classifier_predictor(clf, clf.max_length, NEVER_SPLIT)
+    lengths = [len(ids) for ids in clf.tokenizer(texts, truncation=True, max_length=clf.max_length)["input_ids"]]
+    probs = np.zeros_like(saved)
+    with ThreadPoolExecutor(1) as worker:
+        for idx in length_batches(lengths, clf.batch_size, torch.device("cpu")):
+            probs[idx] = worker.submit(predict, [texts[i] for i in idx]).result()[0]
     np.testing.assert_allclose(probs, saved, atol=1e-6)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import math
 import os
 import signal
 import socket
@@ -23,12 +24,21 @@ from fastapi.testclient import TestClient
 
 import llmclf
 from conftest import read_demo_rows
-from llmclf.batching import DynamicBatcher, QueueFull, classifier_predictor, padding_groups
+from llmclf import batching
+from llmclf.batching import (
+    NEVER_SPLIT,
+    DynamicBatcher,
+    QueueFull,
+    classifier_predictor,
+    measure_pass_overhead,
+    padding_groups,
+)
 from llmclf.cli import main
 from llmclf.errors import LlmclfError
 from llmclf.prediction import Classifier
 from llmclf.serving import ServeOptions, create_app
 
+CPU_OVERHEAD = 80.0  # tokens' worth, as measured for SmolLM2-135M on 2 CPU cores
 LIMITS = dict(max_texts=8, max_body_bytes=4096, max_batch_size=4, max_wait_ms=5, max_queue=16)
 
 
@@ -48,7 +58,7 @@ def wait_ready(client: TestClient) -> None:
 @pytest.fixture(scope="module")
 def client(clf):
     options = ServeOptions(**LIMITS, max_length=clf.max_length)
-    app = create_app(clf.labels, classifier_predictor(clf, clf.max_length), options)
+    app = create_app(clf.labels, classifier_predictor(clf, clf.max_length, CPU_OVERHEAD), options)
     with TestClient(app) as test_client:
         wait_ready(test_client)
         yield test_client
@@ -69,7 +79,7 @@ def assert_matches(clf: Classifier, texts: list[str], predictions: list[dict]) -
 
 
 def test_health_is_503_until_the_warm_up_pass_has_answered(clf):
-    app = create_app(clf.labels, classifier_predictor(clf, clf.max_length), ServeOptions(**LIMITS))
+    app = create_app(clf.labels, classifier_predictor(clf, clf.max_length, CPU_OVERHEAD), ServeOptions(**LIMITS))
     cold = TestClient(app)  # no lifespan: batcher not started, no warm-up pass
     response = cold.get("/health")
     assert response.status_code == 503 and response.json()["status"] == "starting"
@@ -195,7 +205,7 @@ def test_metrics_count_requests_rows_and_rejections(client):
 
 def test_a_full_queue_answers_503_at_once_with_retry_after(clf):
     entered, release = threading.Event(), threading.Event()
-    real = classifier_predictor(clf, clf.max_length)
+    real = classifier_predictor(clf, clf.max_length, CPU_OVERHEAD)
 
     def held(texts):
         entered.set()
@@ -336,14 +346,61 @@ def test_batcher_refuses_past_max_queue_and_drains_on_stop():
     assert asyncio.run(scenario()) == [(2, 2), (3, 2)]
 
 
-def test_padding_groups_keep_every_row_once_and_bound_the_padding():
+def partitions(items: list[int]):
+    """Every way to split `items` into non-empty groups (Bell(n) of them)."""
+    if not items:
+        yield []
+        return
+    first, rest = items[0], items[1:]
+    for split in partitions(rest):
+        yield [[first], *split]
+        for k in range(len(split)):
+            yield [*split[:k], [first, *split[k]], *split[k + 1 :]]
+
+
+def pass_cost(groups: list[list[int]], lengths: list[int], overhead: float) -> float:
+    return sum(overhead + len(g) * max(lengths[i] for i in g) for g in groups)
+
+
+def test_padding_groups_are_the_cheapest_split_and_keep_every_row_once():
     lengths = [40, 42, 180, 41, 12, 39, 60, 11]
-    groups = padding_groups(lengths, 0.25)
+    groups = padding_groups(lengths, CPU_OVERHEAD)
     assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
     assert [2] in groups  # the long outlier runs alone instead of padding seven rows to 180 tokens
-    for group in groups:
-        assert max(lengths[i] for i in group) * len(group) <= 1.25 * sum(lengths[i] for i in group)
-    assert padding_groups(lengths, 100.0) == [sorted(range(8), key=lambda i: -lengths[i])]
+    for group in groups:  # longest first within a pass
+        assert [lengths[i] for i in group] == sorted((lengths[i] for i in group), reverse=True)
+    longest_first = sorted(range(8), key=lambda i: -lengths[i])
+    assert padding_groups(lengths, NEVER_SPLIT) == [longest_first]  # a GPU: one pass
+    assert padding_groups(lengths, 1e4) == [longest_first]  # a pass dearer than any padding
+    no_overhead = padding_groups(lengths, 0.0)  # only equal lengths share a pass: no padding at all
+    assert all(len({lengths[i] for i in g}) == 1 for g in no_overhead) and len(no_overhead) == 8
+    assert padding_groups([], CPU_OVERHEAD) == [] and padding_groups([7], 0.0) == [[0]]
+    # Optimal, against every possible split (not only contiguous runs of the sorted rows).
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        lengths = [int(x) for x in rng.integers(5, 200, size=int(rng.integers(2, 8)))]
+        overhead = float(rng.choice([0.0, 20.0, 80.0, 300.0]))
+        best = min(pass_cost(p, lengths, overhead) for p in partitions(list(range(len(lengths)))))
+        assert pass_cost(padding_groups(lengths, overhead), lengths, overhead) == pytest.approx(best)
+
+
+def test_pass_overhead_is_fitted_from_two_timed_pass_shapes(monkeypatch, clf):
+    """cost = a + b x tokens, timed: returns a / b; a pass that costs the same at 16 and 512 tokens
+    (a GPU) never splits. A fake clock stands in for the machine, so the numbers are exact."""
+    now = [0.0]
+    for a, b, expected in ((0.069, 0.00086, 0.069 / 0.00086), (0.010, 0.0, NEVER_SPLIT)):
+
+        def timed_pass(model, tokenizer, *, input_ids, batch_size, progress, a=a, b=b):
+            assert batch_size == len(input_ids) and progress is False
+            assert tokenizer.pad_token_id not in input_ids[0]  # the pooling would skip pad tokens
+            now[0] += a + b * sum(len(row) for row in input_ids)
+            return np.zeros((len(input_ids), 2))
+
+        monkeypatch.setattr("llmclf.evaluation.predict_proba", timed_pass)
+        monkeypatch.setattr(batching.time, "perf_counter", lambda: now[0])
+        assert measure_pass_overhead(clf) == pytest.approx(expected)
+        monkeypatch.undo()
+    assert 0 <= measure_pass_overhead(clf) <= NEVER_SPLIT  # the real tiny model: a number, no error
 
 
 def test_serve_options_are_validated():
@@ -351,6 +408,9 @@ def test_serve_options_are_validated():
         ServeOptions(max_texts=10, max_queue=5)
     with pytest.raises(LlmclfError, match="--max-wait-ms"):
         ServeOptions(max_wait_ms=-1)
+    for bad in (-1.0, math.inf, math.nan, "fast"):
+        with pytest.raises(LlmclfError, match="--pass-overhead-tokens"):
+            ServeOptions(pass_overhead_tokens=bad)
 
 
 def test_serve_cli_refuses_bad_limits_and_missing_run(tmp_path, capsys):
@@ -360,6 +420,10 @@ def test_serve_cli_refuses_bad_limits_and_missing_run(tmp_path, capsys):
     assert main(["serve", str(tmp_path), "--max-texts", "100", "--max-queue", "10"]) == 2
     assert "--max-queue" in capsys.readouterr().err
     assert main(["--quiet", "serve", str(tmp_path / "absent")]) == 2
+    for bad in ("-5", "inf", "nan", "fast"):
+        with pytest.raises(SystemExit) as exc:
+            main(["serve", str(tmp_path), "--pass-overhead-tokens", bad])
+        assert exc.value.code == 2 and "--pass-overhead-tokens" in capsys.readouterr().err
 
 
 # ---- the real server on loopback ----
@@ -424,6 +488,8 @@ def test_loopback_load_is_correct_batched_and_sigterm_drains(trained_run, clf, t
         assert metrics["requests"]["ok"] == 96 and metrics["rows"] == len(all_texts)
         assert metrics["batches"]["merged"] >= 1 and metrics["batches"]["max_size"] > 1
         assert metrics["batches"]["max_size"] <= 16
+        # `auto` was timed at start on this machine: a number of tokens, reported with the limits.
+        assert 0 <= metrics["limits"]["pass_overhead_tokens"] <= NEVER_SPLIT
 
         # SIGTERM while requests are in flight: each has sent its headers and half of its body, so the
         # server is inside the handler; the rest is sent after the signal. All must be answered in full.

@@ -270,25 +270,66 @@ class DynamicBatcher:
             pass
 
 
-def padding_groups(lengths: list[int], max_padding: float) -> list[list[int]]:
-    """Split rows into forward passes, longest first, so that no pass computes more than
-    `max_padding` (a share of its real tokens) on padding. On a CPU, where a pass costs about its
-    tokens, one pass padded to a long outlier costs more than the merge saves; on a GPU, pass a large
-    `max_padding` to keep one pass."""
+NEVER_SPLIT = 1e6
+"""Pass overhead (in tokens) at and above which rows are never split by length: one pass per batch."""
+
+
+def padding_groups(lengths: list[int], pass_overhead_tokens: float) -> list[list[int]]:
+    """Split rows into forward passes at the least estimated cost, longest first within each pass.
+
+    A pass is costed as its padded tokens (rows x its longest row) plus `pass_overhead_tokens`, what a
+    pass costs beyond its tokens, in tokens' worth (weights read from memory, kernel launches, Python).
+    On a CPU both matter (SmolLM2-135M in bf16 on 2 cores: 80 tokens), so a pass padded to a long
+    outlier costs more than a second pass; on a GPU the overhead dominates and one pass is best.
+    Exact: the cheapest passes are contiguous runs of the length-sorted rows, found by dynamic
+    programming (O(rows^2) numpy work, a millisecond for a batch of 32)."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    groups: list[list[int]] = []
-    for i in order:
-        if groups:
-            group = groups[-1]
-            padded = lengths[group[0]] * (len(group) + 1)  # the group's first row is its longest
-            if padded <= (1 + max_padding) * (sum(lengths[j] for j in group) + lengths[i]):
-                group.append(i)
-                continue
-        groups.append([i])
-    return groups
+    if len(order) <= 1 or pass_overhead_tokens >= NEVER_SPLIT:
+        return [order] if order else []
+    longest = np.array([lengths[i] for i in order], dtype=np.float64)  # (n,), descending
+    n = len(order)
+    best = np.zeros(n + 1)  # best[j]: least cost of the first j sorted rows
+    cut = np.zeros(n + 1, dtype=np.int64)  # cut[j]: where the last pass of that solution starts
+    for j in range(1, n + 1):
+        # the last pass holds sorted rows i..j-1, padded to row i, the longest of them
+        costs = best[:j] + longest[:j] * (j - np.arange(j)) + pass_overhead_tokens
+        cut[j] = int(np.argmin(costs))  # ties: the first, i.e. the fewest passes
+        best[j] = costs[cut[j]]
+    groups, j = [], n
+    while j > 0:
+        groups.append(order[cut[j] : j])
+        j = int(cut[j])
+    return groups[::-1]
 
 
-def classifier_predictor(classifier: Any, max_length: int, max_padding: float = 0.25) -> Predictor:
+def measure_pass_overhead(classifier: Any, repeats: int = 3) -> float:
+    """`pass_overhead_tokens` for `padding_groups`, timed on this machine with this model: the best of
+    `repeats` passes of 1 row x 16 tokens and of 8 rows x 64 tokens fit cost = a + b x tokens; returns
+    a / b, or NEVER_SPLIT where the 512-token pass costs no more than the 16-token one (a GPU)."""
+    from llmclf import hardware
+    from llmclf.evaluation import predict_proba
+
+    tokenizer = classifier.tokenizer
+    # A plain word's id, repeated: not the pad token, which the classifier's pooling would skip.
+    token = tokenizer("the", add_special_tokens=False)["input_ids"][-1]
+    timings = {}
+    with hardware.autocast(classifier.precision):
+        for rows, width in ((1, 16), (8, 64), (1, 16), (8, 64)):  # the first round warms up
+            ids = [[token] * width for _ in range(rows)]
+            best = float("inf")
+            for _ in range(repeats):
+                started = time.perf_counter()
+                predict_proba(classifier.model, tokenizer, input_ids=ids, batch_size=rows, progress=False)
+                best = min(best, time.perf_counter() - started)
+            timings[rows * width] = best
+    per_token = (timings[512] - timings[16]) / (512 - 16)
+    overhead = timings[16] - 16 * per_token
+    if per_token <= 0 or overhead >= NEVER_SPLIT * per_token:
+        return NEVER_SPLIT
+    return max(0.0, overhead / per_token)
+
+
+def classifier_predictor(classifier: Any, max_length: int, pass_overhead_tokens: float) -> Predictor:
     """A `Predictor` for a `llmclf.prediction.Classifier`: same tokenisation and forward pass as
     `Classifier.predict_proba`, and flags the texts longer than `max_length` tokens (which are cut).
     Rows of very different lengths go to separate passes (`padding_groups`)."""
@@ -310,7 +351,7 @@ def classifier_predictor(classifier: Any, max_length: int, max_padding: float = 
         probs = np.zeros((len(ids), len(classifier.labels)), dtype=np.float64)
         # Autocast is per thread: entered here, in the batcher's worker, as Classifier.predict_proba does.
         with hardware.autocast(classifier.precision):
-            for group in padding_groups([len(row) for row in ids], max_padding):
+            for group in padding_groups([len(row) for row in ids], pass_overhead_tokens):
                 probs[group] = predict_proba(
                     classifier.model,
                     tokenizer,

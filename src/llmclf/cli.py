@@ -6,6 +6,7 @@ User errors (`LlmclfError`) print one message and exit with status 2, without a 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from typing import Any
@@ -31,6 +32,19 @@ def int_or_auto(value: str) -> int | str:
         return int(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number or auto, found {value!r}") from None
+
+
+def float_or_auto(value: str) -> float | str:
+    """argparse type of serve --pass-overhead-tokens: a finite number >= 0 or `auto`."""
+    if value == "auto":
+        return value
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if not 0 <= number < math.inf:
+        raise argparse.ArgumentTypeError(f"expected a number of 0 or more, or auto, found {value!r}")
+    return number
 
 
 def layers_value(value: str) -> int | str:
@@ -294,7 +308,12 @@ def _add_serve(sub: Any, common: argparse.ArgumentParser) -> None:
     ]:
         p.add_argument(flag, type=positive_int, help=f"{text} (default {default})")
     p.add_argument("--max-wait-ms", type=float, help="longest wait before a pass for the callers just answered to send again (default 10)")
-    p.add_argument("--max-padding", type=float, help="split a pass where padding passes this share (0.25)")
+    p.add_argument(
+        "--pass-overhead-tokens",
+        type=float_or_auto,
+        help="what a forward pass costs beyond its tokens, in tokens; rows of different lengths are "
+        "split into passes where padding would cost more (default auto: timed at start)",
+    )
     p.add_argument(
         "--max-length", type=positive_int, default=None, help="tokens per text (default: as trained)"
     )

@@ -44,6 +44,7 @@ from llmclf.batching import (
     ServingMetrics,
     ShuttingDown,
     classifier_predictor,
+    measure_pass_overhead,
 )
 from llmclf.errors import LlmclfError
 
@@ -72,9 +73,10 @@ class ServeOptions:
     """Most rows waiting for a forward pass; a request that would exceed it gets 503 at once."""
     max_length: int | None = None
     """Tokens per text; longer texts are cut and flagged (None: as in training)."""
-    max_padding: float = 0.25
-    """A merged pass is split where padding would exceed this share of its real tokens (CPU: a pass
-    costs about its tokens). On a GPU, raise it (e.g. 10) to keep one pass per merge."""
+    pass_overhead_tokens: float | str = "auto"
+    """What a forward pass costs beyond its tokens, in tokens' worth: rows of different lengths are
+    split into passes where the padding would cost more than another pass (`batching.padding_groups`).
+    `auto`: timed at start on this machine and model (about 80 on a 2-core CPU, never split on a GPU)."""
     graceful_timeout_s: float = 60.0
     """On SIGTERM, how long to wait for requests in flight before cancelling them."""
 
@@ -90,8 +92,13 @@ class ServeOptions:
             raise LlmclfError(f"serve: --max-wait-ms must be between 0 and 60000, found {self.max_wait_ms}.")
         if not (0 <= self.port <= 65535):
             raise LlmclfError(f"serve: --port must be between 0 and 65535, found {self.port}.")
-        if not self.max_padding >= 0:
-            raise LlmclfError(f"serve: --max-padding must be 0 or more, found {self.max_padding}.")
+        if self.pass_overhead_tokens != "auto" and not (
+            isinstance(self.pass_overhead_tokens, (int, float)) and 0 <= self.pass_overhead_tokens < math.inf
+        ):
+            raise LlmclfError(
+                "serve: --pass-overhead-tokens must be auto or a number of tokens, 0 or more, "
+                f"found {self.pass_overhead_tokens!r}."
+            )
         if self.max_queue < self.max_texts:
             raise LlmclfError(
                 f"serve: --max-queue ({self.max_queue}) is smaller than --max-texts ({self.max_texts}), so "
@@ -404,7 +411,17 @@ def run_server(run_dir: str, options: ServeOptions, *, quiet: bool = False, verb
         print(f"Loading classifier from {path} ...", file=sys.stderr, flush=True)
     clf = Classifier.load(path, quiet=quiet)
     options.max_length = options.max_length or clf.max_length
-    app = create_app(clf.labels, classifier_predictor(clf, options.max_length, options.max_padding), options)
+    if options.pass_overhead_tokens == "auto":
+        options.pass_overhead_tokens = round(measure_pass_overhead(clf), 1)
+        if not quiet:
+            print(
+                f"A forward pass costs {options.pass_overhead_tokens:g} tokens' worth beyond its tokens "
+                "here: requests of different lengths share a pass unless padding would cost more.",
+                file=sys.stderr,
+                flush=True,
+            )
+    predictor = classifier_predictor(clf, options.max_length, options.pass_overhead_tokens)
+    app = create_app(clf.labels, predictor, options)
     config = uvicorn.Config(
         app,
         host=options.host,
