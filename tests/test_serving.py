@@ -79,7 +79,9 @@ def assert_matches(clf: Classifier, texts: list[str], predictions: list[dict]) -
 
 
 def test_health_is_503_until_the_warm_up_pass_has_answered(clf):
-    app = create_app(clf.labels, classifier_predictor(clf, clf.max_length, CPU_OVERHEAD), ServeOptions(**LIMITS))
+    app = create_app(
+        clf.labels, classifier_predictor(clf, clf.max_length, CPU_OVERHEAD), ServeOptions(**LIMITS)
+    )
     cold = TestClient(app)  # no lifespan: batcher not started, no warm-up pass
     response = cold.get("/health")
     assert response.status_code == 503 and response.json()["status"] == "starting"
@@ -401,6 +403,31 @@ def test_pass_overhead_is_fitted_from_two_timed_pass_shapes(monkeypatch, clf):
         assert measure_pass_overhead(clf) == pytest.approx(expected)
         monkeypatch.undo()
     assert 0 <= measure_pass_overhead(clf) <= NEVER_SPLIT  # the real tiny model: a number, no error
+
+
+def test_auto_pass_overhead_is_timed_in_the_worker_thread_and_reported(monkeypatch, clf):
+    """Timed from another thread, the model ran 20% slower afterwards in the worker: so `auto` is
+    timed by the warm-up, on the batcher's thread, and /metrics shows the value once ready."""
+    threads = []
+
+    def fake_measure(classifier):
+        threads.append(threading.current_thread().name)
+        return 42.0
+
+    monkeypatch.setattr(batching, "measure_pass_overhead", fake_measure)
+    predictor = classifier_predictor(clf, clf.max_length)  # auto by default
+    assert predictor.pass_overhead_tokens is None
+    options = ServeOptions(**LIMITS, max_length=clf.max_length)
+    assert options.pass_overhead_tokens == "auto"
+    with TestClient(create_app(clf.labels, predictor, options)) as test_client:
+        wait_ready(test_client)
+        assert test_client.get("/metrics").json()["limits"]["pass_overhead_tokens"] == 42.0
+        assert_matches(
+            clf,
+            demo_texts(3, "auto"),
+            test_client.post("/classify", json={"texts": demo_texts(3, "auto")}).json()["predictions"],
+        )
+    assert threads == ["llmclf-batcher"]  # once, on the worker
 
 
 def test_serve_options_are_validated():

@@ -329,16 +329,28 @@ def measure_pass_overhead(classifier: Any, repeats: int = 3) -> float:
     return max(0.0, overhead / per_token)
 
 
-def classifier_predictor(classifier: Any, max_length: int, pass_overhead_tokens: float) -> Predictor:
-    """A `Predictor` for a `llmclf.prediction.Classifier`: same tokenisation and forward pass as
+class ClassifierPredictor:
+    """The `Predictor` for a `llmclf.prediction.Classifier`: same tokenisation and forward pass as
     `Classifier.predict_proba`, and flags the texts longer than `max_length` tokens (which are cut).
-    Rows of very different lengths go to separate passes (`padding_groups`)."""
-    from llmclf import hardware
-    from llmclf.evaluation import predict_proba
+    Rows of very different lengths go to separate passes (`padding_groups`).
 
-    tokenizer = classifier.tokenizer
+    With `pass_overhead_tokens="auto"` the first call times the passes (`measure_pass_overhead`) before
+    it runs: in the batcher's worker thread, where every later pass runs too. Timed from another
+    thread, the model ran 20% slower afterwards in the worker (single-text passes, 3 alternating
+    pairs of processes): each thread that runs torch's parallel regions keeps a team of threads."""
 
-    def predict(texts: list[str]) -> tuple[np.ndarray, list[bool]]:
+    def __init__(self, classifier: Any, max_length: int, pass_overhead_tokens: float | str) -> None:
+        self.classifier = classifier
+        self.max_length = max_length
+        self.pass_overhead_tokens = None if pass_overhead_tokens == "auto" else float(pass_overhead_tokens)
+
+    def __call__(self, texts: list[str]) -> tuple[np.ndarray, list[bool]]:
+        from llmclf import hardware
+        from llmclf.evaluation import predict_proba
+
+        clf, tokenizer, max_length = self.classifier, self.classifier.tokenizer, self.max_length
+        if self.pass_overhead_tokens is None:
+            self.pass_overhead_tokens = round(measure_pass_overhead(clf), 1)
         # Full-length ids tell which texts are cut; only those are tokenised again with truncation, so
         # the ids are exactly those of predict_proba (special tokens kept where the tokenizer keeps them).
         ids = tokenizer(texts, truncation=False)["input_ids"]
@@ -348,12 +360,12 @@ def classifier_predictor(classifier: Any, max_length: int, pass_overhead_tokens:
             cut_ids = tokenizer([texts[i] for i in long], truncation=True, max_length=max_length)["input_ids"]
             for i, row in zip(long, cut_ids):
                 ids[i] = row
-        probs = np.zeros((len(ids), len(classifier.labels)), dtype=np.float64)
+        probs = np.zeros((len(ids), len(clf.labels)), dtype=np.float64)
         # Autocast is per thread: entered here, in the batcher's worker, as Classifier.predict_proba does.
-        with hardware.autocast(classifier.precision):
-            for group in padding_groups([len(row) for row in ids], pass_overhead_tokens):
+        with hardware.autocast(clf.precision):
+            for group in padding_groups([len(row) for row in ids], self.pass_overhead_tokens):
                 probs[group] = predict_proba(
-                    classifier.model,
+                    clf.model,
                     tokenizer,
                     input_ids=[ids[i] for i in group],
                     batch_size=len(group),
@@ -362,4 +374,9 @@ def classifier_predictor(classifier: Any, max_length: int, pass_overhead_tokens:
                 )
         return probs, truncated
 
-    return predict
+
+def classifier_predictor(
+    classifier: Any, max_length: int, pass_overhead_tokens: float | str = "auto"
+) -> ClassifierPredictor:
+    """The server's `Predictor` for a Classifier (see `ClassifierPredictor`)."""
+    return ClassifierPredictor(classifier, max_length, pass_overhead_tokens)

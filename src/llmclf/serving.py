@@ -44,7 +44,6 @@ from llmclf.batching import (
     ServingMetrics,
     ShuttingDown,
     classifier_predictor,
-    measure_pass_overhead,
 )
 from llmclf.errors import LlmclfError
 
@@ -273,6 +272,11 @@ class Service:
             probs, _ = await self.batcher.submit([WARMUP_TEXT])
             if probs.shape != (1, len(self.labels)):
                 raise RuntimeError(f"warm-up returned shape {probs.shape}, expected (1, {len(self.labels)})")
+            # `auto` is timed by the predictor's first call, this one, in the batcher's worker thread.
+            measured = getattr(self.batcher.predictor, "pass_overhead_tokens", None)
+            if self.options.pass_overhead_tokens == "auto" and measured is not None:
+                self.options.pass_overhead_tokens = measured
+                logger.info("a forward pass costs %g tokens' worth beyond its tokens here", measured)
             self.ready = True
         except Exception as exc:
             self.warmup_error = f"{type(exc).__name__}: {exc}"
@@ -411,15 +415,6 @@ def run_server(run_dir: str, options: ServeOptions, *, quiet: bool = False, verb
         print(f"Loading classifier from {path} ...", file=sys.stderr, flush=True)
     clf = Classifier.load(path, quiet=quiet)
     options.max_length = options.max_length or clf.max_length
-    if options.pass_overhead_tokens == "auto":
-        options.pass_overhead_tokens = round(measure_pass_overhead(clf), 1)
-        if not quiet:
-            print(
-                f"A forward pass costs {options.pass_overhead_tokens:g} tokens' worth beyond its tokens "
-                "here: requests of different lengths share a pass unless padding would cost more.",
-                file=sys.stderr,
-                flush=True,
-            )
     predictor = classifier_predictor(clf, options.max_length, options.pass_overhead_tokens)
     app = create_app(clf.labels, predictor, options)
     config = uvicorn.Config(
