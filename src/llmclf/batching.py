@@ -336,8 +336,8 @@ class ClassifierPredictor:
 
     With `pass_overhead_tokens="auto"` the first call times the passes (`measure_pass_overhead`) before
     it runs: in the batcher's worker thread, where every later pass runs too. Timed from another
-    thread, the model ran 20% slower afterwards in the worker (single-text passes, 3 alternating
-    pairs of processes): each thread that runs torch's parallel regions keeps a team of threads."""
+    thread first, single-text passes in the worker ran about 20% slower afterwards (3 alternating
+    pairs of processes on 2 CPU cores; the cause was not pinned down)."""
 
     def __init__(self, classifier: Any, max_length: int, pass_overhead_tokens: float | str) -> None:
         self.classifier = classifier

@@ -307,12 +307,16 @@ def _add_serve(sub: Any, common: argparse.ArgumentParser) -> None:
         ("--max-queue", 256, "most rows waiting for a pass (more: 503 with Retry-After)"),
     ]:
         p.add_argument(flag, type=positive_int, help=f"{text} (default {default})")
-    p.add_argument("--max-wait-ms", type=float, help="longest wait before a pass for the callers just answered to send again (default 10)")
+    p.add_argument(
+        "--max-wait-ms",
+        type=float,
+        help="longest wait before a pass for the callers just answered to send again (default 10)",
+    )
     p.add_argument(
         "--pass-overhead-tokens",
         type=float_or_auto,
         help="what a forward pass costs beyond its tokens, in tokens; rows of different lengths are "
-        "split into passes where padding would cost more (default auto: timed at start)",
+        "split into passes where padding would cost more (default auto: timed by the warm-up)",
     )
     p.add_argument(
         "--max-length", type=positive_int, default=None, help="tokens per text (default: as trained)"

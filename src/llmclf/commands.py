@@ -202,8 +202,7 @@ def serve(args: argparse.Namespace) -> int:
     from llmclf.serving import ServeOptions, run_server
 
     keys = ("host", "port", "max_batch_size", "max_wait_ms", "max_texts", "max_body_bytes", "max_queue")
-    given = {
-        k: getattr(args, k) for k in keys + ("max_length", "pass_overhead_tokens") if getattr(args, k) is not None
-    }
+    keys += ("max_length", "pass_overhead_tokens")
+    given = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     options = ServeOptions(**given)
     return run_server(args.run_dir, options, quiet=args.quiet, verbose=args.verbose)
