@@ -321,6 +321,29 @@ def test_a_lone_caller_never_waits_for_company():
     assert passes == [["one"], ["two"], ["three"]]
 
 
+def test_after_a_quiet_spell_a_request_does_not_wait_for_earlier_callers():
+    """A pass answered two callers; nothing came within max_wait of it. The next request runs at once
+    instead of waiting for the second caller of long ago (which would merge it with a later request)."""
+    passes: list[list[str]] = []
+
+    def record(texts):
+        passes.append(list(texts))
+        return np.ones((len(texts), 2)) / 2, [False] * len(texts)
+
+    async def scenario():
+        batcher = DynamicBatcher(record, max_batch_size=8, max_wait_s=1.0, max_queue=100)
+        batcher.start()
+        await asyncio.gather(batcher.submit(["a"]), batcher.submit(["b"]))
+        await asyncio.sleep(1.5)  # a quiet spell, longer than max_wait
+        first = asyncio.ensure_future(batcher.submit(["x"]))
+        await asyncio.sleep(0.5)  # well inside max_wait: would have joined "x" had "x" waited
+        await asyncio.gather(first, batcher.submit(["y"]))
+        batcher.stop()
+
+    asyncio.run(scenario())
+    assert passes[-2:] == [["x"], ["y"]]
+
+
 def test_batcher_refuses_past_max_queue_and_drains_on_stop():
     gate, entered = threading.Event(), threading.Event()
 

@@ -212,7 +212,12 @@ class DynamicBatcher:
             # - Only for expected callers: a lone client is never held back waiting for company (its
             #   request runs at once), and a full set of returning callers starts the pass at once.
             # A row therefore waits at most the pass in progress plus max_wait_s.
-            deadline = max(self._pending[0][0].enqueued, self._free_since) + self.max_wait_s
+            oldest = self._pending[0][0].enqueued
+            if oldest > self._free_since + self.max_wait_s:
+                # Nothing came within max_wait_s of the last pass: its callers are not coming back
+                # together, so a request after a quiet spell runs at once.
+                self._expected_jobs = 0
+            deadline = max(oldest, self._free_since) + self.max_wait_s
             while (
                 len(self._pending) < self.max_batch_size
                 and self._queued_jobs < self._expected_jobs
