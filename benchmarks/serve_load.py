@@ -22,7 +22,6 @@ import datetime
 import http.client
 import itertools
 import json
-import logging
 import os
 import platform
 import signal
@@ -32,7 +31,6 @@ import sys
 import tempfile
 import threading
 import time
-import warnings
 from pathlib import Path
 
 import httpx
@@ -135,16 +133,14 @@ def model_ceiling(args: argparse.Namespace, texts: list[str], overhead: float) -
     """Rows/s of the server's own predictor, in this process and without HTTP, for 1 and for `clients`
     texts per call, phases alternating as above: what the model allows on this machine, the bound on
     what batching can gain here. Run after the server has exited, so the two do not share the CPU."""
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # an optional kernel package is absent
-    import transformers
+    from llmclf.cli import quiet_libraries
 
+    # As the CLI does, before the imports that load bitsandbytes and transformers: no load report
+    # (the head comes from the run, not the base model).
+    quiet_libraries()
     from llmclf.batching import classifier_predictor
     from llmclf.prediction import Classifier
 
-    # As `llmclf serve --quiet` does: no load report (the head comes from the run, not the base model).
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", category=FutureWarning)
     clf = Classifier.load(args.run, quiet=True)
     predict = classifier_predictor(clf, clf.max_length, overhead)
     predict(texts[: args.clients])  # warm-up, as the server's health check does

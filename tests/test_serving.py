@@ -264,6 +264,16 @@ def test_batcher_merges_requests_and_gives_each_caller_its_own_rows():
     assert metrics["batches"]["merged"] >= 1
 
 
+def recorder(passes: list[list[str]]):
+    """A predictor that notes each pass's texts and answers 1/2, 1/2 for every row."""
+
+    def record(texts):
+        passes.append(list(texts))
+        return np.ones((len(texts), 2)) / 2, [False] * len(texts)
+
+    return record
+
+
 def test_rows_queued_during_a_pass_wait_for_the_callers_it_answers():
     """Closed-loop clients must not split into cohorts: a row that waited out a pass still waits up
     to max_wait after the pass for the callers that pass answered, who send again at once."""
@@ -303,10 +313,7 @@ def test_a_lone_caller_never_waits_for_company():
     """One client sending request after request: nobody else is coming, so no pass waits max_wait
     (a minute here) for more rows. The old rule (wait from each arrival) would take 3 minutes."""
     passes: list[list[str]] = []
-
-    def record(texts):
-        passes.append(list(texts))
-        return np.ones((len(texts), 2)) / 2, [False] * len(texts)
+    record = recorder(passes)
 
     async def scenario():
         batcher = DynamicBatcher(record, max_batch_size=8, max_wait_s=60.0, max_queue=100)
@@ -325,10 +332,7 @@ def test_after_a_quiet_spell_a_request_does_not_wait_for_earlier_callers():
     """A pass answered two callers; nothing came within max_wait of it. The next request runs at once
     instead of waiting for the second caller of long ago (which would merge it with a later request)."""
     passes: list[list[str]] = []
-
-    def record(texts):
-        passes.append(list(texts))
-        return np.ones((len(texts), 2)) / 2, [False] * len(texts)
+    record = recorder(passes)
 
     async def scenario():
         batcher = DynamicBatcher(record, max_batch_size=8, max_wait_s=1.0, max_queue=100)

@@ -375,7 +375,8 @@ def name_flags(message: str) -> str:
     return message
 
 
-def _quiet_libraries(verbose: bool) -> None:
+def quiet_libraries(verbose: bool = False) -> None:
+    """What every command runs first: no library chatter unless --verbose (also used by benchmarks)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if verbose:
         return
@@ -395,7 +396,7 @@ def _quiet_libraries(verbose: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        _quiet_libraries(args.verbose)
+        quiet_libraries(args.verbose)
         from llmclf import commands
 
         return commands.dispatch(args)
