@@ -8,7 +8,7 @@ precision) and times, on the same 4-bit base, side by side:
   (a) the recipe's settings, written plainly with peft: LoRA r 16, alpha 8, q/k/v/o on every layer; batch
       8 in file order padded to the batch's longest; eager attention; `prepare_model_for_kbit_training`'s
       default gradient checkpointing (reentrant); inference in file order, 32 per batch;
-  (b) llmclf's defaults, through llmclf's own code (`llmclf.config` defaults, `modeling.add_lora`,
+  (b) llmclf's defaults, through llmclf's own code (`llmclf.config` defaults, `model.loading.add_lora`,
       `layer_cache`, `training.init_head_from_probe`): LoRA on every linear layer of the top fifth of
       the layers (7 of 32), r/alpha/lr/batch from `llmclf.config`; the frozen lower 25 layers run once
       per training text into the bf16 activation cache; the head starts from a linear probe on the cached
@@ -238,8 +238,8 @@ def train_llmclf(
     the top layers over length-grouped batches. One untimed round on `warm` first (kernels, allocator)."""
     from transformers.trainer_pt_utils import get_length_grouped_indices
 
-    from llmclf.layer_cache import ActivationCache, logits_from_states, pooled_features
-    from llmclf.training import init_head_from_probe
+    from llmclf.model.layer_cache import ActivationCache, logits_from_states, pooled_features
+    from llmclf.training.probe import init_head_from_probe
 
     device, dtype, start = env["device"], env["dtype"], env["start_layer"]
     lc, tc = defaults
@@ -350,10 +350,10 @@ def main(argv: list[str] | None = None) -> dict:
     import_llmclf()
     from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
 
+    from llmclf.batches import length_batches
     from llmclf.config import LoraSettings, TrainConfig
-    from llmclf.evaluation import length_batches
-    from llmclf.layer_cache import check_layers, resolve_top_layers
-    from llmclf.modeling import add_lora
+    from llmclf.model.anatomy import check_layers, resolve_top_layers
+    from llmclf.model.loading import add_lora
 
     cuda = torch.cuda.is_available() and not args.tiny
     if not cuda and not args.tiny:

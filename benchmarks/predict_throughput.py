@@ -22,8 +22,9 @@ import pandas as pd
 import torch
 
 from llmclf.data import demo_data_path
-from llmclf.evaluation import predict_proba
-from llmclf.modeling import load_classifier, resolve_model_source
+from llmclf.inference.predict import predict_proba
+from llmclf.model.loading import load_classifier
+from llmclf.model.sources import resolve_model_source
 
 
 def recipe_loop(
@@ -56,9 +57,9 @@ def main() -> None:
     parser.add_argument("--run", required=True, help="a run folder written by `llmclf train`")
     parser.add_argument("--batch-size", type=int, default=32)
     args = parser.parse_args()
-    from llmclf.config import config_from_saved
+    from llmclf.runfolder import RunFolder
 
-    args.run_config_model = config_from_saved(f"{args.run}/config.yaml").model.name
+    args.run_config_model = RunFolder(args.run).config().model.name
 
     texts = pd.read_csv(args.data, dtype=str, keep_default_na=False)[args.text_column].tolist()[: args.rows]
     from peft import PeftModel

@@ -113,7 +113,7 @@ def run_recipe(workdir: Path, model_name: str, seed: int) -> dict:
         TrainingArguments,
     )
 
-    from llmclf.modeling import resolve_model_source  # only to find the model files
+    from llmclf.model.sources import resolve_model_source  # only to find the model files
 
     started = time.perf_counter()
     train, val, test = (pd.read_csv(workdir / f"{n}.csv", dtype=str, keep_default_na=False) for n in ("train", "val", "test"))
@@ -211,7 +211,7 @@ def run_llmclf(workdir: Path, args: argparse.Namespace) -> dict:
 
     from llmclf import Classifier
     from llmclf.config import build_config
-    from llmclf.pipeline import run_training
+    from llmclf.training.pipeline import run_training
 
     overlay = {
         "data": {
@@ -237,7 +237,7 @@ def run_llmclf(workdir: Path, args: argparse.Namespace) -> dict:
     n_train = sum(json.loads((result.output / "data_summary.json").read_text())["counts"]["train"].values())
 
     test = pd.read_csv(workdir / "test.csv", dtype=str, keep_default_na=False)
-    clf = Classifier.load(result.output, quiet=True)
+    clf = Classifier.load(result.output)
     clf.predict(test["text"].tolist()[:32])  # warm-up
     tick = time.perf_counter()
     predicted = clf.predict(test["text"].tolist())
@@ -277,7 +277,7 @@ def tfidf_baseline(workdir: Path) -> dict:
 
 # ------------------------------------------------------------------------------------------ main
 def child(side: str, workdir: Path, args: argparse.Namespace) -> None:
-    from llmclf.pipeline import set_threads
+    from llmclf.runtime import set_threads
 
     set_threads()
     result = run_recipe(workdir, args.model, args.seed) if side == "recipe" else run_llmclf(workdir, args)

@@ -133,16 +133,16 @@ def model_ceiling(args: argparse.Namespace, texts: list[str], overhead: float) -
     """Rows/s of the server's own predictor, in this process and without HTTP, for 1 and for `clients`
     texts per call, phases alternating as above: what the model allows on this machine, the bound on
     what batching can gain here. Run after the server has exited, so the two do not share the CPU."""
-    from llmclf.cli import quiet_libraries
+    from llmclf.runtime import quiet_libraries
 
     # As the CLI does, before the imports that load bitsandbytes and transformers: no load report
     # (the head comes from the run, not the base model).
     quiet_libraries()
-    from llmclf.batching import classifier_predictor
-    from llmclf.prediction import Classifier
+    from llmclf.inference.classifier import Classifier
+    from llmclf.serve.batcher import ClassifierPredictor
 
-    clf = Classifier.load(args.run, quiet=True)
-    predict = classifier_predictor(clf, clf.max_length, overhead)
+    clf = Classifier.load(args.run)
+    predict = ClassifierPredictor(clf, clf.max_length, overhead)
     predict(texts[: args.clients])  # warm-up, as the server's health check does
     done = {1: [0, 0.0], args.clients: [0, 0.0]}
     position = 0

@@ -7,6 +7,7 @@ Its tokenizer has no pad token on purpose, like Llama's.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -156,3 +157,14 @@ def trained_run(tmp_path_factory, tiny_model_dir, small_csv) -> Path:
     out = tmp_path_factory.mktemp("runs") / "run"
     assert train_tiny(small_csv, tiny_model_dir, out) == 0
     return out
+
+
+@contextlib.contextmanager
+def propagating(name: str):
+    """Let pytest's caplog see a logger's records: the CLI stops `llmclf` from propagating to the root."""
+    logger = logging.getLogger(name)
+    before, logger.propagate = logger.propagate, True
+    try:
+        yield
+    finally:
+        logger.propagate = before

@@ -1,9 +1,10 @@
 import pytest
 import yaml
 
-from llmclf.cli import build_parser, train_overrides
-from llmclf.config import build_config, config_from_saved, load_config
+from llmclf.cli.parser import build_parser, train_overrides
+from llmclf.config import build_config, load_config
 from llmclf.errors import LlmclfError
+from llmclf.runfolder import CONFIG, RunFolder
 
 
 def test_recipe_preset_is_the_recipe():
@@ -57,8 +58,9 @@ def test_invalid_values_name_the_key_and_the_allowed_values(overlay, needle):
 
 def test_saved_config_round_trips(tmp_path):
     c = build_config({"data": {"path": "x.csv", "val_per_class": 2, "train_per_class": 3}, "lora": {"r": 4}})
-    c.save(tmp_path / "config.yaml")
-    assert config_from_saved(tmp_path / "config.yaml") == c
+    run = RunFolder(tmp_path)
+    run.write_text(CONFIG, c.to_yaml())
+    assert run.config() == c
 
 
 def test_missing_config_file_is_a_clear_error(tmp_path):
@@ -81,7 +83,7 @@ def test_inference_sizes_must_be_positive(value, capsys):
 
 
 def test_recipe_preset_sits_under_yaml_and_flags(tmp_path):
-    from llmclf.cli import build_parser, train_overrides
+    from llmclf.cli.parser import build_parser, train_overrides
     from llmclf.config import PRESETS
 
     recipe = build_config({"preset": "recipe"})

@@ -18,8 +18,9 @@ import pandas as pd
 import pytest
 
 from conftest import TRAIN_ARGS
+from llmclf.batches import shard_indices
 from llmclf.data import load_splits
-from llmclf.distributed import reassemble, shard_indices
+from llmclf.inference.predict import reassemble
 
 # Installed in the launched workers through PYTHONPATH: the non-zero ranks record every file they
 # create, open for writing, rename or delete under the run folder (Python audit events).
@@ -171,7 +172,7 @@ def check_run(out: Path, small_csv: Path) -> tuple[dict, dict, np.ndarray]:
     assert hits == pytest.approx(metrics["after"]["accuracy"])
 
     # Loads like a single-process run and reproduces the saved probabilities.
-    from llmclf.prediction import Classifier
+    from llmclf.inference.classifier import Classifier
 
     clf = Classifier.load(out)
     again = clf.predict_proba(predictions["text"].tolist())

@@ -17,8 +17,9 @@ import torch
 from conftest import saved_probs, train_tiny
 from llmclf import Classifier
 from llmclf.cli import main
-from llmclf.layer_cache import ActivationCache, check_layers, logits_from_states
-from llmclf.modeling import add_lora, load_classifier
+from llmclf.model.anatomy import check_layers
+from llmclf.model.layer_cache import ActivationCache, logits_from_states
+from llmclf.model.loading import add_lora, load_classifier
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 bnb = pytest.importorskip("bitsandbytes") if torch.cuda.is_available() else None

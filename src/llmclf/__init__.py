@@ -1,27 +1,39 @@
-"""llmclf: turn a decoder LLM into a text classifier by (Q)LoRA fine-tuning."""
+"""llmclf: turn a decoder LLM into a text classifier by (Q)LoRA fine-tuning.
+
+from llmclf import Classifier, RunConfig, load_config, train
+
+result = train(load_config("examples/demo.yaml"))   # the run folder, metrics before/after, seconds
+clf = Classifier.load(result.output)
+clf.predict(["Stocks rallied after the rate cut"])
+"""
 
 import os
 
 from llmclf.errors import LlmclfError
+from llmclf.version import __version__
 
+# oneDNN keeps one compiled kernel per input shape in two caches (1,024 entries each by default), and
+# texts come in every length: capped so that a bf16 process stops growing (docs/performance.md). Read at
+# the first oneDNN call, so set on import; a value the user set wins.
 KERNEL_CACHE_CAPACITY = "64"
-"""oneDNN, which runs bf16 matmuls on CPU, keeps a compiled kernel per input shape: up to 1,024 in each
-of two caches (oneDNN's and PyTorch's ideep LRU). Texts come in every length, so with the defaults a
-bf16 process grew by ~16 MiB per new length, 1.3 GiB over one AG News epoch; 64 entries hold one
-training step's shapes and stop the growth (and ran 15% faster). Read at the first oneDNN call, so set
-here, on import; a value the user set wins."""
 for _name in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
     os.environ.setdefault(_name, KERNEL_CACHE_CAPACITY)
 
-__version__ = "0.1.0"
-
-__all__ = ["Classifier", "LlmclfError", "__version__"]
+__all__ = ["Classifier", "LlmclfError", "RunConfig", "RunResult", "__version__", "load_config", "train"]
 
 
 def __getattr__(name: str):
-    # Lazy so that `import llmclf` (and `llmclf --help`) does not pay for importing torch.
+    # Lazy, so that `import llmclf` (and `llmclf --help`, `report`, `compare`) does not import torch.
     if name == "Classifier":
-        from llmclf.prediction import Classifier
+        from llmclf.inference.classifier import Classifier
 
         return Classifier
+    if name in ("train", "RunResult"):
+        from llmclf.training import pipeline
+
+        return pipeline.run_training if name == "train" else pipeline.RunResult
+    if name in ("RunConfig", "load_config"):
+        from llmclf import config
+
+        return getattr(config, name)
     raise AttributeError(name)

@@ -10,7 +10,7 @@ and command-line flags. The YAML file has one mapping per section:
     train: {epochs: 1, lr: 1.0e-4}
     output: runs/news
 
-`preset: recipe` (or `--preset recipe`) starts from the notebook's own settings instead of llmclf's
+`preset: recipe` (or `--preset recipe`) starts from the recipe's own settings (README) instead of llmclf's
 defaults; the file and flags still override it.
 The resolved configuration is saved as `config.yaml` next to every trained model.
 """
@@ -212,7 +212,7 @@ class TrainConfig:
     """With lora.layers set: keep the frozen layers' outputs in `memory`, also on `disk` (bf16, reused
     by later runs on the same model and texts), or `off` (run the whole model every step)."""
     gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass (non-reentrant): less memory, ~30% slower steps."""
+    """Recompute activations in the backward pass (non-reentrant): less memory, slower steps."""
     save_steps: int | None = None
     """Also write a checkpoint every this many optimizer steps (for `--resume` mid-epoch). Empty: each
     epoch only."""
@@ -261,8 +261,6 @@ class TrainConfig:
             self.gradient_checkpointing,
             "true or false",
         )
-        from llmclf.progress import report_to_list  # imports transformers: only when a config is built
-
         report_to_list(self.report_to)  # names transformers knows; installed-ness is checked at training
 
 
@@ -284,11 +282,11 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False), encoding="utf-8")
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-SECTIONS: dict[str, type] = {
+CONFIG_SECTIONS: dict[str, type] = {
     "data": DataConfig,
     "model": ModelConfig,
     "lora": LoraSettings,
@@ -314,7 +312,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         },
     },
 }
-"""Named sets of values under the YAML file and flags. `recipe`: the notebook's own settings."""
+"""Named sets of values under the YAML file and flags. `recipe`: the hand-made recipe llmclf productises
+(r 16, alpha 8, q/k/v/o, lr 1e-4, batch 8, one epoch, every layer, a random head)."""
 
 
 def build_config(overlay: dict[str, Any] | None = None) -> RunConfig:
@@ -327,13 +326,13 @@ def build_config(overlay: dict[str, Any] | None = None) -> RunConfig:
                 f"Invalid config value preset={preset!r}: allowed values are {', '.join(PRESETS)}."
             )
         overlay = merge(PRESETS[preset], overlay)
-    unknown = set(overlay) - set(SECTIONS) - {"output"}
+    unknown = set(overlay) - set(CONFIG_SECTIONS) - {"output"}
     if unknown:
         raise LlmclfError(
-            f"Unknown config section(s) {sorted(unknown)}: allowed are {sorted(SECTIONS) + ['output']}."
+            f"Unknown config section(s) {sorted(unknown)}: allowed are {sorted(CONFIG_SECTIONS) + ['output']}."
         )
     sections: dict[str, Any] = {}
-    for name, cls in SECTIONS.items():
+    for name, cls in CONFIG_SECTIONS.items():
         values = overlay.get(name) or {}
         if not isinstance(values, dict):
             raise LlmclfError(
@@ -355,12 +354,19 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise LlmclfError(f"Config file not found: {p}. Give the path of a YAML file (see examples/).")
+    return parse_yaml(p.read_text(encoding="utf-8"), p)
+
+
+def parse_yaml(text: str, source: str | Path) -> dict[str, Any]:
+    """A config file's mapping; `source` names the file in errors."""
     try:
-        loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        loaded = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
-        raise LlmclfError(f"Config file {p} is not valid YAML: {exc}") from None
+        raise LlmclfError(f"Config file {source} is not valid YAML: {exc}") from None
     if not isinstance(loaded, dict):
-        raise LlmclfError(f"Config file {p} must hold a mapping with sections data/model/lora/train/output.")
+        raise LlmclfError(
+            f"Config file {source} must hold a mapping with sections data/model/lora/train/output."
+        )
     return loaded
 
 
@@ -381,6 +387,39 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     return build_config(merge(base, overrides or {}))
 
 
-def config_from_saved(path: str | Path) -> RunConfig:
-    """The resolved config saved in a run folder."""
-    return build_config(read_yaml(path))
+EXTRAS = {"tensorboard": "pip install 'llmclf[tensorboard]'"}
+
+
+def report_to_list(value: str | list[str], *, require_installed: bool = False) -> list[str]:
+    """`train.report_to` as the list of Trainer integrations it names, or an error naming the fix.
+
+    Accepts `none`, `all`, one name or a comma-separated list of the names transformers knows. With
+    `require_installed` (at training time, not when a saved config is read elsewhere) each named
+    integration's package must be importable.
+    """
+    names = [v.strip() for v in (value.split(",") if isinstance(value, str) else value) if v.strip()]
+    if names in ([], ["none"]):
+        return []
+    from transformers.integrations.integration_utils import (
+        INTEGRATION_TO_CALLBACK,
+        get_available_reporting_integrations,
+    )
+
+    if names == ["all"]:
+        return get_available_reporting_integrations() if require_installed else ["all"]
+    known = sorted(INTEGRATION_TO_CALLBACK)
+    unknown = [n for n in names if n not in INTEGRATION_TO_CALLBACK]
+    if unknown:
+        raise LlmclfError(
+            f"Invalid config value train.report_to={value!r}: {unknown} not known to transformers. Allowed: "
+            f"none, all, or a comma-separated list of {', '.join(known)}."
+        )
+    if require_installed:
+        available = set(get_available_reporting_integrations())
+        absent = [n for n in names if n not in available]
+        if absent:
+            how = "; ".join(EXTRAS.get(n, f"pip install {n}") for n in absent)
+            raise LlmclfError(
+                f"--report-to {','.join(absent)}: the package is not installed. Install it: {how}"
+            )
+    return names

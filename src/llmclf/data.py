@@ -27,7 +27,7 @@ TABLE_SUFFIXES = {".csv", ".tsv", ".jsonl", ".ndjson", ".json", ".parquet", ".pq
 
 
 def demo_data_path() -> Path:
-    """The bundled news-topic demo data (written by `llmclf.demo_data`)."""
+    """The bundled news-topic demo data (written by tools/demo_data.py)."""
     return Path(str(resources.files("llmclf") / "resources" / "demo_news.csv"))
 
 

@@ -2,15 +2,13 @@
 
 The Hugging Face Trainer already shards the training data and averages gradients (DDP) or shards the
 model (FSDP) once the launcher's environment variables are set. What llmclf does around the Trainer
-must be made multi-process here (under FSDP, where no process holds the whole model, fsdp.py runs the
-evaluation, the probe and the saving through the Trainer instead):
+must be made multi-process; this module owns the process group and what the processes share:
 
 - the model source is resolved (GGUF conversion, hub download) by the main process first, the others
   wait and then find it cached;
 - only the main process clears and writes the run folder and prints the report;
-- every process loads the same seeded splits; the class weights are checked to be identical;
-- test-set evaluation is sharded: each process scores every `world`-th row of the length-sorted order
-  (balanced work, little padding), the shards are gathered, and every row is scored exactly once.
+- every process loads the same seeded splits; the class weights are checked to be identical
+  (`check_identical`); the test split is scored in shards (inference/predict.py) and gathered here.
 
 Single-process runs take none of these paths: every helper falls back to the plain behaviour.
 """
@@ -19,10 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any
 
-import numpy as np
 import torch
 
 from llmclf.errors import LlmclfError
@@ -39,7 +36,7 @@ def cpu_processes() -> bool:
     return launched() and not torch.cuda.is_available()
 
 
-def fsdp() -> bool:
+def fsdp_launch() -> bool:
     """`accelerate launch` with an FSDP config (it sets ACCELERATE_USE_FSDP for the workers)."""
     return os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
 
@@ -51,13 +48,17 @@ def _state() -> Any:
     return PartialState(cpu=cpu_processes())
 
 
-def setup() -> None:
-    """Join the process group now when launched, so barriers work before the Trainer exists."""
-    from llmclf import fsdp as fsdp_support  # (it imports this module)
-
-    fsdp_support.check_launch()
+@contextlib.contextmanager
+def session() -> Iterator[None]:
+    """Join the process group for the block when launched (so barriers work before the Trainer exists);
+    leave it at the end, once every process got there (rank 0's writes are done). After an error the
+    group is left as it is: the other processes may never reach a barrier."""
     if launched():
         _state()
+    yield
+    if active():
+        barrier()
+        torch.distributed.destroy_process_group()
 
 
 def active() -> bool:
@@ -102,13 +103,6 @@ def cuda_device() -> torch.device:
     return torch.device("cuda", local_rank())
 
 
-def shutdown() -> None:
-    """Leave the process group at the end of a launched run (avoids torch's exit-time warning)."""
-    if active():
-        barrier()
-        torch.distributed.destroy_process_group()
-
-
 # ------------------------------------------------------------------------------------- consistency
 def all_gather(value: Any) -> list[Any]:
     """Every process's `value`, in rank order (just `[value]` in one process)."""
@@ -128,75 +122,3 @@ def check_identical(value: Any, what: str) -> None:
             f"The {what} differ between processes (ranks {differing} vs rank 0): each process must read the "
             "same data with the same seed. Give every process the same --data file and --seed."
         )
-
-
-# ---------------------------------------------------------------------------------- sharded scoring
-def shard_indices(lengths: Sequence[int], world: int, rank_: int) -> np.ndarray:
-    """Row indices scored by process `rank_`: every `world`-th row of the longest-first order.
-
-    Striding (rather than contiguous blocks) gives every process rows of similar lengths, so they
-    finish together; each shard is still sorted by length, so batches pad little.
-    """
-    order = np.argsort(np.asarray(lengths, dtype=np.int64), kind="stable")[::-1]
-    return order[rank_::world]
-
-
-def reassemble(parts: Sequence[tuple[np.ndarray, np.ndarray]], n: int, width: int) -> np.ndarray:
-    """Put the gathered (row indices, rows) shards back in input order; every row exactly once."""
-    out = np.zeros((n, width), dtype=np.float64)
-    seen = np.zeros(n, dtype=np.int64)
-    for idx, rows in parts:
-        idx = np.asarray(idx, dtype=np.int64)
-        out[idx] = rows
-        np.add.at(seen, idx, 1)
-    if n and not (seen == 1).all():
-        raise RuntimeError(f"sharded scoring covered rows {int((seen == 1).sum())}/{n} exactly once")
-    return out
-
-
-def sharded_predict_proba(
-    model: Any,
-    tokenizer: Any,
-    input_ids: list[list[int]],
-    *,
-    batch_size: int,
-    desc: str,
-    progress: bool | None = None,
-) -> np.ndarray:
-    """`evaluation.predict_proba` over all rows, the work split across processes; all get the result."""
-    from llmclf.evaluation import predict_proba
-
-    if not active():
-        return predict_proba(
-            model, tokenizer, input_ids=input_ids, batch_size=batch_size, desc=desc, progress=progress
-        )
-    idx = shard_indices([len(ids) for ids in input_ids], world_size(), rank())
-    local = predict_proba(
-        model,
-        tokenizer,
-        input_ids=[input_ids[i] for i in idx],
-        batch_size=batch_size,
-        desc=desc,
-        progress=False if not is_main() else progress,
-    )
-    return reassemble(all_gather((idx, local)), len(input_ids), model.config.num_labels)
-
-
-def evaluate(
-    model: Any,
-    tokenizer: Any,
-    input_ids: list[list[int]],
-    label_ids: list[int],
-    labels: list[str],
-    *,
-    batch_size: int,
-    desc: str,
-    progress: bool | None = None,
-) -> tuple[dict, np.ndarray]:
-    """Metrics over the whole test split (scored once, sharded when launched) and the probabilities."""
-    from llmclf.evaluation import compute_metrics
-
-    probs = sharded_predict_proba(
-        model, tokenizer, input_ids, batch_size=batch_size, desc=desc, progress=progress
-    )
-    return compute_metrics(label_ids, probs.argmax(axis=1), labels), probs

@@ -1,5 +1,4 @@
-"""Progress for long steps (a tqdm bar on a terminal, plain lines in a log, nothing when quiet), and the
-Trainer's experiment-logging integrations (`--report-to`).
+"""Progress for long steps: a tqdm bar on a terminal, plain lines in a log, nothing when quiet.
 
 A bar redraws itself with carriage returns, which is right on a terminal and turns a log file (CI,
 `nohup`, `tee`) into one unreadable line. When the progress stream is not a terminal we print whole
@@ -9,11 +8,13 @@ and how long is left. Progress goes to stderr, so stdout keeps only results.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
 import sys
 import time
-from typing import Any, TextIO
-
-from transformers import TrainerCallback
+from collections.abc import Iterator
+from typing import TextIO
 
 DEFAULT_INTERVAL = 10.0  # seconds between plain lines
 
@@ -85,108 +86,53 @@ class Progress:
             self.bar.close()
 
 
-class PlainProgressCallback(TrainerCallback):
-    """Trainer progress as whole lines (no carriage returns): step, epoch, loss, rows/s, time left.
+class Timings:
+    """Seconds spent in each named step of a run: `with timings("train"): ...`; `timings.seconds` holds them."""
 
-    Prints at each Trainer log event (every `logging_steps`) and after each evaluation, so a log file
-    shows the run's course line by line; used instead of the tqdm bar when stderr is not a terminal.
-    """
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
 
-    def __init__(self, stream: TextIO | None = None) -> None:
-        self.stream = stream
-        self.started = time.monotonic()
-
-    def _write(self, text: str) -> None:
-        stream = self.stream or sys.stderr
-        stream.write(text + "\n")
-        stream.flush()
-
-    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.started = time.monotonic()
-        if state.is_world_process_zero:
-            self._write(f"training: {state.max_steps} steps, {args.num_train_epochs:g} epoch(s)")
-
-    def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
-        if not state.is_world_process_zero or not logs or "loss" not in logs:
-            return
-        step, total = state.global_step, max(state.max_steps, 1)
-        elapsed = max(time.monotonic() - self.started, 1e-9)
-        rows = step * args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
-        left = (total - step) * elapsed / step if step else 0.0
-        self._write(
-            f"training: step {step}/{total} ({100 * step / total:.0f}%) | epoch {state.epoch or 0:.2f} | "
-            f"loss {float(logs['loss']):.4f} | {rows / elapsed:.1f} rows/s | "
-            f"{clock(elapsed)} elapsed, {clock(left)} left"
-        )
-
-    def on_evaluate(
-        self, args: Any, state: Any, control: Any, metrics: dict | None = None, **kwargs: Any
-    ) -> None:
-        if not state.is_world_process_zero or not metrics:
-            return
-        shown = [
-            f"{k.removeprefix('eval_')} {float(v):.4f}"
-            for k, v in metrics.items()
-            if k in ("eval_loss", "eval_accuracy", "eval_balanced_accuracy")
-        ]
-        self._write(
-            f"validation at step {state.global_step} (epoch {state.epoch or 0:.2f}): " + ", ".join(shown)
-        )
-
-    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if state.is_world_process_zero:
-            self._write(
-                f"training done: {state.global_step} steps in {clock(time.monotonic() - self.started)}"
-            )
+    @contextlib.contextmanager
+    def __call__(self, step: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[step] = time.perf_counter() - started
 
 
-# ------------------------------------------------------------------------------------ experiment logging
-TENSORBOARD_DIR = "tensorboard"  # inside the run folder: kept, unlike the deleted checkpoints folder
-EXTRAS = {"tensorboard": "pip install 'llmclf[tensorboard]'"}
+class MainProcessOnly(logging.Filter):
+    """Passes records of the main process only (global rank 0 under torchrun / accelerate launch)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return os.environ.get("RANK", "0") == "0"
 
 
-def report_to_list(value: str | list[str], *, require_installed: bool = False) -> list[str]:
-    """`train.report_to` as the list of Trainer integrations it names, or an error naming the fix.
+class _StderrHandler(logging.StreamHandler):
+    """Writes to sys.stderr as it is at each record (a redirection or a test may swap it)."""
 
-    Accepts `none`, `all`, one name or a comma-separated list of the names transformers knows. With
-    `require_installed` (at training time, not when a saved config is read elsewhere) each named
-    integration's package must be importable.
-    """
-    from transformers.integrations.integration_utils import (
-        INTEGRATION_TO_CALLBACK,
-        get_available_reporting_integrations,
-    )
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
 
-    from llmclf.errors import LlmclfError
+    @property  # type: ignore[override]
+    def stream(self) -> TextIO:
+        return sys.stderr
 
-    names = [v.strip() for v in (value.split(",") if isinstance(value, str) else value) if v.strip()]
-    if names in ([], ["none"]):
-        return []
-    if names == ["all"]:
-        return get_available_reporting_integrations() if require_installed else ["all"]
-    known = sorted(INTEGRATION_TO_CALLBACK)
-    unknown = [n for n in names if n not in INTEGRATION_TO_CALLBACK]
-    if unknown:
-        raise LlmclfError(
-            f"Invalid config value train.report_to={value!r}: {unknown} not known to transformers. Allowed: "
-            f"none, all, or a comma-separated list of {', '.join(known)}."
-        )
-    if require_installed:
-        available = set(get_available_reporting_integrations())
-        absent = [n for n in names if n not in available]
-        if absent:
-            how = "; ".join(EXTRAS.get(n, f"pip install {n}") for n in absent)
-            raise LlmclfError(
-                f"--report-to {','.join(absent)}: the package is not installed. Install it: {how}"
-            )
-    return names
+    @stream.setter
+    def stream(self, value: TextIO) -> None:
+        pass
 
 
-def send_tensorboard_to(trainer: Any, folder: str) -> None:
-    """TensorBoard events into `folder` (the run folder's tensorboard/), unless TENSORBOARD_LOGGING_DIR says
-    otherwise; the Trainer's default is under output_dir, the checkpoints folder we delete."""
-    from transformers.integrations import TensorBoardCallback
-
-    for callback in trainer.callback_handler.callbacks:
-        if isinstance(callback, TensorBoardCallback) and callback.logging_dir is None:
-            callback.logging_dir = folder
+def log_to_stderr(quiet: bool) -> None:
+    """What the command line shows of llmclf's log: notes and progress as plain lines on stderr (the
+    main process only), nothing but warnings with --quiet. Library callers see only warnings."""
+    logger = logging.getLogger("llmclf")
+    for handler in [h for h in logger.handlers if getattr(h, "llmclf_cli", False)]:
+        logger.removeHandler(handler)
+    handler = _StderrHandler()
+    handler.llmclf_cli = True  # type: ignore[attr-defined]
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.addFilter(MainProcessOnly())
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    logger.propagate = False

@@ -1,0 +1,211 @@
+"""What each subcommand does, once its arguments are parsed (cli/parser.py). Heavy imports (torch, the
+model) happen inside the commands that run a model: `report` and `compare` never load torch."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from llmclf import runtime
+from llmclf.cli.parser import name_flags, train_overrides
+from llmclf.config import load_config
+from llmclf.data import clean_frame, read_table
+from llmclf.errors import LlmclfError
+from llmclf.reports import console
+from llmclf.runfolder import RunFolder, atomic_write, prob_column, write_json
+
+log = logging.getLogger("llmclf")
+
+WRITERS = {".csv", ".tsv", ".jsonl", ".ndjson", ".parquet", ".pq"}
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    commands = {"train": train, "predict": predict, "evaluate": evaluate, "export": export}
+    commands.update(serve=serve, report=report, compare=compare)
+    if args.command not in ("report", "compare"):  # these read files only
+        runtime.set_threads()
+    return commands[args.command](args)
+
+
+def train(args: argparse.Namespace) -> int:
+    from llmclf.training.pipeline import run_training
+
+    try:
+        config = load_config(args.config, train_overrides(args))
+    except LlmclfError as exc:
+        raise LlmclfError(name_flags(str(exc))) from None
+    result = run_training(config, overwrite=args.overwrite, quiet=args.quiet, resume=args.resume)
+    if result.written:  # the result, printed even with --quiet (under a launcher by rank 0 alone)
+        print(console.full_report(result.metrics["before"], result.metrics["after"]), flush=True)
+        print(f"\nRun folder: {result.output}  ({result.seconds:.0f} s)", flush=True)
+    return 0
+
+
+def _load(args: argparse.Namespace):
+    from llmclf.inference.classifier import Classifier
+
+    log.info("Loading classifier from %s ...", args.run_dir)
+    clf = Classifier.load(args.run_dir)
+    clf.batch_size = args.batch_size or clf.batch_size
+    clf.max_length = args.max_length or clf.max_length
+    return clf
+
+
+def _single_frame(spec: str) -> pd.DataFrame:
+    table = read_table(spec)
+    if len(table.frames) > 1:
+        raise LlmclfError(f"{spec} holds several splits {list(table.frames)}: give one file.")
+    return next(iter(table.frames.values()))
+
+
+def write_table(frame: pd.DataFrame, path: Path) -> None:
+    """Write by extension, through a temporary file, so a failed run leaves no half-written output."""
+    suffix = path.suffix.lower()
+    if suffix not in WRITERS:
+        raise LlmclfError(f"Output {path}: unsupported extension '{suffix}'. Use one of {sorted(WRITERS)}.")
+
+    def write(tmp: Path) -> None:
+        if suffix in (".csv", ".tsv"):
+            frame.to_csv(tmp, index=False, sep="\t" if suffix == ".tsv" else ",", float_format="%.9g")
+        elif suffix in (".jsonl", ".ndjson"):
+            frame.to_json(tmp, orient="records", lines=True, force_ascii=False)
+        else:
+            frame.to_parquet(tmp, index=False)
+
+    atomic_write(path, write)
+
+
+def _note_truncated(clf, texts: list[str], source: str) -> None:
+    """Say how many texts are longer than the classifier's max_length (they are truncated, not refused)."""
+    lengths = [len(ids) for ids in clf.tokenizer(texts, truncation=False)["input_ids"]]
+    n = sum(length > clf.max_length for length in lengths)
+    if n:
+        log.warning("note: %s: %d text(s) longer than %d tokens truncated.", source, n, clf.max_length)
+
+
+def predict(args: argparse.Namespace) -> int:
+    if args.input and not args.output:
+        raise LlmclfError(
+            "--input needs --output FILE (.csv, .jsonl or .parquet) to write the predictions to."
+        )
+    run = RunFolder.open(args.run_dir)
+    if args.text:
+        clf = _load(args)
+        probs = clf.predict_proba(args.text)
+        for text, row in zip(args.text, probs):
+            ranked = sorted(zip(clf.labels, row), key=lambda kv: -kv[1])
+            print(
+                json.dumps(
+                    {
+                        "text": text,
+                        "label": ranked[0][0],
+                        "probabilities": {k: round(float(v), 6) for k, v in ranked},
+                    },
+                    ensure_ascii=False,
+                )
+            )
+        return 0
+    text_column = args.text_column or run.config().data.text_column
+    frame = _single_frame(args.input)  # the input is checked before the model loads
+    # Empty texts are an error naming their rows; with --drop-invalid they stay in the output, unlabelled.
+    notes: list[str] = []
+    valid = clean_frame(frame, args.input, text_column, None, drop_invalid=args.drop_invalid, notes=notes)
+    keep = (valid["row"] - 1).to_numpy()
+    clf = _load(args)
+    added = [args.prediction_column] + [prob_column(label) for label in clf.labels]
+    clash = [c for c in added if c in frame.columns]
+    if clash:
+        raise LlmclfError(
+            f"{args.input} already has column(s) {clash}, which predict would add. Pass --prediction-column "
+            "with another name, or rename those columns."
+        )
+    texts = valid["text"].tolist()
+    _note_truncated(clf, texts, args.input)
+    probs = clf.predict_proba(texts, progress=None if not args.quiet else False)
+    out = frame.copy()
+    predicted: list[str | None] = [None] * len(frame)
+    for row, i in zip(keep, probs.argmax(axis=1)):
+        predicted[row] = clf.labels[i]
+    out[args.prediction_column] = predicted
+    for i, label in enumerate(clf.labels):
+        column = np.full(len(frame), np.nan)
+        column[keep] = probs[:, i]
+        out[prob_column(label)] = column
+    for note in notes:
+        log.warning("note: %s", note.replace("dropped", "left unlabelled"))
+    write_table(out, Path(args.output))
+    log.info("Wrote %d rows to %s", len(out), args.output)
+    return 0
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    saved = RunFolder.open(args.run_dir).config()
+    text_column = args.text_column or saved.data.text_column
+    label_column = args.label_column or saved.data.label_column
+    frame = clean_frame(
+        _single_frame(args.data), args.data, text_column, label_column, drop_invalid=args.drop_invalid
+    )
+    clf = _load(args)
+    _note_truncated(clf, frame["text"].tolist(), args.data)
+    metrics, _ = clf.evaluate(
+        frame["text"].tolist(), frame["label"].tolist(), progress=False if args.quiet else None
+    )
+    output = (
+        Path(args.output) if args.output else Path(args.run_dir) / f"evaluation_{Path(args.data).stem}.json"
+    )
+    write_json(output, {"data": str(args.data), **metrics})
+    print(console.full_report(None, metrics))
+    print(f"\nMetrics written to {output}")
+    return 0
+
+
+def export(args: argparse.Namespace) -> int:
+    from llmclf.inference.classifier import Classifier
+    from llmclf.reports.modelcard import write_model_card
+
+    out = Path(args.output).expanduser()
+    if out.exists() and any(out.iterdir()):
+        raise LlmclfError(f"Export folder {out} is not empty. Choose an empty or new folder.")
+    clf = Classifier.load(args.run_dir, full_precision=True)
+    merged = clf.merged_model()
+    merged.save_pretrained(str(out))  # safetensors
+    # Plain users who pass truncation=True then truncate where training did.
+    clf.tokenizer.model_max_length = clf.max_length
+    clf.tokenizer.save_pretrained(str(out))
+    write_model_card(args.run_dir, out)  # README.md: labels, data, metrics, intended use, base licence
+    if not args.quiet:
+        print(f"Exported a merged model ({len(clf.labels)} labels) to {out}")
+    return 0
+
+
+def report(args: argparse.Namespace) -> int:
+    from llmclf.reports.run_report import build_report
+
+    path = build_report(args.run_dir, top=args.top)
+    print(f"Report written to {path} (and report.md, PNGs beside it)")
+    return 0
+
+
+def compare(args: argparse.Namespace) -> int:
+    from llmclf.reports.compare import compare_runs, write_comparison
+
+    headers, rows = compare_runs(args.run_dirs)
+    print(console.table(headers, rows, title="Runs compared (config keys that differ, then test metrics)"))
+    if args.output:
+        print(f"\nWritten to {write_comparison(headers, rows, args.output)}")
+    return 0
+
+
+def serve(args: argparse.Namespace) -> int:
+    from llmclf.serve.app import ServeOptions, run_server
+
+    keys = ("host", "port", "max_batch_size", "max_wait_ms", "max_texts", "max_body_bytes", "max_queue")
+    keys += ("max_length", "pass_overhead_tokens")
+    given = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+    options = ServeOptions(**given)
+    return run_server(args.run_dir, options, quiet=args.quiet, verbose=args.verbose)

@@ -1,0 +1,369 @@
+"""The command line's parser: every subcommand's flags, and the train flags as config overrides."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from typing import Any
+
+from llmclf.config import (
+    ACTIVATION_CACHE_CHOICES,
+    ATTN_CHOICES,
+    CLASS_WEIGHT_CHOICES,
+    HEAD_INIT_CHOICES,
+    PRECISION_CHOICES,
+    PRESETS,
+    QUANTIZE_CHOICES,
+    SCHEDULER_CHOICES,
+)
+
+
+def int_or_auto(value: str) -> int | str:
+    """argparse type of --eval-batch-size: a whole number or `auto`."""
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number or auto, found {value!r}") from None
+
+
+def float_or_auto(value: str) -> float | str:
+    """argparse type of serve --pass-overhead-tokens: a finite number >= 0 or `auto`."""
+    if value == "auto":
+        return value
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if not 0 <= number < math.inf:
+        raise argparse.ArgumentTypeError(f"expected a number of 0 or more, or auto, found {value!r}")
+    return number
+
+
+def layers_value(value: str) -> int | str:
+    """argparse type of --lora-layers: a whole number, `auto` or `all`."""
+    if value in ("auto", "all"):
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, auto or all, found {value!r}") from None
+
+
+# flag, config section (None: top level), field, type, help
+TRAIN_FLAGS: list[tuple[str, str | None, str, Any, str]] = [
+    (
+        "--data",
+        "data",
+        "path",
+        str,
+        "CSV/TSV/JSONL/Parquet file, datasets folder, hub dataset name, or 'demo'",
+    ),
+    ("--text-column", "data", "text_column", str, "column with the text (default: text)"),
+    ("--label-column", "data", "label_column", str, "column with the label (default: label)"),
+    ("--eval-data", "data", "eval_data", str, "separate labelled file used as the test split"),
+    ("--train-per-class", "data", "train_per_class", int, "training examples sampled per class"),
+    ("--val-per-class", "data", "val_per_class", int, "validation examples sampled per class"),
+    ("--test-per-class", "data", "test_per_class", int, "test examples sampled per class"),
+    ("--val-fraction", "data", "val_fraction", float, "share of each class for validation (default 0.1)"),
+    ("--test-fraction", "data", "test_fraction", float, "share of each class for test (default 0.1)"),
+    ("--max-length", "data", "max_length", int, "tokens per text; longer texts are truncated (default 512)"),
+    ("--model", "model", "name", str, "smollm2-135m (default), a local folder, a .gguf file, or a hub id"),
+    ("--quantize", "model", "quantize", QUANTIZE_CHOICES, "auto: 4-bit NF4 on a CUDA GPU (default)"),
+    (
+        "--precision",
+        "model",
+        "precision",
+        PRECISION_CHOICES,
+        "auto: bf16 on GPU where supported, else fp16; fp32 on CPU",
+    ),
+    (
+        "--attn-implementation",
+        "model",
+        "attn_implementation",
+        ATTN_CHOICES,
+        "auto: flash_attention_2 on CUDA if flash-attn is installed, else sdpa",
+    ),
+    ("--lora-r", "lora", "r", int, "LoRA rank (default 16)"),
+    ("--lora-alpha", "lora", "alpha", float, "LoRA alpha (default 32)"),
+    ("--lora-dropout", "lora", "dropout", float, "LoRA dropout (default 0.05)"),
+    (
+        "--lora-targets",
+        "lora",
+        "targets",
+        str,
+        "all-linear (default), auto (q/k/v/o), or comma-separated module names",
+    ),
+    (
+        "--lora-layers",
+        "lora",
+        "layers",
+        layers_value,
+        "adapt the top N layers only (the frozen rest runs once, cached); auto (default) or all",
+    ),
+    ("--epochs", "train", "epochs", float, "passes over the training data (default 1)"),
+    ("--lr", "train", "lr", float, "learning rate (default 5e-4)"),
+    ("--batch-size", "train", "batch_size", int, "training batch size (default 16)"),
+    (
+        "--eval-batch-size",
+        "train",
+        "eval_batch_size",
+        int_or_auto,
+        "inference batch: texts, or auto (default: 32 on CPU, up to 16384 tokens on a GPU)",
+    ),
+    (
+        "--step-tokens",
+        "train",
+        "step_tokens",
+        int_or_auto,
+        "padded tokens per training pass; longer batches run in parts (default auto: 1024 on CPU)",
+    ),
+    ("--weight-decay", "train", "weight_decay", float, "AdamW weight decay (default 0.01)"),
+    ("--class-weights", "train", "class_weights", CLASS_WEIGHT_CHOICES, "auto: inverse frequency (default)"),
+    ("--seed", "train", "seed", int, "random seed (default 42)"),
+    ("--lr-scheduler", "train", "lr_scheduler", SCHEDULER_CHOICES, "learning-rate schedule (default linear)"),
+    ("--warmup-ratio", "train", "warmup_ratio", float, "share of steps warming up the learning rate"),
+    ("--head-init", "train", "head_init", HEAD_INIT_CHOICES, "probe: start the head from a linear probe"),
+    (
+        "--activation-cache",
+        "train",
+        "activation_cache",
+        ACTIVATION_CACHE_CHOICES,
+        "with --lora-layers: cache frozen-layer outputs in memory (default), also on disk, or off",
+    ),
+    (
+        "--report-to",
+        "train",
+        "report_to",
+        str,
+        "Trainer logging integration, e.g. tensorboard (default none)",
+    ),
+    ("--save-steps", "train", "save_steps", int, "also checkpoint every N steps (default: each epoch)"),
+    ("--output", None, "output", str, "run folder to write (default runs/latest)"),
+]
+TRAIN_SWITCHES = [
+    ("--drop-invalid", "data", "drop_invalid", "drop rows with empty text or missing label (counted)"),
+    ("--trust-remote-code", "model", "trust_remote_code", "allow model code from the hub (runs Python)"),
+    (
+        "--gradient-checkpointing",
+        "train",
+        "gradient_checkpointing",
+        "recompute activations: less memory, slower",
+    ),
+    (
+        "--allow-pickle",
+        "model",
+        "allow_pickle",
+        "allow pickle weights (pytorch_model.bin), weights_only load",
+    ),
+    ("--keep-checkpoint", "train", "keep_checkpoint", "keep the newest checkpoint after a successful run"),
+]
+
+
+def _dest(section: str | None, name: str) -> str:
+    return f"{section}.{name}" if section else name
+
+
+def _add_train(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "train",
+        parents=[common],
+        help="fine-tune, evaluate before/after, save a run folder",
+        description="Fine-tune a classifier. Flags override the --config file.",
+    )
+    p.add_argument("--config", help="YAML file with sections data/model/lora/train/output")
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default=None,
+        help="start from named settings (recipe: the hand-made recipe's own) instead of llmclf's defaults",
+    )
+    for flag, section, name, kind, text in TRAIN_FLAGS:
+        if isinstance(kind, tuple):
+            p.add_argument(flag, dest=_dest(section, name), choices=kind, default=None, help=text)
+        else:
+            p.add_argument(flag, dest=_dest(section, name), type=kind, default=None, help=text)
+    for flag, section, name, text in TRAIN_SWITCHES:
+        p.add_argument(
+            flag, dest=_dest(section, name), action="store_const", const=True, default=None, help=text
+        )
+    # The Trainer's own spellings, as shortcuts: they set the same field as --precision.
+    precision = p.add_mutually_exclusive_group()
+    for flag in ("bf16", "fp16"):
+        precision.add_argument(
+            f"--{flag}",
+            dest=_dest("model", "precision"),
+            action="store_const",
+            const=flag,
+            default=None,
+            help=f"same as --precision {flag}",
+        )
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="last",
+        default=None,
+        metavar="CHECKPOINT",
+        help="continue the interrupted run in --output from its newest complete checkpoint, or from CHECKPOINT",
+    )
+
+
+def positive_int(value: str) -> int:
+    """argparse type: a whole number > 0, so a bad value is a usage error before anything loads."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number > 0, found {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number > 0, found {number}")
+    return number
+
+
+def positive_int_or_auto(value: str) -> int | str:
+    """argparse type of predict/evaluate --batch-size: a whole number > 0 or `auto`."""
+    return value if value == "auto" else positive_int(value)
+
+
+def _add_inference_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--batch-size",
+        type=positive_int_or_auto,
+        default=None,
+        help="texts per forward pass, or auto (default: as in training)",
+    )
+    p.add_argument(
+        "--max-length", type=positive_int, default=None, help="tokens per text (default: as in training)"
+    )
+
+
+def _add_predict(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("predict", parents=[common], help="label new texts with a trained run")
+    p.add_argument("run_dir", help="run folder written by `llmclf train`")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--input", help="CSV/TSV/JSONL/Parquet file to label")
+    src.add_argument("--text", action="append", help="a text to label (repeatable); prints the result")
+    p.add_argument("--output", help="file to write (format by extension); required with --input")
+    p.add_argument("--text-column", default=None, help="text column of --input (default: as in training)")
+    p.add_argument(
+        "--prediction-column", default="label", help="name of the added label column (default label)"
+    )
+    p.add_argument(
+        "--drop-invalid",
+        action="store_true",
+        help="leave rows with an empty text unlabelled (kept in the output, counted) instead of stopping",
+    )
+    _add_inference_options(p)
+
+
+def _add_evaluate(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("evaluate", parents=[common], help="metrics of a trained run on a labelled file")
+    p.add_argument("run_dir", help="run folder written by `llmclf train`")
+    p.add_argument("--data", required=True, help="labelled CSV/TSV/JSONL/Parquet file")
+    p.add_argument("--text-column", default=None, help="default: as in training")
+    p.add_argument("--label-column", default=None, help="default: as in training")
+    p.add_argument("--output", help="metrics JSON to write (default RUN_DIR/evaluation_<file>.json)")
+    p.add_argument("--drop-invalid", action="store_true", help="drop rows with empty text or missing label")
+    _add_inference_options(p)
+
+
+def _add_export(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "export", parents=[common], help="write a standalone merged model for plain transformers"
+    )
+    p.add_argument("run_dir", help="run folder written by `llmclf train`")
+    p.add_argument("--output", required=True, help="folder to write the merged model to")
+
+
+def _add_report(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("report", parents=[common], help="rebuild report.html/report.md of a run folder")
+    p.add_argument("run_dir", help="run folder written by `llmclf train`")
+    p.add_argument("--top", type=positive_int, default=10, help="confidently wrong examples to show (10)")
+
+
+def _add_compare(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("compare", parents=[common], help="config differences and metrics of several runs")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders written by `llmclf train`")
+    p.add_argument("--output", help="also write the table to this file (.md or .csv)")
+
+
+def _add_serve(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("serve", parents=[common], help="serve a trained run over HTTP (FastAPI, batching)")
+    p.add_argument("run_dir", help="run folder written by `llmclf train`")
+    # Defaults live in llmclf.serve.app.ServeOptions (None here: not given).
+    p.add_argument("--host", help="interface to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="TCP port, 0 for any free one (default 8000)")
+    for flag, default, text in [
+        ("--max-batch-size", 32, "most rows per forward pass, merged across requests"),
+        ("--max-texts", 64, "most texts per request (more: 413)"),
+        ("--max-body-bytes", 1_048_576, "largest request body (more: 413)"),
+        ("--max-queue", 256, "most rows waiting for a pass (more: 503 with Retry-After)"),
+    ]:
+        p.add_argument(flag, type=positive_int, help=f"{text} (default {default})")
+    p.add_argument(
+        "--max-wait-ms",
+        type=float,
+        help="longest wait before a pass for the callers just answered to send again (default 10)",
+    )
+    p.add_argument(
+        "--pass-overhead-tokens",
+        type=float_or_auto,
+        help="what a forward pass costs beyond its tokens, in tokens; rows of different lengths are "
+        "split into passes where padding would cost more (default auto: timed by the warm-up)",
+    )
+    p.add_argument(
+        "--max-length", type=positive_int, default=None, help="tokens per text (default: as trained)"
+    )
+
+
+GLOBAL_SWITCHES = [
+    ("--quiet", "print only results and errors"),
+    ("--verbose", "show library warnings and tracebacks"),
+]
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with usage errors in the CLI's one form: one `error:` paragraph, exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"error: {message}. See `{self.prog} --help`.\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="llmclf", description="Fine-tune an LLM into a text classifier.")
+    # Accepted before or after the subcommand; SUPPRESS keeps the top-level value when a subcommand omits it.
+    common = argparse.ArgumentParser(add_help=False)
+    for flag, text in GLOBAL_SWITCHES:
+        parser.add_argument(flag, action="store_true", help=text)
+        common.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=text)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_train, _add_predict, _add_evaluate, _add_export, _add_serve, _add_report, _add_compare):
+        add(sub, common)
+    return parser
+
+
+def train_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """Flags given on the command line, as a nested dict shaped like the YAML file."""
+    out: dict[str, Any] = {}
+    specs = [(s, n) for _, s, n, _, _ in TRAIN_FLAGS] + [(s, n) for _, s, n, _ in TRAIN_SWITCHES]
+    for section, name in specs:
+        value = getattr(args, _dest(section, name))
+        if value is None:
+            continue
+        if section is None:
+            out[name] = value
+        else:
+            out.setdefault(section, {})[name] = value
+    if getattr(args, "preset", None):
+        out["preset"] = args.preset
+    return out
+
+
+def name_flags(message: str) -> str:
+    """Add the command-line flag to a config error that names only its key (`train.lr=-1.0` → `--lr`)."""
+    specs = [(f, s, n) for f, s, n, _, _ in TRAIN_FLAGS] + [(f, s, n) for f, s, n, _ in TRAIN_SWITCHES]
+    for flag, section, name, *_ in specs:
+        if f"Invalid config value {_dest(section, name)}=" in message:
+            return f"{message.rstrip('.')} (flag {flag}, or key {_dest(section, name)} in the --config file)."
+    return message

@@ -1,0 +1,42 @@
+"""The metrics reported for a labelled split: accuracy, balanced accuracy, macro F1, per class, confusion."""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.metrics import (
+    accuracy_score,
+    balanced_accuracy_score,
+    confusion_matrix,
+    f1_score,
+    precision_recall_fscore_support,
+)
+
+
+def compute_metrics(
+    y_true: np.ndarray | list[int], y_pred: np.ndarray | list[int], labels: list[str]
+) -> dict:
+    """accuracy, balanced_accuracy, macro_f1, per_class {label: precision/recall/f1/support},
+    confusion_matrix (rows = true label, columns = predicted, in `labels` order)."""
+    y_true = np.asarray(y_true)
+    y_pred = np.asarray(y_pred)
+    ids = list(range(len(labels)))
+    precision, recall, f1, support = precision_recall_fscore_support(
+        y_true, y_pred, labels=ids, zero_division=0
+    )
+    return {
+        "n": int(len(y_true)),
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)) if len(y_true) else 0.0,
+        "macro_f1": float(f1_score(y_true, y_pred, labels=ids, average="macro", zero_division=0)),
+        "per_class": {
+            label: {
+                "precision": float(precision[i]),
+                "recall": float(recall[i]),
+                "f1": float(f1[i]),
+                "support": int(support[i]),
+            }
+            for i, label in enumerate(labels)
+        },
+        "labels": list(labels),
+        "confusion_matrix": confusion_matrix(y_true, y_pred, labels=ids).tolist(),
+    }

@@ -1,0 +1,281 @@
+"""Frozen-layer activation caching: run the frozen lower decoder layers once per example, reuse them.
+
+When LoRA adapts only the top K of a decoder's L layers (`--lora-layers K`), layers 0 .. L-K-1 never
+change during training. Their output for a text is then a constant, so we compute it once, keep it (in
+memory, optionally on disk in bf16) and train, validate and evaluate by running only the top K layers,
+the final norm and the head. Training the top 4 of SmolLM2's 30 layers costs about 4/30 of a full step
+per example per epoch; evaluation passes become nearly free, and so do further epochs and trials.
+
+The trick stays inside the model's own code: for the lower pass the upper layers are swapped for a
+pass-through (and the final norm for an identity); for the upper pass the lower layers are swapped for a
+pass-through and the cached states go in as `inputs_embeds`. Positions and masks are then computed by
+the model as usual, so the result equals a full forward (tested to float tolerance). This relies on the
+decoder feeding `inputs_embeds` straight into layer 0, which holds for the families listed in
+`SUPPORTED` (Gemma, for one, rescales the embeddings and is not listed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from llmclf.batches import length_batches
+from llmclf.model.anatomy import decoder_of, head_of, unwrap
+from llmclf.runfolder import atomic_write
+
+
+class _PassThrough(nn.Module):
+    """Stands in for a decoder layer: returns its input hidden states unchanged."""
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return hidden_states
+
+
+@contextlib.contextmanager
+def _swapped(decoder: Any, keep: range, drop_norm: bool) -> Iterator[None]:
+    """Temporarily replace every layer outside `keep` by a pass-through (indices stay, so per-layer
+    settings such as sliding-window types still line up); optionally make the final norm an identity."""
+    layers, norm = decoder.layers, decoder.norm
+    decoder.layers = nn.ModuleList([layer if i in keep else _PassThrough() for i, layer in enumerate(layers)])
+    if drop_norm:
+        decoder.norm = nn.Identity()
+    try:
+        yield
+    finally:
+        decoder.layers, decoder.norm = layers, norm
+
+
+def lower_states(
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int
+) -> torch.Tensor:
+    """Hidden states after layer `start - 1` (the input of layer `start`), shape (batch, seq, hidden)."""
+    decoder = decoder_of(model)
+    with _swapped(decoder, range(start), drop_norm=True):
+        out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return out.last_hidden_state
+
+
+def pooled_from_states(
+    model: Any, states: torch.Tensor, attention_mask: torch.Tensor, start: int
+) -> torch.Tensor:
+    """Run layers `start ..` and the final norm on cached states; take each row's last real token.
+
+    states: (batch, seq, hidden), right-padded; attention_mask: (batch, seq). Returns (batch, hidden):
+    the same vector the model's own pooling feeds to the head (rightmost non-pad token).
+    """
+    decoder = decoder_of(model)
+    with _swapped(decoder, range(start, len(decoder.layers)), drop_norm=False):
+        out = decoder(inputs_embeds=states, attention_mask=attention_mask, use_cache=False)
+    hidden = out.last_hidden_state
+    last = attention_mask.sum(dim=1) - 1  # right padding: the last real token of each row
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+
+def logits_from_states(
+    model: Any, states: torch.Tensor, attention_mask: torch.Tensor, start: int
+) -> torch.Tensor:
+    """Class logits (batch, num_labels) from cached lower-layer states."""
+    return head_of(model)(pooled_from_states(model, states, attention_mask, start))
+
+
+class ActivationCache:
+    """Lower-layer states of many texts, kept as one flat tensor (total_tokens, hidden) plus offsets.
+
+    Row i's states are `flat[offsets[i]:offsets[i + 1]]`, shape (len(input_ids[i]), hidden).
+    """
+
+    def __init__(self, flat: torch.Tensor, offsets: torch.Tensor, start: int) -> None:
+        self.flat, self.offsets, self.start = flat, offsets, start
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def nbytes(self) -> int:
+        return self.flat.numel() * self.flat.element_size()
+
+    def rows(self, index: list[int] | np.ndarray) -> list[torch.Tensor]:
+        return [self.flat[self.offsets[i] : self.offsets[i + 1]] for i in index]
+
+    def batch(
+        self, index: list[int] | np.ndarray, dtype: torch.dtype = torch.float32
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-padded states (batch, longest, hidden) in `dtype` and the attention mask (batch, longest)."""
+        rows = self.rows(index)
+        longest = max(len(r) for r in rows)
+        states = torch.zeros(len(rows), longest, self.flat.shape[1], dtype=dtype)
+        mask = torch.zeros(len(rows), longest, dtype=torch.long)
+        for j, r in enumerate(rows):
+            states[j, : len(r)] = r.to(dtype)
+            mask[j, : len(r)] = 1
+        return states, mask
+
+    @classmethod
+    def build(
+        cls,
+        model: Any,
+        input_ids: list[list[int]],
+        start: int,
+        *,
+        pad_id: int,
+        batch_size: int | str = "auto",
+        dtype: torch.dtype = torch.bfloat16,
+        progress: Any = None,
+    ) -> ActivationCache:
+        """Run layers 0 .. start-1 once over every text (longest first, batches padded on the right)."""
+        device = next(model.parameters()).device
+        lengths = np.array([len(ids) for ids in input_ids])
+        offsets = torch.zeros(len(input_ids) + 1, dtype=torch.long)
+        offsets[1:] = torch.from_numpy(np.cumsum(lengths))
+        hidden = unwrap(model).config.get_text_config().hidden_size
+        flat = torch.empty(int(offsets[-1]), hidden, dtype=dtype)
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.inference_mode():  # mixed precision, if any, is the caller's autocast context
+                for idx in length_batches(lengths, batch_size, device):
+                    longest = int(lengths[idx].max())
+                    ids = torch.full((len(idx), longest), pad_id, dtype=torch.long)
+                    mask = torch.zeros(len(idx), longest, dtype=torch.long)
+                    for j, i in enumerate(idx):
+                        ids[j, : lengths[i]] = torch.tensor(input_ids[i])
+                        mask[j, : lengths[i]] = 1
+                    states = lower_states(model, ids.to(device), mask.to(device), start).cpu()
+                    for j, i in enumerate(idx):
+                        flat[offsets[i] : offsets[i + 1]] = states[j, : lengths[i]].to(dtype)
+                    if progress is not None:
+                        progress(len(idx))
+        finally:
+            model.train(was_training)
+        return cls(flat, offsets, start)
+
+    # ----------------------------------------------------------------------------------- on disk
+    def save(self, path: Path) -> None:
+        from safetensors.torch import save_file
+
+        tensors = {"flat": self.flat.contiguous(), "offsets": self.offsets}
+        # a reader never sees a half-written cache
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), {"start": str(self.start)}))
+
+    @classmethod
+    def load(cls, path: Path) -> ActivationCache:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            start = int(handle.metadata()["start"])
+            return cls(handle.get_tensor("flat"), handle.get_tensor("offsets"), start)
+
+
+def cache_key(
+    model_source: str,
+    quantized: bool,
+    start: int,
+    dtype: torch.dtype,
+    precision: str,
+    input_ids: list[list[int]],
+) -> str:
+    """Everything the cached states depend on: weights (by source path and its files' sizes and dates),
+    quantisation, depth, storage dtype, compute precision (bf16/fp16/fp32) and the exact token ids."""
+    digest = hashlib.sha256()
+    source = Path(model_source)
+    files = (
+        sorted((p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in source.iterdir() if p.is_file())
+        if source.is_dir()
+        else []
+    )
+    digest.update(json.dumps([model_source, files, quantized, start, str(dtype), precision]).encode())
+    for ids in input_ids:
+        digest.update(np.asarray(ids, dtype=np.int64).tobytes())
+        digest.update(b"|")
+    return digest.hexdigest()[:24]
+
+
+def cached_or_built(
+    model: Any,
+    input_ids: list[list[int]],
+    start: int,
+    *,
+    pad_id: int,
+    batch_size: int | str,
+    dtype: torch.dtype,
+    precision: str,
+    disk_dir: Path | None,
+    model_source: str,
+    quantized: bool,
+    progress: Any = None,
+) -> tuple[ActivationCache, bool]:
+    """The cache for these texts: from `disk_dir` when an identical one was saved, else built (and saved
+    there when `disk_dir` is given). Returns (cache, reused). `precision` only keys the disk cache: the
+    caller runs this under its own autocast context for that precision."""
+    path = None
+    if disk_dir is not None:
+        key = cache_key(model_source, quantized, start, dtype, precision, input_ids)
+        path = disk_dir / f"{key}.safetensors"
+        if path.is_file():
+            return ActivationCache.load(path), True
+    cache = ActivationCache.build(
+        model,
+        input_ids,
+        start,
+        pad_id=pad_id,
+        batch_size=batch_size,
+        dtype=dtype,
+        progress=progress,
+    )
+    if path is not None:
+        cache.save(path)
+    return cache, False
+
+
+def predict_proba_cached(
+    model: Any,
+    cache: ActivationCache,
+    rows: list[int] | np.ndarray,
+    *,
+    batch_size: int | str = "auto",
+) -> np.ndarray:
+    """Class probabilities (len(rows), num_labels) from cached states: the head on the pooled features."""
+    if len(rows) == 0:
+        return np.zeros((0, unwrap(model).config.num_labels))
+    features = pooled_features(model, cache, rows, batch_size=batch_size)
+    head = head_of(model)
+    weight = next(head.parameters())
+    with torch.inference_mode():
+        logits = head(torch.from_numpy(features).to(weight.device, weight.dtype))  # (rows, num_labels)
+    return torch.softmax(logits.float(), dim=-1).cpu().numpy().astype(np.float64)
+
+
+def pooled_features(
+    model: Any,
+    cache: ActivationCache,
+    rows: list[int] | np.ndarray,
+    *,
+    batch_size: int | str = "auto",
+) -> np.ndarray:
+    """The head's input (len(rows), hidden) for cached rows: what a linear probe is fitted on.
+    Length-sorted batches, results in `rows` order."""
+    rows = np.asarray(rows)
+    lengths = (cache.offsets[1:] - cache.offsets[:-1]).numpy()[rows]
+    device = next(model.parameters()).device
+    out: np.ndarray | None = None
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():  # mixed precision, if any, is the caller's autocast context
+            for idx in length_batches(lengths, batch_size, device):
+                states, mask = cache.batch(rows[idx])
+                pooled = pooled_from_states(model, states.to(device), mask.to(device), cache.start)
+                if out is None:
+                    out = np.zeros((len(rows), pooled.shape[1]), dtype=np.float32)
+                out[idx] = pooled.float().cpu().numpy()
+    finally:
+        model.train(was_training)
+    return out if out is not None else np.zeros((0, 0), dtype=np.float32)

@@ -1,0 +1,187 @@
+"""Load the tokenizer and the classification model (4-bit where asked), and add LoRA."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from llmclf import distributed
+from llmclf.errors import LlmclfError
+from llmclf.model.anatomy import HEAD_NAMES, check_layers, num_layers
+from llmclf.model.sources import hub_errors
+from llmclf.runtime import torch_dtype
+
+LLAMA_STYLE_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+def load_tokenizer(source: str, *, trust_remote_code: bool = False) -> Any:
+    """Tokenizer with a pad token: Llama-style tokenizers have none, so EOS stands in (the recipe)."""
+    from transformers import AutoTokenizer
+
+    with hub_errors(source):
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise LlmclfError(f"Tokenizer of '{source}' has neither a pad nor an EOS token to pad with.")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def resolve_quantize(mode: str) -> bool:
+    """True when the model should be loaded in 4-bit NF4."""
+    has_bnb = importlib.util.find_spec("bitsandbytes") is not None
+    if mode == "auto":
+        return torch.cuda.is_available() and has_bnb
+    if mode == "4bit" and not has_bnb:
+        raise LlmclfError(
+            "--quantize 4bit needs bitsandbytes: pip install 'llmclf[gpu]' (or bitsandbytes>=0.49)."
+        )
+    return mode == "4bit"
+
+
+def bnb_config(head_names: list[str], dtype: torch.dtype) -> Any:
+    """4-bit NF4 with double quantisation; matmuls in `dtype`."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype,
+        # The head stays in full precision: a 4-bit head cannot be trained (peft #1720).
+        llm_int8_skip_modules=head_names,
+    )
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    quantized: bool
+
+
+def load_classifier(
+    source: str,
+    labels: list[str],
+    *,
+    quantize: bool = False,
+    trust_remote_code: bool = False,
+    for_training: bool = True,
+    tokenizer_source: str | None = None,
+    precision: str = "fp32",
+    attn_implementation: str | None = None,
+    gradient_checkpointing: bool = False,
+    allow_pickle: bool = False,
+) -> LoadedModel:
+    """Base model with a `num_labels` classification head, pad token set in tokenizer and config.
+
+    `tokenizer_source`: where the tokenizer lives when not beside the weights (a run folder's copy).
+    `precision` (resolved: bf16/fp16/fp32) is the 4-bit compute dtype,
+    and the weight dtype of a non-quantised model; `attn_implementation` is passed to transformers.
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    tokenizer = load_tokenizer(tokenizer_source or source, trust_remote_code=trust_remote_code)
+    kwargs: dict[str, Any] = {
+        "num_labels": len(labels),
+        "id2label": dict(enumerate(labels)),
+        "label2id": {label: i for i, label in enumerate(labels)},
+        "trust_remote_code": trust_remote_code,
+        # Pickle weights only when asked, and then through torch.load(weights_only=True) (CVE-2025-32434).
+        "use_safetensors": None if allow_pickle else True,
+        "weights_only": True,
+    }
+    dtype = torch_dtype(precision)
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if quantize:
+        kwargs["quantization_config"] = bnb_config(HEAD_NAMES, dtype)
+        # One whole model per process: under DDP each rank loads onto its own GPU (LOCAL_RANK).
+        kwargs["device_map"] = {"": distributed.local_rank() if torch.cuda.is_available() else "cpu"}
+    else:
+        kwargs["dtype"] = dtype
+    with hub_errors(source):
+        model = AutoModelForSequenceClassification.from_pretrained(source, **kwargs)
+    # The pooling looks up the last non-pad token through config.pad_token_id (transformers #34055).
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.use_cache = False  # no KV cache: classification is one forward pass
+    if quantize:
+        from peft import prepare_model_for_kbit_training
+
+        # Upcasts the weights left in full precision (embeddings, norms, head) to fp32. Done for
+        # inference too, so a reloaded 4-bit run computes exactly as the model did at the end of training.
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=gradient_checkpointing and for_training,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    if not quantize and torch.cuda.is_available() and not distributed.fsdp_launch():
+        model = model.to(distributed.cuda_device())  # (under FSDP the Trainer moves each shard to its GPU)
+    return LoadedModel(model, tokenizer, quantize)
+
+
+def lora_targets(model: Any, targets: list[str] | str) -> list[str] | str | None:
+    """`auto`: the recipe's q/k/v/o where they exist, else peft's per-architecture default (None)."""
+    if targets != "auto":
+        return targets
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    return LLAMA_STYLE_TARGETS if set(LLAMA_STYLE_TARGETS) <= names else None
+
+
+def add_lora(
+    model: Any,
+    *,
+    r: int,
+    alpha: float,
+    dropout: float,
+    targets: list[str] | str,
+    seed: int,
+    top_layers: int | None = None,
+) -> Any:
+    """Wrap in a peft LoRA model; task SEQ_CLS makes peft train and save the head (`modules_to_save`).
+
+    `top_layers`: adapt only the top N decoder layers (the frozen ones below can then be cached)."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    layer_kwargs: dict[str, Any] = {}
+    if top_layers is not None:
+        start = check_layers(model, top_layers)
+        layer_kwargs = {
+            "layers_to_transform": list(range(start, num_layers(model))),
+            "layers_pattern": "layers",
+        }
+    target_modules = lora_targets(model, targets)
+    if top_layers is not None and target_modules == "all-linear":
+        # peft takes a layer subset only with explicit names: every linear layer inside the blocks.
+        target_modules = sorted(
+            {
+                n.rsplit(".", 1)[-1]
+                for n, m in model.named_modules()
+                if isinstance(m, torch.nn.Linear) and ".layers." in n
+            }
+        )
+    torch.manual_seed(seed)  # LoRA A matrices are random: same seed, same start
+    config = LoraConfig(
+        task_type=TaskType.SEQ_CLS,
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=target_modules,
+        **layer_kwargs,
+    )
+    try:
+        peft_model = get_peft_model(model, config)
+    except ValueError as exc:
+        raise LlmclfError(
+            f"LoRA targets {targets!r} do not match this model's modules ({exc}). Use --lora-targets auto or "
+            "all-linear, or names of its linear layers."
+        ) from None
+    # Trained weights in fp32 (master weights): with a bf16/fp16 base, peft keeps LoRA in fp32 but the
+    # head's trainable copy inherits the base dtype, and fp16 gradients break the Trainer's grad scaler.
+    for param in peft_model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+    return peft_model

@@ -1,0 +1,181 @@
+"""The report's figures: confusion matrices, training curves, reliability diagram (matplotlib, Agg).
+
+Figures are built with `matplotlib.figure.Figure` directly, not pyplot: no global figure registry, no
+interactive backend, nothing to close, safe in a server or a test process. Each builder returns the
+Figure so tests can read the plotted numbers back from its Axes; `save_png` writes it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from llmclf.runfolder import RunFolder
+
+DPI = 110
+
+
+def new_figure(width: float, height: float) -> Figure:
+    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)  # Agg canvas: PNG output without any GUI backend
+    return fig
+
+
+def save_png(fig: Figure, run: RunFolder, name: str) -> Path:
+    """The figure as PNG file `name` of the run folder (written atomically, never through a link)."""
+    return run.write_with(name, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI))
+
+
+# ------------------------------------------------------------------------------------ confusion matrix
+def row_normalise(matrix: np.ndarray) -> np.ndarray:
+    """Each row divided by its total (recall on the diagonal); an empty row stays zeros."""
+    matrix = np.asarray(matrix, dtype=float)
+    totals = matrix.sum(axis=1, keepdims=True)
+    return np.divide(matrix, totals, out=np.zeros_like(matrix), where=totals > 0)
+
+
+def confusion_figure(matrix: list[list[int]], labels: list[str], *, normalise: bool, title: str) -> Figure:
+    """Heat map with the value in each cell: raw counts, or row-normalised fractions."""
+    counts = np.asarray(matrix, dtype=float)
+    values = row_normalise(counts) if normalise else counts
+    k = len(labels)
+    side = max(3.6, 1.0 + 0.7 * k)
+    fig = new_figure(side + 1.2, side)
+    ax = fig.add_subplot()
+    vmax = 1.0 if normalise else max(1.0, float(values.max()))
+    image = ax.imshow(values, cmap="Blues", vmin=0.0, vmax=vmax)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    ax.set_xticks(range(k), labels=labels, rotation=45 if max(map(len, labels)) > 6 else 0, ha="right")
+    ax.set_yticks(range(k), labels=labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    fontsize = 10 if k <= 8 else 7
+    for i in range(k):
+        for j in range(k):
+            value = values[i, j]
+            text = f"{value:.2f}" if normalise else f"{int(value)}"
+            # white text on dark cells, so every number stays readable
+            colour = "white" if value > 0.6 * vmax else "black"
+            ax.text(j, i, text, ha="center", va="center", color=colour, fontsize=fontsize)
+    return fig
+
+
+# ------------------------------------------------------------------------------------ training curves
+@dataclass
+class Curves:
+    """Series read from the Trainer's log_history, each as (steps, values)."""
+
+    train_loss: tuple[list[int], list[float]]
+    val_loss: tuple[list[int], list[float]]
+    val_accuracy: tuple[list[int], list[float]]
+    val_balanced_accuracy: tuple[list[int], list[float]]
+
+
+def curves_from_log(log_history: list[dict]) -> Curves:
+    """Training loss from the periodic log entries; validation loss/accuracy from the eval entries."""
+
+    def series(key: str) -> tuple[list[int], list[float]]:
+        rows = [(int(e["step"]), float(e[key])) for e in log_history if key in e and "step" in e]
+        return [s for s, _ in rows], [v for _, v in rows]
+
+    return Curves(
+        train_loss=series("loss"),
+        val_loss=series("eval_loss"),
+        val_accuracy=series("eval_accuracy"),
+        val_balanced_accuracy=series("eval_balanced_accuracy"),
+    )
+
+
+def training_figure(log_history: list[dict]) -> Figure:
+    """Left: training and validation loss over steps. Right: validation accuracy over steps."""
+    curves = curves_from_log(log_history)
+    fig = new_figure(9.0, 3.6)
+    loss_ax, acc_ax = fig.subplots(1, 2)
+    if curves.train_loss[0]:
+        loss_ax.plot(*curves.train_loss, marker=".", label="training loss")
+    if curves.val_loss[0]:
+        loss_ax.plot(*curves.val_loss, marker="o", label="validation loss")
+    loss_ax.set_xlabel("step")
+    loss_ax.set_ylabel("loss")
+    loss_ax.set_title("Loss")
+    loss_ax.grid(alpha=0.3)
+    if loss_ax.lines:
+        loss_ax.legend()
+    if curves.val_accuracy[0]:
+        acc_ax.plot(*curves.val_accuracy, marker="o", label="validation accuracy")
+        acc_ax.plot(
+            *curves.val_balanced_accuracy, marker="s", linestyle="--", label="validation balanced acc."
+        )
+        acc_ax.set_ylim(0.0, 1.02)
+        acc_ax.legend(loc="lower right")
+    else:
+        acc_ax.text(0.5, 0.5, "no validation split", ha="center", va="center", transform=acc_ax.transAxes)
+    acc_ax.set_xlabel("step")
+    acc_ax.set_ylabel("accuracy")
+    acc_ax.set_title("Validation accuracy")
+    acc_ax.grid(alpha=0.3)
+    return fig
+
+
+# ------------------------------------------------------------------------------------ calibration
+@dataclass
+class Calibration:
+    """Equal-width confidence bins (lo, hi]: mean confidence, accuracy and count per bin, and the ECE."""
+
+    edges: np.ndarray
+    confidence: np.ndarray
+    accuracy: np.ndarray
+    counts: np.ndarray
+    ece: float
+
+
+def calibration(probs: np.ndarray, true_ids: np.ndarray, n_bins: int = 10) -> Calibration:
+    """Reliability of the top-class probability: ECE = sum over bins of (n_b / N) * |acc_b - conf_b|."""
+    probs = np.asarray(probs, dtype=float)
+    true_ids = np.asarray(true_ids)
+    conf = probs.max(axis=1)
+    correct = (probs.argmax(axis=1) == true_ids).astype(float)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    # bin b holds confidences in (edges[b], edges[b+1]]; a confidence of exactly 0 goes to bin 0
+    bins = np.clip(np.searchsorted(edges, conf, side="left") - 1, 0, n_bins - 1)
+    counts = np.bincount(bins, minlength=n_bins).astype(float)
+    safe = np.maximum(counts, 1.0)
+    mean_conf = np.bincount(bins, weights=conf, minlength=n_bins) / safe
+    accuracy = np.bincount(bins, weights=correct, minlength=n_bins) / safe
+    n = max(len(conf), 1)
+    ece = float(np.sum(counts / n * np.abs(accuracy - mean_conf)))
+    return Calibration(edges, mean_conf, accuracy, counts, ece)
+
+
+def reliability_figure(cal: Calibration) -> Figure:
+    """Accuracy per confidence bin against the diagonal of perfect calibration; counts below."""
+    fig = new_figure(5.2, 5.0)
+    top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
+    width = np.diff(cal.edges)
+    used = cal.counts > 0
+    top.bar(
+        cal.edges[:-1][used],
+        cal.accuracy[used],
+        width=width[used],
+        align="edge",
+        edgecolor="black",
+        alpha=0.8,
+        label="accuracy in bin",
+    )
+    top.plot(cal.confidence[used], cal.confidence[used], "o", color="tab:red", label="mean confidence")
+    top.plot([0, 1], [0, 1], linestyle="--", color="gray", label="perfect calibration")
+    top.set_xlim(0, 1)
+    top.set_ylim(0, 1.02)
+    top.set_ylabel("accuracy")
+    top.set_title(f"Reliability (test, after training): ECE = {cal.ece:.3f}")
+    top.legend(loc="upper left", fontsize=8)
+    top.grid(alpha=0.3)
+    bottom.bar(cal.edges[:-1], cal.counts, width=width, align="edge", edgecolor="black", color="tab:gray")
+    bottom.set_xlabel("confidence (top-class probability)")
+    bottom.set_ylabel("texts")
+    return fig

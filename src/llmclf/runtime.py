@@ -1,0 +1,160 @@
+"""The machine and the libraries: precision and attention kernel for `auto`, threads, quiet libraries,
+the cache folder, memory handed back between steps.
+
+Each resolver takes the configured value and returns a concrete one, or raises `LlmclfError` when the
+explicit choice cannot run here. They read the machine through torch / importlib only, so tests can
+monkeypatch `torch.cuda.is_available`, `torch.cuda.is_bf16_supported` and `importlib.util.find_spec`.
+torch is imported inside the functions that need it: `llmclf report` and `compare` never load it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import gc
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any
+
+from llmclf.config import ATTN_CHOICES, PRECISION_CHOICES
+from llmclf.errors import LlmclfError
+
+
+def torch_dtype(precision: str) -> Any:
+    """torch dtype of a resolved precision (bf16 / fp16 / fp32)."""
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+
+
+def cache_dir() -> Path:
+    """Where converted models and disk activation caches live: $LLMCLF_CACHE, else ~/.cache/llmclf."""
+    return Path(os.environ.get("LLMCLF_CACHE") or Path.home() / ".cache" / "llmclf")
+
+
+def set_threads() -> None:
+    """Use every core present (torch defaults to the physical count, which may be fewer)."""
+    import torch
+
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(n)
+
+
+def quiet_libraries(verbose: bool = False) -> None:
+    """What every command runs first: no library chatter unless --verbose (also used by benchmarks)."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if verbose:
+        return
+    import logging
+    import warnings
+
+    # bitsandbytes warns at import that an optional CPU kernel package is absent; it works without it.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    import transformers  # its logging module loads without torch
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()  # weight-loading bars; training keeps its own
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+@functools.cache
+def _libc() -> Any:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:  # not glibc (macOS, musl): nothing to trim
+        return None
+
+
+def release_memory() -> None:
+    """Free unreachable objects and hand the allocator's free pages back to the system, between the
+    steps of a run. glibc keeps freed memory for reuse, in holes that tensors of other shapes do not fit,
+    so without this the process's memory (RSS) only grows from step to step."""
+    gc.collect()
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+def cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+"""CPU flags of native bf16 matrix instructions (x86: AVX512-BF16, AMX). Without them oneDNN emulates
+bf16, slower than fp32."""
+
+
+@functools.cache
+def cpu_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices natively (see docs/performance.md)."""
+    import torch
+
+    if not torch.backends.mkldnn.is_available() or not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return False
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = set(f.read().split())
+    except OSError:  # not Linux: keep fp32
+        return False
+    return any(flag in flags for flag in CPU_BF16_FLAGS)
+
+
+def resolve_precision(mode: str) -> str:
+    """`auto`: bf16 on a GPU that supports it, fp16 on older CUDA GPUs; on CPU bf16 where the CPU has
+    native bf16 instructions (cpu_bf16), fp32 elsewhere."""
+    import torch
+
+    if mode not in PRECISION_CHOICES:
+        raise LlmclfError(f"Unknown precision {mode!r}: choose one of {', '.join(PRECISION_CHOICES)}.")
+    if mode == "auto":
+        if not cuda():
+            return "bf16" if cpu_bf16() else "fp32"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if mode == "fp16" and not cuda():
+        raise LlmclfError(
+            "--precision fp16 needs a CUDA GPU (mixed-precision fp16 training is GPU-only). Use --precision "
+            "auto or fp32 on CPU (or bf16, fast on CPUs with AVX512-BF16 or AMX)."
+        )
+    if mode == "bf16" and cuda() and not torch.cuda.is_bf16_supported():
+        raise LlmclfError("--precision bf16: this GPU has no bf16 support. Use --precision fp16 or auto.")
+    return mode
+
+
+def resolve_attn_implementation(mode: str, precision: str) -> str:
+    """`auto`: FlashAttention-2 on CUDA in half precision when `flash_attn` is installed, else SDPA."""
+    if mode not in ATTN_CHOICES:
+        raise LlmclfError(
+            f"Unknown attention implementation {mode!r}: choose one of {', '.join(ATTN_CHOICES)}."
+        )
+    has_flash = importlib.util.find_spec("flash_attn") is not None
+    half = precision in ("bf16", "fp16")
+    if mode == "auto":
+        return "flash_attention_2" if cuda() and has_flash and half else "sdpa"
+    if mode == "flash_attention_2":
+        if not cuda():
+            raise LlmclfError("--attn-implementation flash_attention_2 needs a CUDA GPU. Use sdpa (or auto).")
+        if not has_flash:
+            raise LlmclfError(
+                "--attn-implementation flash_attention_2 needs the flash-attn package: "
+                "pip install flash-attn --no-build-isolation, or use sdpa (or auto)."
+            )
+        if not half:
+            raise LlmclfError(
+                "--attn-implementation flash_attention_2 runs in bf16/fp16 only: use --precision bf16 (or fp16)."
+            )
+    return mode
+
+
+def autocast(precision: str | None) -> Any:
+    """Mixed-precision context for inference on a model trained with bf16/fp16 (fp32 head, half body)."""
+    import torch
+
+    if precision in (None, "fp32"):
+        return contextlib.nullcontext()
+    return torch.autocast("cuda" if cuda() else "cpu", dtype=torch_dtype(precision))

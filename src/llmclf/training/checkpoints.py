@@ -1,0 +1,294 @@
+"""Crash-safe checkpoints and `llmclf train --resume`.
+
+transformers' Trainer writes `checkpoint-N` in place, file by file, and `get_last_checkpoint` only looks at
+folder names: a run killed during a save leaves a folder that looks complete but is
+not. Here a checkpoint is written to `checkpoints/.staging/checkpoint-N`, a manifest listing every file with
+its size and SHA-256 is written last, and only then is the folder renamed to `checkpoints/checkpoint-N`
+(a rename is atomic on one file system). Resuming takes the newest checkpoint whose manifest verifies and
+skips, with a message, anything else.
+
+A run folder also records at its start what the result depends on (`fingerprint.json`: the resolved
+splits, labels, model and settings) and the metrics before training (`metrics_before.json`), so that a
+resumed run refuses different inputs and does not recompute the baseline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from transformers.trainer_utils import rotate_checkpoints
+
+from llmclf import distributed
+from llmclf.errors import LlmclfError
+from llmclf.runfolder import CHECKPOINTS, METRICS, read_json, write_json
+
+log = logging.getLogger("llmclf")
+MANIFEST = "llmclf_manifest.json"
+FINGERPRINT = "fingerprint.json"
+BEFORE = "metrics_before.json"
+STAGING = ".staging"
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+# Settings that change the trained weights; batch size for evaluation, logging and save interval do not.
+RESULT_SETTINGS = {
+    "data": ["max_length"],
+    "model": ["precision"],
+    "lora": ["r", "alpha", "dropout", "targets", "layers"],
+    "train": [
+        "epochs",
+        "lr",
+        "batch_size",
+        "weight_decay",
+        "class_weights",
+        "seed",
+        "lr_scheduler",
+        "warmup_ratio",
+        "head_init",
+    ],
+}
+
+
+# ------------------------------------------------------------------------------------- fingerprints
+def splits_digest(splits: Any) -> str:
+    """SHA-256 of the resolved train/val/test texts and labels, in order: same data, same split."""
+    h = hashlib.sha256()
+    for name in ("train", "val", "test"):
+        frame = getattr(splits, name)
+        payload = {"split": name, "text": frame["text"].tolist(), "label": frame["label"].tolist()}
+        h.update(json.dumps(payload, ensure_ascii=False).encode("utf-8"))
+    return h.hexdigest()
+
+
+def run_fingerprint(config: Any, splits: Any, source: str, quantized: bool) -> dict[str, Any]:
+    """What the result of a run depends on, for refusing a resume with other inputs."""
+    sections = config.to_dict()
+    return {
+        "data": {"source": config.data.path, "sha256": splits_digest(splits), "rows": splits.counts()},
+        "labels": list(splits.labels),
+        "model": {"name": config.model.name, "source": source, "quantized": quantized},
+        "settings": {f"{s}.{k}": sections[s][k] for s, keys in RESULT_SETTINGS.items() for k in keys},
+    }
+
+
+def fingerprint_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Human-readable differences between two fingerprints; empty when they match."""
+    out = []
+    if saved.get("data", {}).get("sha256") != current["data"]["sha256"]:
+        out.append(
+            f"the data differs (run: {saved.get('data', {}).get('source')!r}, rows per split "
+            f"{saved.get('data', {}).get('rows')}; now: {current['data']['source']!r}, rows per split "
+            f"{current['data']['rows']}; the resolved train/val/test texts and labels are not the same)"
+        )
+    if saved.get("labels") != current["labels"]:
+        out.append(f"the labels differ (run: {saved.get('labels')}; now: {current['labels']})")
+    old_model, new_model = saved.get("model", {}), current["model"]
+    if old_model.get("source") != new_model["source"] or old_model.get("quantized") != new_model["quantized"]:
+        out.append(
+            f"the model differs (run: {old_model.get('name')!r} from {old_model.get('source')!r}, "
+            f"{'4-bit' if old_model.get('quantized') else 'full precision'}; now: {new_model['name']!r} from "
+            f"{new_model['source']!r}, {'4-bit' if new_model['quantized'] else 'full precision'})"
+        )
+    for key, value in current["settings"].items():
+        if saved.get("settings", {}).get(key) != value:
+            out.append(f"setting {key} differs (run: {saved.get('settings', {}).get(key)!r}; now: {value!r})")
+    return out
+
+
+# ---------------------------------------------------------------------------------------- manifests
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(folder: Path, fingerprint_sha: str | None) -> None:
+    """List every file with size and hash; written last, it marks the checkpoint complete."""
+    files = {
+        str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": _sha256(p)}
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
+    for p in [*folder.rglob("*"), folder]:  # data on disk before the marker that says it is there
+        if p.is_file():
+            with p.open("rb") as handle:
+                os.fsync(handle.fileno())
+    write_json(folder / MANIFEST, {"fingerprint_sha256": fingerprint_sha, "files": files})
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why `folder` is not a complete checkpoint, or None when its manifest verifies."""
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        return f"no {MANIFEST} (the save was interrupted)"
+    try:
+        files = read_json(manifest)["files"]
+    except (ValueError, KeyError, TypeError):
+        return f"{MANIFEST} is unreadable"
+    for name, meta in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != meta["size"]:
+            return f"{name} has {path.stat().st_size} bytes, the manifest says {meta['size']}"
+        if _sha256(path) != meta["sha256"]:
+            return f"{name} does not match its SHA-256 in the manifest"
+    return None
+
+
+def last_complete_checkpoint(root: Path, say: Callable[[str], None] = log.info) -> Path | None:
+    """The newest checkpoint under `root` whose manifest verifies; everything skipped is said."""
+    if not root.is_dir():
+        return None
+    staging = root / STAGING
+    if staging.exists() and any(staging.iterdir()):
+        say(f"note: skipping {staging}: a checkpoint save was interrupted there (removed).")
+        shutil.rmtree(staging, ignore_errors=True)
+    found = sorted(
+        (int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := CHECKPOINT_RE.match(p.name))
+    )
+    for _, folder in reversed(found):
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            return folder
+        say(f"note: skipping incomplete checkpoint {folder}: {problem}.")
+    return None
+
+
+# ------------------------------------------------------------------------------------ trainer parts
+class AtomicCheckpoints:
+    """Trainer mixin: each checkpoint is staged, given a manifest, then renamed into place."""
+
+    fingerprint_sha: str | None = None
+    _staging_root: str | None = None
+
+    def _get_output_dir(self, trial: Any) -> str:
+        if self._staging_root is not None:
+            return self._staging_root
+        return super()._get_output_dir(trial)  # type: ignore[misc]
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        root = Path(super()._get_output_dir(trial))  # type: ignore[misc]
+        staging = root / STAGING
+        # Under torchrun every process gets here; only the one that writes (should_save) moves folders.
+        writer = self.args.should_save  # type: ignore[attr-defined]
+        if writer:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+        # Every process writes into the staging folder (its RNG state; under FSDP its weight shards): not
+        # before it is cleared, and all done before it gets a manifest and is renamed.
+        distributed.barrier()
+        limit = self.args.save_total_limit  # type: ignore[attr-defined]
+        self._staging_root = str(staging)
+        try:
+            super()._save_checkpoint(model, trial)  # type: ignore[misc]
+        finally:
+            self._staging_root = None
+        distributed.barrier()
+        state = self.state  # type: ignore[attr-defined]
+        # The Trainer pointed best_model_checkpoint at the staging folder (or left an older value): point it
+        # where the checkpoints will be after the rename, on every process (each loads the best model at
+        # the end), and save the state again with that path.
+        if state.best_global_step:
+            best = root / f"checkpoint-{state.best_global_step}"
+            if state.best_global_step == state.global_step or best.is_dir():
+                state.best_model_checkpoint = str(best)
+        if not writer:
+            return
+        name = f"checkpoint-{state.global_step}"
+        written, final = staging / name, root / name
+        state.save_to_json(str(written / "trainer_state.json"))
+        write_manifest(written, self.fingerprint_sha)
+        if final.exists():  # an incomplete leftover of the same step from an interrupted run
+            shutil.rmtree(final)
+        os.rename(written, final)
+        shutil.rmtree(staging, ignore_errors=True)
+        rotate_checkpoints(str(root), limit, state.best_model_checkpoint, use_mtime=False)
+
+
+# --------------------------------------------------------------------------------------- run folder
+@dataclass
+class ResumePoint:
+    """Where a (possibly resumed) run starts."""
+
+    checkpoint: str | None
+    """Checkpoint folder to resume from; None: train from the start."""
+    before: dict | None
+    """Metrics before training, saved by the interrupted run; None: compute them."""
+
+
+def fingerprint_sha(fingerprint: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def begin_run(out: Path, fingerprint: dict[str, Any], resume: str | None) -> ResumePoint:
+    """Record the fingerprint of a new run, or check it and find the checkpoint for `--resume`.
+
+    `resume`: None (a new run), `last` (the newest complete checkpoint under the run folder), or the path
+    of one checkpoint folder.
+    """
+    saved_path = out / FINGERPRINT
+    if resume is None:
+        if distributed.is_main():  # under a launcher only rank 0 writes the run folder
+            write_json(saved_path, fingerprint)
+        return ResumePoint(None, None)
+    if (out / METRICS).is_file():
+        raise LlmclfError(f"{out} holds a finished run (metrics.json): there is nothing to resume.")
+    if not saved_path.is_file():
+        raise LlmclfError(
+            f"Cannot resume: {out} has no {FINGERPRINT}, so it is not a run folder started by `llmclf train`. "
+            "Give the --output of the interrupted run, or train without --resume."
+        )
+    differences = fingerprint_differences(read_json(saved_path), fingerprint)
+    if differences:
+        raise LlmclfError(
+            f"Cannot resume the run in {out}: " + "; ".join(differences) + ". Resume with the same data, "
+            "labels, model and settings as the interrupted run, or start a new run (another --output, or "
+            "--overwrite)."
+        )
+    before = read_json(out / BEFORE) if (out / BEFORE).is_file() else None
+    if resume == "last":
+        checkpoint = last_complete_checkpoint(out / CHECKPOINTS)
+        if checkpoint is None:
+            log.info("note: no complete checkpoint in %s: training from the start.", out / CHECKPOINTS)
+        return ResumePoint(str(checkpoint) if checkpoint else None, before)
+    folder = Path(resume).expanduser()
+    if not folder.is_dir():
+        raise LlmclfError(f"Checkpoint folder not found: {folder}. Give a checkpoints/checkpoint-N folder.")
+    problem = checkpoint_problem(folder)
+    if problem:
+        raise LlmclfError(
+            f"Checkpoint {folder} is incomplete: {problem}. Give another one, or --resume alone."
+        )
+    recorded = read_json(folder / MANIFEST).get("fingerprint_sha256")
+    if recorded != fingerprint_sha(fingerprint):
+        raise LlmclfError(
+            f"Checkpoint {folder} was written by a run with other data, labels, model or settings than this "
+            f"one (see {saved_path}). Give a checkpoint of this run."
+        )
+    return ResumePoint(str(folder), before)
+
+
+def save_before(out: Path, before: dict) -> None:
+    write_json(out / BEFORE, before)
+
+
+def finish(out: Path, keep_last: bool) -> None:
+    """After a successful run the adapter is saved: drop the checkpoints (or keep only the newest)."""
+    root = out / CHECKPOINTS
+    if not keep_last:
+        shutil.rmtree(root, ignore_errors=True)
+        return
+    last = last_complete_checkpoint(root, lambda _: None)
+    for child in root.iterdir() if root.is_dir() else []:
+        if child != last:
+            shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink()

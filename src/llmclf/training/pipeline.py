@@ -1,0 +1,431 @@
+"""The whole recipe as one flow of named steps: load data → load model → tokenise → choose the backend
+(and build the activation cache) → evaluate before → fit the probe head → train → evaluate after → save.
+
+Each step takes plain arguments from the config; the config object stops here.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from llmclf import distributed, runfolder, runtime
+from llmclf.config import RunConfig
+from llmclf.data import Splits, class_weights, load_splits, to_dataset, tokenize_texts
+from llmclf.errors import LlmclfError
+from llmclf.inference.metrics import compute_metrics
+from llmclf.model.anatomy import resolve_top_layers
+from llmclf.model.loading import add_lora, load_classifier, resolve_quantize
+from llmclf.model.sources import resolve_model_source
+from llmclf.progress import Timings
+from llmclf.reports import console
+from llmclf.reports.run_report import build_report
+from llmclf.training import backend as backends
+from llmclf.training import checkpoints, fsdp
+from llmclf.training.backend import Backend, Encoded
+from llmclf.training.callbacks import TENSORBOARD_DIR, send_tensorboard_to
+from llmclf.training.probe import init_head_from_probe
+from llmclf.training.trainer import WeightedLossTrainer, build_trainer, training_arguments
+from llmclf.version import __version__
+
+log = logging.getLogger("llmclf")
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class RunResult:
+    """What `llmclf.train` returns: the run folder, the test metrics before and after, the wall time."""
+
+    output: Path
+    metrics: dict
+    seconds: float
+    written: bool = True
+    """Whether this process wrote the run folder (under a launcher, rank 0 only)."""
+
+
+@dataclass
+class ModelChoice:
+    """Where the base model comes from and how it runs, resolved once for the run."""
+
+    source: str
+    quantized: bool
+    precision: str
+    attn: str
+
+
+def run_training(
+    config: RunConfig, *, overwrite: bool = False, quiet: bool = False, resume: str | None = None
+) -> RunResult:
+    """Train, evaluate before and after, and write the run folder. Returns the metrics.
+
+    `resume`: `last` or a checkpoint folder, to continue an interrupted run in `config.output`;
+    `quiet`: no progress bars (the notes go to the `llmclf` logger in any case).
+    """
+    fsdp.check_launch()  # an FSDP version llmclf does not run is refused before anything is written
+    with distributed.session():  # under torchrun / accelerate launch: join the process group, then leave
+        return _run(config, overwrite=overwrite, quiet=quiet or not distributed.is_main(), resume=resume)
+
+
+def _run(config: RunConfig, *, overwrite: bool, quiet: bool, resume: str | None) -> RunResult:
+    started, timings = time.perf_counter(), Timings()
+    tc = config.train
+    out = prepare_output(config.output, overwrite, resume)
+    seed_everything(tc.seed)
+    splits, weights = load_data(config)
+    with timings("load_model"):
+        choice = resolve_model(config)
+        fingerprint = checkpoints.run_fingerprint(config, splits, choice.source, choice.quantized)
+        start = checkpoints.begin_run(out, fingerprint, resume)
+        model, tokenizer, top_layers = load_model(config, splits.labels, choice)
+    runtime.release_memory()  # the loading's transient copies
+    with timings("tokenise"):
+        encoded = tokenise(tokenizer, splits, config.data.max_length)
+    backend = backends.choose(
+        model,
+        tokenizer,
+        encoded,
+        top_layers=top_layers,
+        precision=choice.precision,
+        source=choice.source,
+        quantized=choice.quantized,
+        train=tc,
+        quiet=quiet,
+        timings=timings,
+    )
+    trainer = new_trainer(backend, encoded, weights, config, choice.precision, out, fingerprint, quiet)
+    backend.adopt(trainer)  # under FSDP the Trainer shards the model here, before anything runs it
+    with timings("eval_before"):
+        before = evaluate_before(backend, encoded, splits.labels, start, out)
+    probe = None
+    if tc.head_init == "probe":
+        with timings("probe"):
+            probe = fit_probe(backend, encoded, weights, tc.seed)
+        runtime.release_memory()  # the features and scikit-learn's copies of them
+    with timings("train"):
+        train_output = fine_tune(backend, trainer, start.checkpoint)
+    runtime.release_memory()  # the activations of the longest batches
+    with timings("eval_after"):
+        # The whole model, as `Classifier` runs it: the reported metrics are those of the saved classifier.
+        probs = backend.score(encoded.ids["test"], "evaluating after training")
+        after = compute_metrics(encoded.labels["test"], probs.argmax(axis=1), splits.labels)
+    state = backend.trained_state()
+    metrics = {"before": before, "after": after}
+    main = distributed.is_main()
+    if main:  # the others wait for its writes when the session ends
+        timings.seconds["total"] = time.perf_counter() - started
+        info = run_info(config, choice, trainer, train_output, backend, probe, timings)
+        save_run(out, config, trainer, tokenizer, state, splits, weights, encoded, metrics, probs, info)
+        log.info("Report: %s", build_report(out))  # report.md, report.html and the PNGs, from the files
+    del trainer, model, backend  # a caller going on (e.g. to Classifier.load) starts from here
+    runtime.release_memory()
+    return RunResult(out, metrics, time.perf_counter() - started, written=main)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def prepare_output(output: str, overwrite: bool, resume: str | None = None) -> Path:
+    path = Path(output).expanduser()
+    if resume is not None:
+        if overwrite:
+            raise LlmclfError(
+                "--resume continues the run in --output; --overwrite would delete it. Give one."
+            )
+        if not path.is_dir():
+            raise LlmclfError(
+                f"Cannot resume: run folder {path} not found. Give the --output of the interrupted run."
+            )
+        return path
+    if path.exists() and any(path.iterdir()) and not overwrite:  # every process stops alike
+        raise LlmclfError(
+            f"Output folder {path} is not empty. Choose another --output, pass --resume to continue an "
+            "interrupted run there, or --overwrite to replace it."
+        )
+    distributed.barrier()  # all have looked before the main process clears it
+    if distributed.is_main():  # under a launcher only rank 0 touches the run folder
+        if path.exists() and any(path.iterdir()):
+            shutil.rmtree(path)
+        path.mkdir(parents=True, exist_ok=True)
+    distributed.barrier()
+    return path
+
+
+def load_data(config: RunConfig) -> tuple[Splits, list[float] | None]:
+    """Read, validate and split the data per class; weigh the classes. Shows the class balance."""
+    dc = config.data
+    splits = load_splits(
+        dc.path,
+        dc.text_column,
+        dc.label_column,
+        eval_data=dc.eval_data,
+        train_per_class=dc.train_per_class,
+        val_per_class=dc.val_per_class,
+        test_per_class=dc.test_per_class,
+        val_fraction=dc.val_fraction,
+        test_fraction=dc.test_fraction,
+        drop_invalid=dc.drop_invalid,
+        seed=config.train.seed,
+    )
+    weights = (
+        class_weights(splits.train["label"], splits.labels) if config.train.class_weights == "auto" else None
+    )
+    distributed.check_identical((splits.counts(), weights), "data splits or class weights")
+    for note in splits.notes:
+        log.info("note: %s", note)
+    log.info("%s\n", console.class_balance(splits.counts(), splits.labels, weights))
+    return splits, weights
+
+
+def resolve_model(config: RunConfig) -> ModelChoice:
+    """The model's source (downloaded or converted once, by the main process first) and how it runs."""
+    mc = config.model
+    with distributed.main_process_first():  # the others then find it cached
+        source = resolve_model_source(mc.name)
+    quantized = fsdp.check_supported(mc.quantize, resolve_quantize(mc.quantize))
+    precision = runtime.resolve_precision(mc.precision)
+    attn = runtime.resolve_attn_implementation(mc.attn_implementation, precision)
+    return ModelChoice(source, quantized, precision, attn)
+
+
+def load_model(config: RunConfig, labels: list[str], choice: ModelChoice) -> tuple[Any, Any, int | None]:
+    """Base model + classification head (4-bit where chosen), then LoRA. Returns the model, the
+    tokenizer and how many top layers LoRA adapts (None: all)."""
+    mc, lc = config.model, config.lora
+    log.info(
+        "Loading %s (%s, %s, %s) ...",
+        mc.name,
+        "4-bit NF4" if choice.quantized else "full precision",
+        choice.precision,
+        choice.attn,
+    )
+    loaded = load_classifier(
+        choice.source,
+        labels,
+        quantize=choice.quantized,
+        trust_remote_code=mc.trust_remote_code,
+        precision=choice.precision,
+        attn_implementation=choice.attn,
+        gradient_checkpointing=config.train.gradient_checkpointing,
+        allow_pickle=mc.allow_pickle,
+    )
+    top_layers = resolve_top_layers(loaded.model, lc.layers)
+    model = add_lora(
+        loaded.model,
+        r=lc.r,
+        alpha=lc.alpha,
+        dropout=lc.dropout,
+        targets=lc.targets,
+        seed=config.train.seed,
+        top_layers=top_layers,
+    )
+    return model, loaded.tokenizer, top_layers
+
+
+def tokenise(tokenizer: Any, splits: Splits, max_length: int) -> Encoded:
+    """Token ids and label ids of every split; each text's row in the activation cache (train, val, test
+    in turn)."""
+    index = {label: i for i, label in enumerate(splits.labels)}
+    log.info("Tokenising %d texts ...", sum(len(getattr(splits, name)) for name in SPLITS))
+    encoded = Encoded(ids={}, labels={}, rows={}, truncated={})
+    first = 0
+    for name in SPLITS:
+        frame = getattr(splits, name)
+        encoded.ids[name], encoded.truncated[name] = tokenize_texts(
+            tokenizer, frame["text"].tolist(), max_length
+        )
+        encoded.labels[name] = [index[label] for label in frame["label"]]
+        encoded.rows[name] = list(range(first, first + len(frame)))
+        first += len(frame)
+    if any(encoded.truncated.values()):
+        log.info("note: texts truncated to %d tokens: %s", max_length, encoded.truncated)
+    return encoded
+
+
+def new_trainer(
+    backend: Backend,
+    encoded: Encoded,
+    weights: list[float] | None,
+    config: RunConfig,
+    precision: str,
+    out: Path,
+    fingerprint: dict,
+    quiet: bool,
+) -> WeightedLossTrainer:
+    """The Trainer for this run, over token ids or (with the activation cache) cached states."""
+    tc = config.train
+    train_ds = to_dataset(encoded.ids["train"], encoded.labels["train"], rows=encoded.rows["train"])
+    val_ds = (
+        to_dataset(encoded.ids["val"], encoded.labels["val"], rows=encoded.rows["val"])
+        if encoded.ids["val"]
+        else None
+    )
+    args = training_arguments(
+        str(out / runfolder.CHECKPOINTS),
+        epochs=tc.epochs,
+        lr=tc.lr,
+        batch_size=tc.batch_size,
+        eval_batch_size=tc.eval_batch_size,
+        weight_decay=tc.weight_decay,
+        seed=tc.seed,
+        has_val=val_ds is not None,
+        n_train=len(train_ds),
+        report_to=tc.report_to,
+        precision=precision,
+        gradient_checkpointing=tc.gradient_checkpointing,
+        quiet=quiet,
+        lr_scheduler=tc.lr_scheduler,
+        warmup_ratio=tc.warmup_ratio,
+    )
+    trainer = build_trainer(
+        backend.model,
+        backend.tokenizer,
+        train_ds,
+        val_ds,
+        args,
+        weights,
+        quiet=quiet,
+        cache=backend.cache,
+        save_steps=tc.save_steps,
+        step_tokens=backend.step_tokens(tc.step_tokens),
+    )
+    send_tensorboard_to(trainer, str(out / TENSORBOARD_DIR))
+    trainer.fingerprint_sha = checkpoints.fingerprint_sha(fingerprint)
+    return trainer
+
+
+def evaluate_before(
+    backend: Backend, encoded: Encoded, labels: list[str], start: checkpoints.ResumePoint, out: Path
+) -> dict:
+    """Test metrics before training (the head is random, or chance level), or those an interrupted run saved."""
+    if start.before is not None:  # the same model and test split
+        log.info("Reusing the metrics before training saved by the interrupted run.")
+        before = start.before
+    else:
+        probs = backend.score_frozen(encoded.ids["test"], encoded.rows["test"], "evaluating before training")
+        before = compute_metrics(encoded.labels["test"], probs.argmax(axis=1), labels)
+        if distributed.is_main():
+            checkpoints.save_before(out, before)
+    log.info("%s\n", console.compare(None, before, title="Test metrics before training"))
+    return before
+
+
+def fit_probe(backend: Backend, encoded: Encoded, weights: list[float] | None, seed: int) -> dict:
+    """Start the head from a linear probe on the frozen features instead of from random weights."""
+    features = backend.features(encoded.ids["train"], encoded.rows["train"])
+    probe = {
+        "train_accuracy": init_head_from_probe(
+            backend.model, features, encoded.labels["train"], weights, seed
+        )
+    }
+    probs = backend.probe_probs(encoded.rows["test"])  # what LoRA adds on top, where nearly free
+    if probs is not None:
+        probe["test_accuracy"] = float((probs.argmax(axis=1) == np.asarray(encoded.labels["test"])).mean())
+    log.info("Head initialised from a linear probe: %s", probe)
+    return probe
+
+
+def fine_tune(backend: Backend, trainer: WeightedLossTrainer, checkpoint: str | None) -> Any:
+    """Fine-tune; the model ends with the best epoch's weights when there is a validation split."""
+    if checkpoint:
+        log.info("Resuming from %s", checkpoint)
+    output = trainer.train(resume_from_checkpoint=checkpoint)
+    backend.model = trainer.model
+    return output
+
+
+def run_info(
+    config: RunConfig,
+    choice: ModelChoice,
+    trainer: WeightedLossTrainer,
+    train_output: Any,
+    backend: Backend,
+    probe: dict | None,
+    timings: Timings,
+) -> dict:
+    """What ran: the resolved model, precision and launch, versions, the training log, step timings."""
+    cache = backend.cache
+    return {
+        "base_model": config.model.name,
+        "resolved_source": choice.source,
+        "quantized": choice.quantized,
+        "precision": choice.precision,
+        "attn_implementation": choice.attn,
+        "world_size": distributed.world_size(),
+        "fsdp": backend.sharded,
+        "llmclf_version": __version__,
+        "torch_version": torch.__version__,
+        "train_runtime_s": train_output.metrics.get("train_runtime"),
+        "train_loss": train_output.metrics.get("train_loss"),
+        "log_history": trainer.state.log_history,
+        "activation_cache": None
+        if cache is None
+        else {"start_layer": cache.start, "mib": cache.nbytes / 2**20},
+        "probe": probe,
+        "timings_s": timings.seconds,
+    }
+
+
+def save_run(
+    out: Path,
+    config: RunConfig,
+    trainer: WeightedLossTrainer,
+    tokenizer: Any,
+    state: dict | None,
+    splits: Splits,
+    weights: list[float] | None,
+    encoded: Encoded,
+    metrics: dict,
+    probs: np.ndarray,
+    info: dict,
+) -> None:
+    """Everything needed to reuse the classifier and to report on the run; then drop the checkpoints."""
+    run = runfolder.RunFolder(out)
+    trainer.model.save_pretrained(
+        str(out / runfolder.ADAPTER), state_dict=state
+    )  # adapter + head, safetensors
+    tokenizer.save_pretrained(str(out / runfolder.TOKENIZER))
+    run.write_text(runfolder.CONFIG, config.to_yaml())
+    run.write_json(runfolder.LABELS, splits.labels)
+    run.write_json(runfolder.RUN_INFO, info)
+    run.write_json(
+        runfolder.DATA_SUMMARY,
+        {
+            "source": config.data.path,
+            "counts": splits.counts(),
+            "class_weights": dict(zip(splits.labels, weights)) if weights else None,
+            "truncated": encoded.truncated,
+            "max_length": config.data.max_length,
+            "notes": splits.notes,
+        },
+    )
+    run.write_json(runfolder.METRICS, metrics)
+    frame = predictions_frame(splits, probs)
+    run.write_with(runfolder.PREDICTIONS, lambda tmp: frame.to_csv(tmp, index=False, float_format="%.9g"))
+    checkpoints.finish(out, keep_last=config.train.keep_checkpoint)  # the best adapter is saved above
+
+
+def predictions_frame(splits: Splits, probs: np.ndarray) -> pd.DataFrame:
+    """The test split with its predictions: text, label, predicted, prob_<label> per class."""
+    test = splits.test
+    frame = pd.DataFrame(
+        {
+            "text": test["text"].tolist(),
+            "label": test["label"].tolist(),
+            "predicted": [splits.labels[i] for i in probs.argmax(axis=1)],
+        }
+    )
+    for i, label in enumerate(splits.labels):
+        frame[runfolder.prob_column(label)] = probs[:, i]
+    return frame

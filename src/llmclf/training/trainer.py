@@ -1,0 +1,288 @@
+"""Training: a Trainer with class-weighted cross-entropy that stops on a non-finite loss."""
+
+from __future__ import annotations
+
+import math
+import sys
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import (
+    DataCollatorWithPadding,
+    PrinterCallback,
+    ProgressCallback,
+    Trainer,
+    TrainingArguments,
+)
+from transformers.modeling_outputs import SequenceClassifierOutput
+
+from llmclf import distributed
+from llmclf.batches import CPU_BATCH, GPU_BATCH_TOKENS, token_budget_batches
+from llmclf.config import report_to_list
+from llmclf.errors import LlmclfError
+from llmclf.model.layer_cache import logits_from_states
+from llmclf.training.callbacks import PlainProgressCallback, SaveEverySteps
+from llmclf.training.checkpoints import AtomicCheckpoints
+
+
+class NonFiniteLossError(LlmclfError):
+    """Training produced NaN or inf; raised at once instead of being averaged away in the logs."""
+
+
+CPU_STEP_TOKENS = 1024
+"""`auto` budget of padded tokens per forward/backward pass on CPU: a batch's saved activations grow
+with its padded tokens, so a batch padded to one long outlier runs in parts; a typical batch of short
+texts fits whole (docs/performance.md)."""
+
+
+def resolve_step_tokens(step_tokens: int | str | None) -> int | None:
+    """Padded-token budget of one pass: `auto` = CPU_STEP_TOKENS on CPU, GPU_BATCH_TOKENS on CUDA."""
+    if step_tokens == "auto":
+        return GPU_BATCH_TOKENS if torch.cuda.is_available() else CPU_STEP_TOKENS
+    return step_tokens
+
+
+def split_batch(inputs: dict[str, torch.Tensor], max_tokens: int) -> list[dict[str, torch.Tensor]] | None:
+    """A batch whose padded tokens exceed `max_tokens`, cut into parts of rows of similar length, each
+    padded only to its own longest; None when the batch fits. Only right-padded batches are trimmed
+    (a left-padded row's positions would shift), so a left-padded batch is only cut by rows."""
+    mask = inputs["attention_mask"]  # (batch, seq)
+    rows, width = mask.shape
+    if rows < 2 or rows * width <= max_tokens:
+        return None
+    lengths = mask.sum(dim=1)
+    right_padded = bool(mask[:, 0].all())
+    parts = []
+    for index in token_budget_batches(lengths.numpy(force=True), max_tokens, rows):
+        index = torch.as_tensor(index.copy(), device=mask.device)
+        keep = int(lengths[index].max()) if right_padded else width
+        part = {}
+        for key, value in inputs.items():
+            value = value[index]
+            if value.dim() >= 2 and value.shape[1] == width:  # (batch, seq, ...): ids, mask, states
+                value = value[:, :keep]
+            part[key] = value
+        parts.append(part)
+    return parts
+
+
+class WeightedLossTrainer(AtomicCheckpoints, Trainer):
+    """Trainer whose loss is cross-entropy with per-class weights (transformers has none built in);
+    checkpoints are written atomically with a manifest (checkpoints.py)."""
+
+    def __init__(
+        self,
+        *args: Any,
+        class_weights: list[float] | None = None,
+        cache_start: int | None = None,
+        step_tokens: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.class_weights = (
+            None if class_weights is None else torch.tensor(class_weights, dtype=torch.float32)
+        )
+        # With an activation cache, batches carry the frozen layers' output instead of token ids.
+        self.cache_start = cache_start
+        # We compute the loss ourselves, so the Trainer must scale it for gradient accumulation itself.
+        self.model_accepts_loss_kwargs = False
+        # A batch with more padded tokens than this runs in parts whose gradients add up (split_batch).
+        self.step_tokens = step_tokens
+        self._loss_denominator: torch.Tensor | None = None  # set while a split batch runs
+
+    def training_step(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, torch.Tensor],
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor:
+        parts = None
+        if self.step_tokens:  # None under a launcher (the backend decides), where each backward syncs
+            parts = split_batch(inputs, self.step_tokens)
+        if parts is None:
+            return super().training_step(model, inputs, num_items_in_batch)
+        # Each part's loss is its share of the whole batch's weighted mean: sum(w_y * loss) over the
+        # part, divided by sum(w_y) over the batch. The parts' gradients then add up to the batch's.
+        labels = inputs["labels"]
+        weights = torch.ones(len(labels)) if self.class_weights is None else self.class_weights[labels.cpu()]
+        self._loss_denominator = weights.sum()
+        try:
+            total = torch.zeros(())
+            for part in parts:
+                total = total + super().training_step(model, part, num_items_in_batch).cpu()
+            return total.to(self.args.device)
+        finally:
+            self._loss_denominator = None
+
+    def compute_loss(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, torch.Tensor],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        labels = inputs.pop("labels")
+        if "cached_states" in inputs:
+            states = inputs["cached_states"]  # (batch, seq, hidden): input of layer cache_start
+            # The Trainer's mixed precision wraps `model.forward`, which this path does not call: take
+            # its autocast here too (fp32 states into a bf16/fp16 base would not run at all).
+            with self.accelerator.autocast():
+                logits = logits_from_states(model, states, inputs["attention_mask"], self.cache_start)
+            outputs = SequenceClassifierOutput(logits=logits)
+        else:
+            outputs = model(**inputs)
+        logits = outputs.logits.float()  # (batch, num_labels); fp32 loss even under bf16 compute
+        weight = None if self.class_weights is None else self.class_weights.to(logits.device)
+        if self._loss_denominator is None:
+            loss = F.cross_entropy(logits, labels, weight=weight)
+        else:  # one part of a split batch (training_step)
+            loss = F.cross_entropy(logits, labels, weight=weight, reduction="sum") / self._loss_denominator
+        if model.training and not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"Training loss became {loss.item()} at step {self.state.global_step + 1}. Lower the learning "
+                "rate (--lr), check the data for broken rows, or use --quantize none."
+            )
+        return (loss, outputs) if return_outputs else loss
+
+
+def metrics_for_trainer(eval_pred: Any) -> dict[str, float]:
+    """accuracy and balanced accuracy on the validation split, for choosing the best epoch."""
+    from sklearn.metrics import balanced_accuracy_score
+
+    logits, labels = eval_pred.predictions, eval_pred.label_ids
+    logits = logits[0] if isinstance(logits, tuple) else logits
+    preds = np.asarray(logits).argmax(axis=-1)
+    return {
+        "accuracy": float((preds == labels).mean()),
+        "balanced_accuracy": float(balanced_accuracy_score(labels, preds)),
+    }
+
+
+def training_arguments(
+    output_dir: str,
+    *,
+    epochs: float,
+    lr: float,
+    batch_size: int,
+    eval_batch_size: int | str,
+    weight_decay: float,
+    seed: int,
+    has_val: bool,
+    n_train: int,
+    report_to: str = "none",
+    precision: str = "fp32",
+    gradient_checkpointing: bool = False,
+    quiet: bool = False,
+    lr_scheduler: str = "linear",
+    warmup_ratio: float = 0.0,
+    group_by_length: bool = True,
+) -> TrainingArguments:
+    """The recipe's settings: evaluate and save each epoch, keep the best by validation accuracy.
+
+    `group_by_length` batches texts of similar length together (shuffled in groups), so dynamic
+    padding wastes little compute; `precision` bf16 or fp16 is mixed precision (autocast).
+
+    Checkpoints are saved each epoch even without a validation split, so that a run can be resumed;
+    `build_trainer(save_steps=N)` adds saves every N steps."""
+    steps_per_epoch = max(1, math.ceil(n_train / batch_size))
+    return TrainingArguments(
+        lr_scheduler_type=lr_scheduler,
+        warmup_steps=math.ceil(warmup_ratio * steps_per_epoch * epochs),
+        train_sampling_strategy="group_by_length" if group_by_length else "random",
+        output_dir=output_dir,
+        num_train_epochs=epochs,
+        learning_rate=lr,
+        per_device_train_batch_size=batch_size,
+        # The Trainer's validation pass takes a fixed count: `auto` (a token budget for our own
+        # length-sorted passes) is the CPU count there.
+        per_device_eval_batch_size=CPU_BATCH if eval_batch_size == "auto" else eval_batch_size,
+        weight_decay=weight_decay,
+        seed=seed,
+        data_seed=seed,
+        eval_strategy="epoch" if has_val else "no",
+        save_strategy="epoch",
+        load_best_model_at_end=has_val,
+        metric_for_best_model="balanced_accuracy" if has_val else None,
+        greater_is_better=True,
+        save_total_limit=2,  # the newest (to resume) and the best (kept by rotation)
+        save_only_model=False,
+        logging_steps=max(1, min(50, steps_per_epoch // 5)),
+        logging_nan_inf_filter=False,  # show NaN as NaN (the default averages it away)
+        report_to=report_to_list(report_to, require_installed=True) or "none",
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        gradient_checkpointing=gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if gradient_checkpointing else None,
+        # Every trainable parameter (LoRA, head) takes part in each step, so DDP need not search.
+        ddp_find_unused_parameters=False,
+        # Without CUDA, the Trainer must be told it runs on CPU for multi-process DDP over gloo, and to
+        # accept bf16 (CPU autocast); otherwise it is left to pick the device (e.g. Apple MPS).
+        use_cpu=distributed.cpu_processes() or (precision == "bf16" and not torch.cuda.is_available()),
+        disable_tqdm=quiet,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        remove_unused_columns=False,
+    )
+
+
+def build_trainer(
+    model: Any,
+    tokenizer: Any,
+    train_dataset: Any,
+    val_dataset: Any | None,
+    args: TrainingArguments,
+    class_weights: list[float] | None,
+    quiet: bool = False,
+    cache: Any = None,
+    save_steps: int | None = None,
+    step_tokens: int | None = None,
+) -> WeightedLossTrainer:
+    """`cache`: an ActivationCache holding every row the datasets' `row` column points to;
+    `step_tokens`: padded tokens one forward/backward pass may hold (None: batches stay whole)."""
+    collator = TokenCollator(tokenizer) if cache is None else CachedStatesCollator(cache)
+    trainer = WeightedLossTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_dataset,
+        eval_dataset=val_dataset,
+        processing_class=tokenizer,
+        data_collator=collator,  # dynamic padding to each batch's longest
+        compute_metrics=metrics_for_trainer if val_dataset is not None else None,
+        class_weights=class_weights,
+        cache_start=None if cache is None else cache.start,
+        step_tokens=step_tokens,
+        callbacks=[SaveEverySteps(save_steps)] if save_steps else None,
+    )
+    if quiet:
+        trainer.remove_callback(PrinterCallback)  # it prints every log line when progress bars are off
+    elif not sys.stderr.isatty():
+        # tqdm redraws with carriage returns, unreadable in a log file: whole lines instead
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(PlainProgressCallback())
+    return trainer
+
+
+class TokenCollator:
+    """Dynamic padding of token ids to each batch's longest; bookkeeping columns stay out of the model."""
+
+    MODEL_KEYS = ("input_ids", "attention_mask", "labels")
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.pad = DataCollatorWithPadding(tokenizer)
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        return self.pad([{k: f[k] for k in self.MODEL_KEYS if k in f} for f in features])
+
+
+class CachedStatesCollator:
+    """Batches of cached lower-layer states, right-padded to the batch's longest row."""
+
+    def __init__(self, cache: Any) -> None:
+        self.cache = cache
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        states, mask = self.cache.batch([f["row"] for f in features])
+        labels = torch.tensor([f["labels"] for f in features], dtype=torch.long)
+        return {"cached_states": states, "attention_mask": mask, "labels": labels}
