@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 
 from conftest import TRAIN_ARGS, write_csv
 from llmclf.cli import main
-from llmclf.training.checkpoints import MANIFEST, STAGING, last_complete_checkpoint, write_manifest
+from llmclf.manifest import MANIFEST, write_manifest
+from llmclf.training.checkpoints import STAGING, last_complete_checkpoint
 
 # More steps than the shared settings (4 epochs x 10 steps), so that the kill lands part-way (step 5).
 LONG = ["--epochs", "4", "--save-steps", "5"]
@@ -82,7 +83,7 @@ def fake_checkpoint(root, step, *, manifest=True):
     (folder / "adapter_model.safetensors").write_bytes(os.urandom(64))
     (folder / "trainer_state.json").write_text("{}")
     if manifest:
-        write_manifest(folder, None)
+        write_manifest(folder, fingerprint_sha256=None)
     return folder
 
 

@@ -29,10 +29,10 @@ from transformers.trainer_utils import rotate_checkpoints
 
 from llmclf import distributed
 from llmclf.errors import LlmclfError
+from llmclf.manifest import manifest_problem, read_manifest, write_manifest
 from llmclf.runfolder import CHECKPOINTS, METRICS, read_json, write_json
 
 log = logging.getLogger("llmclf")
-MANIFEST = "llmclf_manifest.json"
 FINGERPRINT = "fingerprint.json"
 BEFORE = "metrics_before.json"
 STAGING = ".staging"
@@ -103,46 +103,9 @@ def fingerprint_differences(saved: dict[str, Any], current: dict[str, Any]) -> l
 
 
 # ---------------------------------------------------------------------------------------- manifests
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def write_manifest(folder: Path, fingerprint_sha: str | None) -> None:
-    """List every file with size and hash; written last, it marks the checkpoint complete."""
-    files = {
-        str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": _sha256(p)}
-        for p in sorted(folder.rglob("*"))
-        if p.is_file() and p.name != MANIFEST
-    }
-    for p in [*folder.rglob("*"), folder]:  # data on disk before the marker that says it is there
-        if p.is_file():
-            with p.open("rb") as handle:
-                os.fsync(handle.fileno())
-    write_json(folder / MANIFEST, {"fingerprint_sha256": fingerprint_sha, "files": files})
-
-
 def checkpoint_problem(folder: Path) -> str | None:
     """Why `folder` is not a complete checkpoint, or None when its manifest verifies."""
-    manifest = folder / MANIFEST
-    if not manifest.is_file():
-        return f"no {MANIFEST} (the save was interrupted)"
-    try:
-        files = read_json(manifest)["files"]
-    except (ValueError, KeyError, TypeError):
-        return f"{MANIFEST} is unreadable"
-    for name, meta in files.items():
-        path = folder / name
-        if not path.is_file():
-            return f"{name} is missing"
-        if path.stat().st_size != meta["size"]:
-            return f"{name} has {path.stat().st_size} bytes, the manifest says {meta['size']}"
-        if _sha256(path) != meta["sha256"]:
-            return f"{name} does not match its SHA-256 in the manifest"
-    return None
+    return manifest_problem(folder)
 
 
 def last_complete_checkpoint(root: Path, say: Callable[[str], None] = log.info) -> Path | None:
@@ -207,7 +170,7 @@ class AtomicCheckpoints:
         name = f"checkpoint-{state.global_step}"
         written, final = staging / name, root / name
         state.save_to_json(str(written / "trainer_state.json"))
-        write_manifest(written, self.fingerprint_sha)
+        write_manifest(written, fingerprint_sha256=self.fingerprint_sha)
         if final.exists():  # an incomplete leftover of the same step from an interrupted run
             shutil.rmtree(final)
         os.rename(written, final)
@@ -269,7 +232,7 @@ def begin_run(out: Path, fingerprint: dict[str, Any], resume: str | None) -> Res
         raise LlmclfError(
             f"Checkpoint {folder} is incomplete: {problem}. Give another one, or --resume alone."
         )
-    recorded = read_json(folder / MANIFEST).get("fingerprint_sha256")
+    recorded = (read_manifest(folder)[0] or {}).get("fingerprint_sha256")
     if recorded != fingerprint_sha(fingerprint):
         raise LlmclfError(
             f"Checkpoint {folder} was written by a run with other data, labels, model or settings than this "
