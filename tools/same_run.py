@@ -48,7 +48,7 @@ COMMON = [
     "7",
 ]
 # Files whose content depends on the clock, the machine or the library versions, compared by name only.
-VOLATILE = {"run_info.json", "report.html", "report.md", "training_curves.png", "config.yaml"}
+VOLATILE = {"run_info.json", "report.html", "report.md", "training_curves.png", "config.yaml", "llmclf_manifest.json"}
 
 
 def demo_rows() -> list[dict[str, str]]:

@@ -261,10 +261,18 @@ def order_labels(labels: list[str] | set[str], class_names: list[str] | None = N
     present = set(labels)
     if class_names:
         return [n for n in class_names if n in present] + sorted(present - set(class_names))
+    numbers = {v: _finite(v) for v in present}
+    if all(n is not None for n in numbers.values()):
+        return sorted(present, key=lambda v: (numbers[v], v))
+    return sorted(present)  # "nan" or "inf" compare with nothing: alphabetical, whatever the set order
+
+
+def _finite(value: str) -> float | None:
     try:
-        return sorted(present, key=lambda v: (float(v), v))
+        number = float(value)
     except ValueError:
-        return sorted(present)
+        return None
+    return number if math.isfinite(number) else None
 
 
 # ----------------------------------------------------------------------------------------- splitting

@@ -36,7 +36,7 @@ DATA_SUMMARY = "data_summary.json"
 PREDICTIONS = "predictions_test.csv"
 CHECKPOINTS = "checkpoints"
 FINISHED = (CONFIG, LABELS, RUN_INFO, ADAPTER, TOKENIZER)
-"""What a finished run folder holds for loading the classifier."""
+"""What a finished run folder holds for loading the classifier (all of it listed in its manifest)."""
 
 
 def _umask() -> int:
@@ -168,7 +168,18 @@ class RunFolder:
         return self.read_json(name) if self.has(name) else None
 
     def labels(self) -> list[str]:
-        return [str(label) for label in self.read_json(LABELS)]
+        """labels.json: the label names in output order, checked (it is data from the folder)."""
+        try:
+            labels = self.read_json(LABELS)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            labels = None
+        ok = isinstance(labels, list) and labels and all(isinstance(x, str) and x for x in labels)
+        if not ok or len(set(labels)) != len(labels):
+            raise LlmclfError(
+                f"{self.root / LABELS} must be a JSON list of distinct, non-empty label names; found "
+                f"{str(labels)[:200]}. The run folder is damaged or edited: copy it again, or train again."
+            )
+        return labels
 
     def run_info(self) -> dict:
         return self.optional_json(RUN_INFO) or {}

@@ -11,7 +11,9 @@ from conftest import on_device
 from llmclf import Classifier
 from llmclf.cli import main
 from llmclf.errors import LlmclfError
+from llmclf.manifest import write_manifest
 from llmclf.model.loading import load_classifier
+from llmclf.training.pipeline import MANIFESTED
 
 LABELS = ["a", "b"]
 
@@ -116,8 +118,11 @@ def test_adapter_base_model_path_is_not_followed(run_copy, tmp_path, trained_run
     cfg = json.loads(cfg_path.read_text())
     cfg["base_model_name_or_path"] = str(tmp_path / "not-there")  # points outside, at nothing
     cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(LlmclfError, match="adapter_config.json has .* bytes, the manifest says"):
+        Classifier.load(run_copy)  # an edited file is caught by the manifest
+    write_manifest(run_copy, names=MANIFESTED)  # an editor who also rewrites the manifest
     texts = ["Shares fell sharply", "A late goal"]
-    # The base model comes from the run's config.yaml, the adapter from inside the folder only.
+    # The base model is the one the run recorded, the adapter from inside the folder only.
     got = Classifier.load(run_copy).predict_proba(texts)
     torch.testing.assert_close(
         torch.tensor(got), torch.tensor(Classifier.load(trained_run).predict_proba(texts))

@@ -50,10 +50,19 @@ def _load(args: argparse.Namespace):
     from llmclf.inference.classifier import Classifier
 
     log.info("Loading classifier from %s ...", args.run_dir)
-    clf = Classifier.load(args.run_dir)
+    clf = Classifier.load(args.run_dir, **loading_options(args))
     clf.batch_size = args.batch_size or clf.batch_size
     clf.max_length = args.max_length or clf.max_length
     return clf
+
+
+def loading_options(args: argparse.Namespace) -> dict:
+    """`Classifier.load`'s keyword arguments that only the caller may set (a run folder never does)."""
+    return {
+        "base_model": args.base_model,
+        "trust_remote_code": args.trust_remote_code,
+        "allow_pickle": args.allow_pickle,
+    }
 
 
 def _single_frame(spec: str) -> pd.DataFrame:
@@ -171,7 +180,7 @@ def export(args: argparse.Namespace) -> int:
     out = Path(args.output).expanduser()
     if out.exists() and any(out.iterdir()):
         raise LlmclfError(f"Export folder {out} is not empty. Choose an empty or new folder.")
-    clf = Classifier.load(args.run_dir, full_precision=True)
+    clf = Classifier.load(args.run_dir, full_precision=True, **loading_options(args))
     merged = clf.merged_model()
     merged.save_pretrained(str(out))  # safetensors
     # Plain users who pass truncation=True then truncate where training did.

@@ -226,7 +226,28 @@ def positive_int_or_auto(value: str) -> int | str:
     return value if value == "auto" else positive_int(value)
 
 
+def add_loading_options(p: argparse.ArgumentParser) -> None:
+    """How a run folder's base model is loaded: the caller's choices, never the folder's."""
+    p.add_argument(
+        "--base-model",
+        default=None,
+        help="your own copy of the base model the run was trained from (folder, .gguf, alias or hub id); "
+        "checked to be the same model (default: the one the run recorded)",
+    )
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow the base model's or tokenizer's own Python code to run (only for authors you trust)",
+    )
+    p.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="allow a base model with pickle weights only, read with torch.load(weights_only=True)",
+    )
+
+
 def _add_inference_options(p: argparse.ArgumentParser) -> None:
+    add_loading_options(p)
     p.add_argument(
         "--batch-size",
         type=positive_int_or_auto,
@@ -274,6 +295,7 @@ def _add_export(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     p.add_argument("run_dir", help="run folder written by `llmclf train`")
     p.add_argument("--output", required=True, help="folder to write the merged model to")
+    add_loading_options(p)
 
 
 def _add_report(sub: Any, common: argparse.ArgumentParser) -> None:

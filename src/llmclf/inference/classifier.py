@@ -5,8 +5,9 @@
     clf.predict(["Stocks fell ..."])  # ['Business']
     clf.predict_proba(texts)        # (n, num_labels) array, rows sum to 1
 
-Needs neither the training data nor network: the base model is resolved as at training time (the
-embedded alias or a local folder; a hub model from the local cache) and the adapter is in the folder.
+Needs neither the training data nor network: the base model is the one the run recorded (the embedded
+alias or a local folder, checked by hash; a hub model at the exact revision, from the local cache) and
+the adapter is in the folder.
 """
 
 from __future__ import annotations
@@ -20,10 +21,36 @@ from llmclf import runtime
 from llmclf.errors import LlmclfError
 from llmclf.inference.metrics import compute_metrics
 from llmclf.inference.predict import predict_proba
+from llmclf.manifest import MANIFEST, manifest_problem, read_manifest
+from llmclf.model.adapter import ADAPTER_WEIGHTS, load_adapter
 from llmclf.model.anatomy import upcast_head
 from llmclf.model.loading import load_classifier
-from llmclf.model.sources import resolve_model_source
-from llmclf.runfolder import ADAPTER, LABELS, RUN_INFO, TOKENIZER, RunFolder
+from llmclf.model.provenance import resolve_recorded
+from llmclf.runfolder import ADAPTER, CONFIG, LABELS, RUN_INFO, TOKENIZER, RunFolder
+
+VERIFIED = (CONFIG, LABELS, RUN_INFO, f"{ADAPTER}/{ADAPTER_WEIGHTS}", f"{ADAPTER}/adapter_config.json")
+"""Files a run folder's manifest must list: what loading it reads."""
+
+
+def open_verified(run_dir: str | Path) -> RunFolder:
+    """A finished run folder whose loaded files all match its manifest, and hold nothing unlisted."""
+    run = RunFolder.open(run_dir)
+    problem = manifest_problem(run.root, expected=VERIFIED)
+    if problem is None:
+        listed = set((read_manifest(run.root)[0] or {}).get("files", {}))
+        extra = sorted(
+            p.relative_to(run.root).as_posix()
+            for folder in (ADAPTER, TOKENIZER)
+            for p in run.path(folder).rglob("*")
+            if p.is_file() and p.relative_to(run.root).as_posix() not in listed
+        )
+        problem = f"{extra[0]} is not in {MANIFEST} (added after training)" if extra else None
+    if problem:
+        raise LlmclfError(
+            f"{run.root}: {problem}. The run folder was changed after training, or copied incompletely: copy "
+            "it again from where it was written, or train again."
+        )
+    return run
 
 
 def inference_settings(info: dict, attn_mode: str) -> tuple[str, str]:
@@ -59,34 +86,44 @@ class Classifier:
         self.model.eval()
 
     @classmethod
-    def load(cls, run_dir: str | Path, *, full_precision: bool = False) -> Classifier:
-        """Load a run folder written by `llmclf train`; `full_precision` ignores 4-bit training (export)."""
-        from peft import PeftModel
+    def load(
+        cls,
+        run_dir: str | Path,
+        *,
+        full_precision: bool = False,
+        base_model: str | None = None,
+        trust_remote_code: bool = False,
+        allow_pickle: bool = False,
+    ) -> Classifier:
+        """Load a run folder written by `llmclf train`.
 
-        run = RunFolder.open(run_dir)
-        config = run.config()
-        labels = run.read_json(LABELS)
-        info = run.read_json(RUN_INFO)
-        source = resolve_model_source(config.model.name)
+        The folder is data: it is checked against its manifest, and the base model is the one it
+        recorded (`base_model`: your own copy of it, checked to be the same). Running the model's own
+        code (`trust_remote_code`) or reading pickle weights (`allow_pickle`) is the caller's choice,
+        never the folder's. `full_precision` ignores 4-bit training (export)."""
+        run = open_verified(run_dir)
+        config, labels, info = run.config(), run.labels(), run.run_info()
+        source, revision = resolve_recorded(info.get("base_model_identity"), base_model, run.path(RUN_INFO))
         precision, attn = inference_settings(info, config.model.attn_implementation)
         # Same precision as in training, so probabilities match those written at the end of training.
         loaded = load_classifier(
             source,
             labels,
             quantize=bool(info.get("quantized")) and not full_precision,
-            trust_remote_code=config.model.trust_remote_code,
+            trust_remote_code=trust_remote_code,
             for_training=False,
             tokenizer_source=str(run.path(TOKENIZER)),
             precision=precision,
             attn_implementation=attn,
-            allow_pickle=config.model.allow_pickle,
+            allow_pickle=allow_pickle,
+            revision=revision,
         )
         half = precision in ("bf16", "fp16")
         if half and not loaded.quantized:
             # Training kept the head in fp32 over the half-precision base (model.loading.add_lora): load the
             # saved fp32 head into an fp32 copy, not a rounded one.
             upcast_head(loaded.model)
-        model = PeftModel.from_pretrained(loaded.model, str(run.path(ADAPTER)))
+        model = load_adapter(loaded.model, run.path(ADAPTER), labels)
         if not loaded.quantized and not half:
             # Fold LoRA into the base weights: same outputs (to float rounding), no adapter matmuls per
             # layer. Not into bf16/fp16 weights: the sum would be rounded, and differ from training's.

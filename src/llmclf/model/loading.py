@@ -75,10 +75,12 @@ def load_classifier(
     attn_implementation: str | None = None,
     gradient_checkpointing: bool = False,
     allow_pickle: bool = False,
+    revision: str | None = None,
 ) -> LoadedModel:
     """Base model with a `num_labels` classification head, pad token set in tokenizer and config.
 
     `tokenizer_source`: where the tokenizer lives when not beside the weights (a run folder's copy).
+    `revision`: the hub commit to load (a reloaded run's recorded one).
     `precision` (resolved: bf16/fp16/fp32) is the 4-bit compute dtype,
     and the weight dtype of a non-quantised model; `attn_implementation` is passed to transformers.
     """
@@ -95,6 +97,8 @@ def load_classifier(
         "weights_only": True,
     }
     dtype = torch_dtype(precision)
+    if revision:
+        kwargs["revision"] = revision
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     if quantize:

@@ -23,8 +23,10 @@ from llmclf.config import RunConfig
 from llmclf.data import Splits, class_weights, load_splits, to_dataset, tokenize_texts
 from llmclf.errors import LlmclfError
 from llmclf.inference.metrics import compute_metrics
+from llmclf.manifest import write_manifest
 from llmclf.model.anatomy import resolve_top_layers
 from llmclf.model.loading import add_lora, load_classifier, resolve_quantize
+from llmclf.model.provenance import identify
 from llmclf.model.sources import resolve_model_source
 from llmclf.progress import Timings
 from llmclf.reports import console
@@ -39,6 +41,17 @@ from llmclf.version import __version__
 
 log = logging.getLogger("llmclf")
 SPLITS = ("train", "val", "test")
+MANIFESTED = (
+    runfolder.CONFIG,
+    runfolder.LABELS,
+    runfolder.RUN_INFO,
+    runfolder.ADAPTER,
+    runfolder.TOKENIZER,
+    runfolder.METRICS,
+    runfolder.DATA_SUMMARY,
+    runfolder.PREDICTIONS,
+)
+"""The files training writes for reuse and reporting, listed in the run folder's manifest."""
 
 
 @dataclass
@@ -86,6 +99,8 @@ def _run(config: RunConfig, *, overwrite: bool, quiet: bool, resume: str | None)
         fingerprint = checkpoints.run_fingerprint(config, splits, choice.source, choice.quantized)
         start = checkpoints.begin_run(out, fingerprint, resume)
         model, tokenizer, top_layers = load_model(config, splits.labels, choice)
+        # what a later load checks the base model against (hub: the exact revision downloaded)
+        identity = identify(config.model.name, revision=getattr(model.config, "_commit_hash", None))
     runtime.release_memory()  # the loading's transient copies
     with timings("tokenise"):
         encoded = tokenise(tokenizer, splits, config.data.max_length)
@@ -122,7 +137,7 @@ def _run(config: RunConfig, *, overwrite: bool, quiet: bool, resume: str | None)
     main = distributed.is_main()
     if main:  # the others wait for its writes when the session ends
         timings.seconds["total"] = time.perf_counter() - started
-        info = run_info(config, choice, trainer, train_output, backend, probe, timings)
+        info = run_info(config, choice, identity, trainer, train_output, backend, probe, timings)
         save_run(out, config, trainer, tokenizer, state, splits, weights, encoded, metrics, probs, info)
         log.info("Report: %s", build_report(out))  # report.md, report.html and the PNGs, from the files
     del trainer, model, backend  # a caller going on (e.g. to Classifier.load) starts from here
@@ -348,6 +363,7 @@ def fine_tune(backend: Backend, trainer: WeightedLossTrainer, checkpoint: str | 
 def run_info(
     config: RunConfig,
     choice: ModelChoice,
+    identity: dict,
     trainer: WeightedLossTrainer,
     train_output: Any,
     backend: Backend,
@@ -359,6 +375,7 @@ def run_info(
     return {
         "base_model": config.model.name,
         "resolved_source": choice.source,
+        "base_model_identity": identity,
         "quantized": choice.quantized,
         "precision": choice.precision,
         "attn_implementation": choice.attn,
@@ -413,6 +430,7 @@ def save_run(
     run.write_json(runfolder.METRICS, metrics)
     frame = predictions_frame(splits, probs)
     run.write_with(runfolder.PREDICTIONS, lambda tmp: frame.to_csv(tmp, index=False, float_format="%.9g"))
+    write_manifest(out, names=MANIFESTED)  # last: it marks the run folder complete, checked on load
     checkpoints.finish(out, keep_last=config.train.keep_checkpoint)  # the best adapter is saved above
 
 
