@@ -82,9 +82,24 @@ def _inside(name: Any) -> bool:
     return not path.is_absolute() and ".." not in path.parts and ":" not in path.parts[0]
 
 
-def manifest_problem(folder: Path, expected: Iterable[str] = ()) -> str | None:
+def _unlisted(folder: Path, files: dict) -> str | None:
+    """A link anywhere under `folder`, or a file there that `files` does not list, said as a problem."""
+    for top, dirs, names in os.walk(folder):  # does not follow links into other folders
+        for name in sorted(dirs + names):
+            path = Path(top) / name
+            relative = path.relative_to(folder).as_posix()
+            if path.is_symlink():
+                return f"{relative} is a link (a folder written by llmclf holds none)"
+            if name in names and relative not in files and relative != MANIFEST:
+                return f"{relative} is not listed in {MANIFEST} (added after the folder was written)"
+    return None
+
+
+def manifest_problem(folder: Path, expected: Iterable[str] = (), complete: bool = False) -> str | None:
     """Why `folder` does not match its manifest, or None when every listed file verifies. `expected`:
-    files the manifest must list (so a manifest that leaves one out does not pass)."""
+    files the manifest must list (so a manifest that leaves one out does not pass). `complete`: also
+    refuse a link anywhere under the folder and a file the manifest does not list, for a folder whose
+    every file is read (a checkpoint, a converted model)."""
     manifest, problem = read_manifest(folder)
     if manifest is None:
         return problem
@@ -93,6 +108,8 @@ def manifest_problem(folder: Path, expected: Iterable[str] = ()) -> str | None:
     for name in expected:
         if name not in files:
             return f"{MANIFEST} does not list {name}"
+    if complete and (problem := _unlisted(folder, files)):
+        return problem
     for name, meta in files.items():
         path = folder / name
         if not Path(os.path.realpath(path)).is_relative_to(root):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,8 +29,13 @@ import torch
 from torch import nn
 
 from llmclf.batches import length_batches
+from llmclf.manifest import sha256_file
 from llmclf.model.anatomy import decoder_of, head_of, unwrap
 from llmclf.runfolder import atomic_write
+
+log = logging.getLogger("llmclf")
+SMALL_FILE = 1 << 20  # files up to this size are hashed whole for the cache key; larger ones sampled
+SAMPLES, SAMPLE_BYTES = 16, 1 << 16
 
 
 class _PassThrough(nn.Module):
@@ -159,19 +165,127 @@ class ActivationCache:
 
     # ----------------------------------------------------------------------------------- on disk
     def save(self, path: Path) -> None:
+        """Write the cache as safetensors, with the SHA-256 of its tensors in the metadata."""
         from safetensors.torch import save_file
 
-        tensors = {"flat": self.flat.contiguous(), "offsets": self.offsets}
+        tensors = {"flat": self.flat.contiguous(), "offsets": self.offsets.contiguous()}
+        meta = {"start": str(self.start), "sha256": _tensors_sha(tensors["flat"], tensors["offsets"])}
         # a reader never sees a half-written cache
-        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), {"start": str(self.start)}))
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), meta))
 
     @classmethod
-    def load(cls, path: Path) -> ActivationCache:
+    def load(
+        cls,
+        path: Path,
+        *,
+        start: int | None = None,
+        dtype: torch.dtype | None = None,
+        lengths: list[int] | None = None,
+        hidden: int | None = None,
+    ) -> ActivationCache:
+        """Read a saved cache and check it: the SHA-256 recorded at save time, and (when given) the first
+        layer, the storage dtype, each row's length and the hidden size the caller expects. A file that
+        does not match raises ValueError saying what differs (it is never returned)."""
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as handle:
-            start = int(handle.metadata()["start"])
-            return cls(handle.get_tensor("flat"), handle.get_tensor("offsets"), start)
+            names, meta = set(handle.keys()), handle.metadata() or {}
+            if names != {"flat", "offsets"}:
+                raise ValueError(f"it holds the tensors {sorted(names)}, not flat and offsets")
+            shapes = {name: handle.get_slice(name).get_shape() for name in names}
+            problem = _shape_problem(shapes["flat"], shapes["offsets"], lengths, hidden)
+            if problem:
+                raise ValueError(problem)
+            flat, offsets = handle.get_tensor("flat"), handle.get_tensor("offsets")
+        problem = _content_problem(flat, offsets, meta, start, dtype, lengths)
+        if problem:
+            raise ValueError(problem)
+        return cls(flat, offsets, int(meta["start"]))
+
+
+def _tensors_sha(flat: torch.Tensor, offsets: torch.Tensor) -> str:
+    """SHA-256 of the cache's tensors: dtypes, shapes and bytes."""
+    digest = hashlib.sha256()
+    for tensor in (offsets, flat):
+        tensor = tensor.contiguous()
+        digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
+        digest.update(tensor.view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def _shape_problem(
+    flat: list[int], offsets: list[int], lengths: list[int] | None, hidden: int | None
+) -> str | None:
+    """What is wrong with a saved cache's tensor shapes, read before its tensors are."""
+    if len(flat) != 2 or len(offsets) != 1:
+        return f"flat has shape {flat} and offsets {offsets}: not (tokens, hidden) and (rows + 1,)"
+    if lengths is not None and offsets[0] != len(lengths) + 1:
+        return f"it has {offsets[0] - 1} rows, {len(lengths)} were expected"
+    if hidden is not None and flat[1] != hidden:
+        return f"its hidden size is {flat[1]}, the model's is {hidden}"
+    if lengths is not None and flat[0] != sum(lengths):
+        return f"it holds {flat[0]} token states, the texts have {sum(lengths)} tokens"
+    return None
+
+
+def _content_problem(
+    flat: torch.Tensor,
+    offsets: torch.Tensor,
+    meta: dict,
+    start: int | None,
+    dtype: torch.dtype | None,
+    lengths: list[int] | None,
+) -> str | None:
+    """What is wrong with a saved cache's metadata, dtypes, offsets or checksum."""
+    if not str(meta.get("start", "")).isdigit() or (start is not None and int(meta["start"]) != start):
+        return f"it starts at layer {meta.get('start')!r}, {start} was expected"
+    if offsets.dtype != torch.int64 or (dtype is not None and flat.dtype != dtype):
+        return f"its dtypes are {flat.dtype} and {offsets.dtype}, {dtype} and torch.int64 were expected"
+    steps = offsets[1:] - offsets[:-1]
+    if len(offsets) == 0 or offsets[0] != 0 or bool((steps < 0).any()) or offsets[-1] != flat.shape[0]:
+        return "its row offsets are not 0, ascending, up to its number of token states"
+    if lengths is not None and steps.tolist() != list(lengths):
+        return "its rows' lengths are not those of the texts"
+    if meta.get("sha256") != _tensors_sha(flat, offsets):
+        return "its tensors do not match the SHA-256 recorded when it was saved"
+    return None
+
+
+def _file_digest(path: Path, size: int) -> str:
+    """SHA-256 of a small file; of a large one, its safetensors header (if any) and sampled blocks, so
+    that weights of the same size and layout (another fine-tune) get another key without hashing
+    gigabytes."""
+    if size <= SMALL_FILE:
+        return sha256_file(path)
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        if path.suffix == ".safetensors":
+            raw = handle.read(8)
+            length = int.from_bytes(raw, "little") if len(raw) == 8 else 0
+            digest.update(handle.read(min(length, 100 << 20)))
+        for i in range(SAMPLES + 1):
+            handle.seek((size - SAMPLE_BYTES) * i // SAMPLES)
+            digest.update(handle.read(SAMPLE_BYTES))
+    return digest.hexdigest()
+
+
+def model_identity(model_source: str, revision: str | None = None) -> list[Any]:
+    """What tells the model's weights apart. A local folder: every file's name, size and date, the
+    SHA-256 of small files (config, tokenizer) and a digest of large ones (`_file_digest`). A hub id: the
+    id and the revision (commit) when known."""
+    source = Path(model_source)
+    if not source.is_dir():
+        return [model_source, revision]
+    files = []
+    for path in sorted(p for p in source.rglob("*") if p.is_file()):
+        relative = path.relative_to(source)
+        if ".cache" in relative.parts:  # the hub's download bookkeeping inside a model folder
+            continue
+        stat = path.stat()
+        files.append(
+            [relative.as_posix(), stat.st_size, int(stat.st_mtime), _file_digest(path, stat.st_size)]
+        )
+    return [model_source, files, revision]
 
 
 def cache_key(
@@ -181,21 +295,18 @@ def cache_key(
     dtype: torch.dtype,
     precision: str,
     input_ids: list[list[int]],
+    revision: str | None = None,
 ) -> str:
-    """Everything the cached states depend on: weights (by source path and its files' sizes and dates),
-    quantisation, depth, storage dtype, compute precision (bf16/fp16/fp32) and the exact token ids."""
+    """Everything the cached states depend on: the weights (`model_identity`: a folder's files, a hub
+    model's revision), quantisation, depth, storage dtype, compute precision (bf16/fp16/fp32) and the
+    exact token ids."""
     digest = hashlib.sha256()
-    source = Path(model_source)
-    files = (
-        sorted((p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in source.iterdir() if p.is_file())
-        if source.is_dir()
-        else []
-    )
-    digest.update(json.dumps([model_source, files, quantized, start, str(dtype), precision]).encode())
+    identity = model_identity(model_source, revision)
+    digest.update(json.dumps([identity, quantized, start, str(dtype), precision]).encode())
     for ids in input_ids:
         digest.update(np.asarray(ids, dtype=np.int64).tobytes())
         digest.update(b"|")
-    return digest.hexdigest()[:24]
+    return digest.hexdigest()[:32]
 
 
 def cached_or_built(
@@ -210,17 +321,33 @@ def cached_or_built(
     disk_dir: Path | None,
     model_source: str,
     quantized: bool,
+    revision: str | None = None,
     progress: Any = None,
 ) -> tuple[ActivationCache, bool]:
     """The cache for these texts: from `disk_dir` when an identical one was saved, else built (and saved
     there when `disk_dir` is given). Returns (cache, reused). `precision` only keys the disk cache: the
-    caller runs this under its own autocast context for that precision."""
+    caller runs this under its own autocast context for that precision. `revision`: a hub model's commit
+    (default: the one transformers recorded when loading it). A saved file that does not verify is
+    rebuilt, with a note."""
     path = None
     if disk_dir is not None:
-        key = cache_key(model_source, quantized, start, dtype, precision, input_ids)
+        config = unwrap(model).config
+        revision = revision or getattr(config, "_commit_hash", None)
+        key = cache_key(model_source, quantized, start, dtype, precision, input_ids, revision)
         path = disk_dir / f"{key}.safetensors"
         if path.is_file():
-            return ActivationCache.load(path), True
+            expected = {
+                "lengths": [len(ids) for ids in input_ids],
+                "hidden": config.get_text_config().hidden_size,
+            }
+            try:
+                return ActivationCache.load(path, start=start, dtype=dtype, **expected), True
+            except Exception as exc:  # the file is data from disk: whatever is wrong, it is rebuilt
+                log.info(
+                    "note: the activation cache %s is not usable (%s): running the frozen layers again.",
+                    path,
+                    exc,
+                )
     cache = ActivationCache.build(
         model,
         input_ids,

@@ -40,7 +40,7 @@ def folder_fingerprint(folder: Path) -> dict[str, dict[str, Any]]:
     (tensor names, shapes, offsets), so that a swapped or edited model is told apart without hashing
     gigabytes of weights on every load."""
     out: dict[str, dict[str, Any]] = {}
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and ".cache" not in p.parts):
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and ".cache" not in p.relative_to(folder).parts):
         entry: dict[str, Any] = {"size": path.stat().st_size}
         if entry["size"] <= SMALL_FILE:
             entry["sha256"] = sha256_file(path)

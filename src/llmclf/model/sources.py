@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from llmclf.errors import LlmclfError
+from llmclf.manifest import MANIFEST, manifest_problem, read_manifest, sha256_file, write_manifest
 from llmclf.runtime import cache_dir
 
 log = logging.getLogger("llmclf")
@@ -46,18 +47,63 @@ def alias_file(alias: str) -> Path:
 
 
 def convert_gguf(gguf: Path) -> Path:
-    """Dequantise a GGUF file once into a cached safetensors folder; return that folder."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Dequantise a GGUF file once into a cached safetensors folder; return that folder.
 
+    The folder gets a manifest (each file's size and SHA-256, and the GGUF file it was converted from),
+    written last. A cached folder is used only when its manifest verifies; a damaged, incomplete or
+    foreign one (say a `config.json` put there by hand) is converted again, with a note.
+    """
     stat = gguf.stat()
     key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
     target = cache_dir() / "models" / f"{gguf.stem}-{key}"
-    if (target / "config.json").is_file():
-        return target
+    if target.exists() or target.is_symlink():
+        problem = _conversion_problem(target, key)
+        if problem is None:
+            return target
+        log.info(
+            "note: the cached conversion %s is not usable (%s): converting %s again.", target, problem, gguf
+        )
     log.info("Converting %s to safetensors once (cached in %s) ...", gguf.name, target)
     tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    _remove(tmp)
+    source = {"key": key, "name": gguf.name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    try:
+        _dequantise(gguf, tmp)
+        write_manifest(tmp, gguf={**source, "sha256": sha256_file(gguf)})  # last: marks the folder complete
+    except BaseException:
+        _remove(tmp)
+        raise
+    # Written to a temporary folder and renamed: a killed conversion never looks complete, and two
+    # processes converting at once (torchrun) both end with one valid folder.
+    try:
+        tmp.rename(target)
+        return target
+    except OSError:  # the target exists: another process's fresh conversion, or the unusable folder
+        pass
+    if _conversion_problem(target, key) is None:
+        _remove(tmp)
+        return target
+    aside = target.with_name(target.name + f".bad-{os.getpid()}")
+    _remove(aside)
+    with contextlib.suppress(FileNotFoundError):  # another process may have moved it already
+        os.rename(target, aside)  # a link or a file is moved aside, never followed
+    try:
+        tmp.rename(target)
+    except OSError:
+        if _conversion_problem(target, key) is not None:
+            raise LlmclfError(
+                f"Could not put the converted model in place at {target}. Remove that folder and retry."
+            ) from None
+    _remove(tmp)
+    _remove(aside)
+    return target
+
+
+def _dequantise(gguf: Path, out: Path) -> None:
+    """Read a GGUF file with transformers (tens of seconds) and save it as safetensors into `out`."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(
@@ -70,15 +116,33 @@ def convert_gguf(gguf: Path) -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    # Written to a temporary folder and renamed: a killed conversion never looks complete, and two
-    # processes converting at once (torchrun) both end with one valid folder.
-    try:
-        tmp.rename(target)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def _conversion_problem(target: Path, key: str) -> str | None:
+    """Why the cached conversion at `target` cannot be used, or None when its manifest verifies and
+    records the conversion of this GGUF file (`key`: its path, size and date)."""
+    if target.is_symlink() or not target.is_dir():
+        return "a link or a file, not a folder written by llmclf"
+    problem = manifest_problem(target, expected=("config.json",), complete=True)
+    if problem is not None:
+        return problem
+    manifest = read_manifest(target)[0] or {}
+    if not any(name.endswith(".safetensors") for name in manifest["files"]):
+        return f"{MANIFEST} lists no safetensors weights"
+    source = manifest.get("gguf")
+    if not isinstance(source, dict) or source.get("key") != key:
+        return "it was converted from another GGUF file"
+    return None
+
+
+def _remove(path: Path) -> None:
+    """Remove a file, a link (not what it points to) or a folder, if there."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def resolve_model_source(name: str) -> str:

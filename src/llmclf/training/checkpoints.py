@@ -20,7 +20,7 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -104,26 +104,52 @@ def fingerprint_differences(saved: dict[str, Any], current: dict[str, Any]) -> l
 
 # ---------------------------------------------------------------------------------------- manifests
 def checkpoint_problem(folder: Path) -> str | None:
-    """Why `folder` is not a complete checkpoint, or None when its manifest verifies."""
-    return manifest_problem(folder)
+    """Why `folder` is not a complete checkpoint, or None when its manifest verifies: every file listed
+    and matching its size and SHA-256, no file the manifest leaves out, no link (the Trainer reads every
+    file of the folder when it resumes)."""
+    return manifest_problem(folder, complete=True)
 
 
-def last_complete_checkpoint(root: Path, say: Callable[[str], None] = log.info) -> Path | None:
-    """The newest checkpoint under `root` whose manifest verifies; everything skipped is said."""
-    if not root.is_dir():
+def _is_folder(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink()
+
+
+def _fingerprint_of(folder: Path) -> str | None:
+    """The fingerprint hash a checkpoint's manifest records (None when it records none)."""
+    recorded = (read_manifest(folder)[0] or {}).get("fingerprint_sha256")
+    return recorded if isinstance(recorded, str) else None
+
+
+def last_complete_checkpoint(
+    root: Path, say: Callable[[str], None] = log.info, *, fingerprints: Collection[str] | None = None
+) -> Path | None:
+    """The newest checkpoint under `root` whose manifest verifies; everything skipped is said.
+
+    `fingerprints`: when given, only a checkpoint whose manifest records one of these fingerprint hashes
+    (written by a run with these inputs) counts; one written by another run is skipped.
+    """
+    if not _is_folder(root):
         return None
     staging = root / STAGING
-    if staging.exists() and any(staging.iterdir()):
+    if _is_folder(staging) and any(staging.iterdir()):
         say(f"note: skipping {staging}: a checkpoint save was interrupted there (removed).")
         shutil.rmtree(staging, ignore_errors=True)
-    found = sorted(
-        (int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := CHECKPOINT_RE.match(p.name))
-    )
+    found = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := CHECKPOINT_RE.match(p.name)))
     for _, folder in reversed(found):
+        if not _is_folder(folder):
+            say(f"note: skipping {folder}: not a folder (a link or a file), so not a checkpoint of this run.")
+            continue
         problem = checkpoint_problem(folder)
-        if problem is None:
-            return folder
-        say(f"note: skipping incomplete checkpoint {folder}: {problem}.")
+        if problem is not None:
+            say(f"note: skipping incomplete checkpoint {folder}: {problem}.")
+            continue
+        if fingerprints is not None and _fingerprint_of(folder) not in fingerprints:
+            say(
+                f"note: skipping checkpoint {folder}: it was written by a run with other data, labels, "
+                "model or settings (its manifest records another fingerprint)."
+            )
+            continue
+        return folder
     return None
 
 
@@ -171,8 +197,10 @@ class AtomicCheckpoints:
         written, final = staging / name, root / name
         state.save_to_json(str(written / "trainer_state.json"))
         write_manifest(written, fingerprint_sha256=self.fingerprint_sha)
-        if final.exists():  # an incomplete leftover of the same step from an interrupted run
+        if _is_folder(final):  # an incomplete leftover of the same step from an interrupted run
             shutil.rmtree(final)
+        elif final.is_symlink() or final.exists():  # not ours: a link is removed, not followed
+            final.unlink()
         os.rename(written, final)
         shutil.rmtree(staging, ignore_errors=True)
         rotate_checkpoints(str(root), limit, state.best_model_checkpoint, use_mtime=False)
@@ -193,34 +221,54 @@ def fingerprint_sha(fingerprint: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode("utf-8")).hexdigest()
 
 
-def begin_run(out: Path, fingerprint: dict[str, Any], resume: str | None) -> ResumePoint:
-    """Record the fingerprint of a new run, or check it and find the checkpoint for `--resume`.
-
-    `resume`: None (a new run), `last` (the newest complete checkpoint under the run folder), or the path
-    of one checkpoint folder.
-    """
-    saved_path = out / FINGERPRINT
-    if resume is None:
-        if distributed.is_main():  # under a launcher only rank 0 writes the run folder
-            write_json(saved_path, fingerprint)
-        return ResumePoint(None, None)
-    if (out / METRICS).is_file():
-        raise LlmclfError(f"{out} holds a finished run (metrics.json): there is nothing to resume.")
-    if not saved_path.is_file():
+def _saved_fingerprint(out: Path) -> dict[str, Any]:
+    """The run folder's fingerprint.json, checked to be a fingerprint (it is data from the folder)."""
+    path = out / FINGERPRINT
+    if not path.is_file():
         raise LlmclfError(
             f"Cannot resume: {out} has no {FINGERPRINT}, so it is not a run folder started by `llmclf train`. "
             "Give the --output of the interrupted run, or train without --resume."
         )
-    differences = fingerprint_differences(read_json(saved_path), fingerprint)
+    try:
+        saved = read_json(path)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        saved = None
+    parts = ("data", "model", "settings")
+    if not isinstance(saved, dict) or not all(isinstance(saved.get(k), dict) for k in parts):
+        raise LlmclfError(
+            f"Cannot resume: {path} is not a fingerprint written by `llmclf train` (damaged or edited). "
+            "Start a new run (another --output, or --overwrite)."
+        )
+    return saved
+
+
+def begin_run(out: Path, fingerprint: dict[str, Any], resume: str | None) -> ResumePoint:
+    """Record the fingerprint of a new run, or check it and find the checkpoint for `--resume`.
+
+    `resume`: None (a new run), `last` (the newest complete checkpoint under the run folder written by a
+    run with these inputs), or the path of one checkpoint folder.
+    """
+    if resume is None:
+        if distributed.is_main():  # under a launcher only rank 0 writes the run folder
+            write_json(out / FINGERPRINT, fingerprint)
+        return ResumePoint(None, None)
+    if (out / METRICS).is_file():
+        raise LlmclfError(f"{out} holds a finished run (metrics.json): there is nothing to resume.")
+    saved = _saved_fingerprint(out)
+    differences = fingerprint_differences(saved, fingerprint)
     if differences:
         raise LlmclfError(
             f"Cannot resume the run in {out}: " + "; ".join(differences) + ". Resume with the same data, "
             "labels, model and settings as the interrupted run, or start a new run (another --output, or "
             "--overwrite)."
         )
+    # A checkpoint counts when its manifest records this run's fingerprint, or the saved one (just found
+    # equal in data, labels, model and settings; it differs in, say, the data file's path). An edited
+    # fingerprint.json does not let the checkpoints of other inputs through: they record the original.
+    accepted = {fingerprint_sha(fingerprint), fingerprint_sha(saved)}
     before = read_json(out / BEFORE) if (out / BEFORE).is_file() else None
     if resume == "last":
-        checkpoint = last_complete_checkpoint(out / CHECKPOINTS)
+        checkpoint = last_complete_checkpoint(out / CHECKPOINTS, fingerprints=accepted)
         if checkpoint is None:
             log.info("note: no complete checkpoint in %s: training from the start.", out / CHECKPOINTS)
         return ResumePoint(str(checkpoint) if checkpoint else None, before)
@@ -232,11 +280,10 @@ def begin_run(out: Path, fingerprint: dict[str, Any], resume: str | None) -> Res
         raise LlmclfError(
             f"Checkpoint {folder} is incomplete: {problem}. Give another one, or --resume alone."
         )
-    recorded = (read_manifest(folder)[0] or {}).get("fingerprint_sha256")
-    if recorded != fingerprint_sha(fingerprint):
+    if _fingerprint_of(folder) not in accepted:
         raise LlmclfError(
             f"Checkpoint {folder} was written by a run with other data, labels, model or settings than this "
-            f"one (see {saved_path}). Give a checkpoint of this run."
+            f"one (see {out / FINGERPRINT}). Give a checkpoint of this run."
         )
     return ResumePoint(str(folder), before)
 
@@ -252,6 +299,6 @@ def finish(out: Path, keep_last: bool) -> None:
         shutil.rmtree(root, ignore_errors=True)
         return
     last = last_complete_checkpoint(root, lambda _: None)
-    for child in root.iterdir() if root.is_dir() else []:
+    for child in root.iterdir() if _is_folder(root) else []:
         if child != last:
-            shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink()
+            shutil.rmtree(child, ignore_errors=True) if _is_folder(child) else child.unlink()
