@@ -337,8 +337,8 @@ def test_export_writes_a_model_card(trained_run, tiny_model_dir, tmp_path):
     assert main(["--quiet", "export", str(trained_run), "--output", str(out)]) == 0
     card = (out / "README.md").read_text(encoding="utf-8")
     metrics = json.loads((trained_run / "metrics.json").read_text())
-    for label in json.loads((trained_run / "labels.json").read_text()):
-        assert f"`{label}`" in card
+    for i, label in enumerate(json.loads((trained_run / "labels.json").read_text())):
+        assert f"| {i} | {label} |" in card  # the labels table: output index, escaped label
     for heading in ("## Labels", "## Intended use", "## Limitations", "## Training data", "## Metrics"):
         assert heading in card
     assert f"| accuracy | {metrics['before']['accuracy']:.4f} | {metrics['after']['accuracy']:.4f} |" in card

@@ -1,13 +1,37 @@
-"""Plain-text tables for the terminal: class balance, before/after metrics, per class, confusion."""
+"""Plain-text tables for the terminal: class balance, before/after metrics, per class, confusion.
+
+Labels, texts and config values come from data and run folders that people share: every cell is shown
+through `printable`, so an escape sequence in a label is displayed (as `\x1b[2J`), never obeyed.
+"""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
+
+# C0 and C1 controls, DEL, and the bidirectional overrides and isolates (which reorder what is shown)
+CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+_SHORT = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _visible(char: str) -> str:
+    code = ord(char)
+    return _SHORT.get(char) or (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+
+
+def printable(text: str) -> str:
+    """`text` with every control character (ESC, BEL, CR, C1, bidi overrides...) as a visible escape."""
+    return CONTROL.sub(lambda match: _visible(match.group()), text)
+
+
+def one_line(text: str) -> str:
+    """`text` on one line: line breaks and runs of white space become one space, other controls visible."""
+    return printable(" ".join(text.split()))
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]], title: str | None = None) -> str:
     """Aligned columns; the first column left-aligned, the others right-aligned."""
-    cells = [[str(h) for h in headers]] + [[_fmt(c) for c in row] for row in rows]
+    cells = [[printable(str(h)) for h in headers]] + [[_fmt(c) for c in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
 
     def line(row: list[str]) -> str:
@@ -16,13 +40,13 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]], title: str |
         return "  ".join([first, *rest]).rstrip()
 
     out = [line(cells[0]), "  ".join("-" * w for w in widths)] + [line(r) for r in cells[1:]]
-    return "\n".join(([title] if title else []) + out)
+    return "\n".join(([printable(title)] if title else []) + out)
 
 
 def _fmt(value: object) -> str:
     if isinstance(value, float):
         return f"{value:.4f}"
-    return str(value)
+    return printable(str(value))
 
 
 def class_balance(counts: dict[str, dict[str, int]], labels: list[str], weights: list[float] | None) -> str:

@@ -4,17 +4,21 @@ Built from the run folder only (labels, data summary, metrics, config, run info)
 licence, read from where the base model declares it: a GGUF file's `general.license` metadata, or the
 `license:` field of a Hugging Face model's README front matter (local folder or hub cache). When none
 is found the card says so instead of guessing.
+
+Every value from the run folder or the base model (labels, names, counts, the licence) goes through
+`md_text` (literal text: no heading, link, image or HTML can come out of a label), config.yaml sits in
+a code fence longer than any backtick run inside it, and the front matter is written by yaml.safe_dump.
 """
 
 from __future__ import annotations
 
-import html
 import re
 from pathlib import Path
 
 import yaml
 
-from llmclf.reports.run_report import RunFiles, read_run
+from llmclf.reports.console import one_line
+from llmclf.reports.run_report import RunFiles, base_model_name, md_fence, md_table, md_text, read_run
 from llmclf.runfolder import atomic_write
 
 UNKNOWN_LICENCE = "unknown — check the base model's licence"
@@ -77,24 +81,13 @@ def _alias_note(name: str) -> str:
     return f" (the GGUF file `{filename}` shipped in the PyPI package `{package.replace('_', '-')}`)"
 
 
-def _table(headers: list[str], rows: list[list[object]]) -> list[str]:
-    def cell(v: object) -> str:
-        text = f"{v:.4f}" if isinstance(v, float) else str(v)
-        return html.escape(text).replace("|", "\\|")
-
-    return (
-        ["| " + " | ".join(headers) + " |", "|" + "|".join(" --- " for _ in headers) + "|"]
-        + ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
-        + [""]
-    )
-
-
 def model_card(run_dir: str | Path) -> str:
     """README.md text for a model exported from `run_dir`."""
     run = read_run(run_dir)
-    base = str(run.run_info.get("base_model") or run.config.get("model", {}).get("name", "unknown"))
+    base = base_model_name(run)
     licence = base_model_licence(base)
-    return "\n".join(_card_head(run, base, licence) + _card_results(run))
+    # a licence is an identifier such as apache-2.0: one line, whatever the base model's README holds
+    return "\n".join(_card_head(run, base, one_line(licence) if licence else None) + _card_results(run))
 
 
 def _card_head(run: RunFiles, base: str, licence: str | None) -> list[str]:
@@ -112,32 +105,29 @@ def _card_head(run: RunFiles, base: str, licence: str | None) -> list[str]:
         yaml.safe_dump(front, sort_keys=False).rstrip(),
         "---",
         "",
-        f"# Text classifier fine-tuned from {html.escape(base)}",
+        f"# Text classifier fine-tuned from {md_text(base)}",
         "",
         "A sequence-classification model made by llmclf: LoRA fine-tuning "
         "with a class-weighted loss, the adapter merged into the base weights, the trained head kept.",
         "",
     ]
-    out += [
-        "## Labels",
-        "",
-        ", ".join(f"`{html.escape(label)}`" for label in run.labels)
-        + " (in the order of the model's outputs; also in `config.id2label`).",
-        "",
-    ]
+    out += ["## Labels", "", "In the order of the model's outputs (also in `config.id2label`):", ""]
+    out += md_table(["id", "label"], [[i, label] for i, label in enumerate(run.labels)])
     out += [
         "## Base model and licence",
         "",
-        f"- base model: `{html.escape(base)}`" + _alias_note(base),
-        f"- licence of the base model: {html.escape(licence) if licence else UNKNOWN_LICENCE}",
+        f"- base model: {md_text(base)}" + _alias_note(base),
+        f"- licence of the base model: {md_text(licence) if licence else UNKNOWN_LICENCE}",
         "- this fine-tuned model is a derivative of the base model: its licence terms apply.",
         "",
     ]
+    summary = run.summary or {}
+    truncated = summary.get("truncated") if isinstance(summary.get("truncated"), dict) else {}
     out += [
         "## Intended use",
         "",
         f"Assigning one of the {len(run.labels)} labels above to texts like the training data "
-        f"(source: `{html.escape(str((run.summary or {}).get('source', 'unknown')))}`). Check the metrics below "
+        f"(source: {md_text(summary.get('source', 'unknown'))}). Check the metrics below "
         "on data of your own before relying on it.",
         "",
     ]
@@ -145,11 +135,11 @@ def _card_head(run: RunFiles, base: str, licence: str | None) -> list[str]:
         "## Limitations",
         "",
         "- It only knows the labels above: every text gets one of them, even an unrelated one.",
-        f"- Texts are cut at {(run.summary or {}).get('max_length', '?')} tokens, as in training (where "
-        f"{((run.summary or {}).get('truncated') or {}).get('train', '?')} training texts were cut); the "
+        f"- Texts are cut at {md_text(summary.get('max_length', '?'))} tokens, as in training (where "
+        f"{md_text(truncated.get('train', '?'))} training texts were cut); the "
         "tokenizer's `model_max_length` is set to that length.",
-        f"- Measured on {after.get('n')} held-out test texts from the same source; results on other data "
-        "(topics, language, style) may be lower. Probabilities are not guaranteed to be calibrated.",
+        f"- Measured on {md_text(after.get('n'))} held-out test texts from the same source; results on "
+        "other data (topics, language, style) may be lower. Probabilities are not guaranteed to be calibrated.",
         "- Biases of the base model and of the training data carry over.",
         "",
     ]
@@ -164,30 +154,32 @@ def _card_results(run: RunFiles) -> list[str]:
         counts = run.summary.get("counts", {})
         splits = [s for s in ("train", "val", "test") if s in counts]
         out += ["## Training data", ""]
-        out += _table(
+        out += md_table(
             ["class", *splits], [[label, *[counts[s].get(label, 0) for s in splits]] for label in run.labels]
         )
     names = (("accuracy", "accuracy"), ("balanced accuracy", "balanced_accuracy"), ("macro F1", "macro_f1"))
     out += ["## Metrics (test split)", ""]
-    out += _table(
-        ["metric", "before fine-tuning", "after"], [[n, before.get(k, ""), after[k]] for n, k in names]
+    out += md_table(
+        ["metric", "before fine-tuning", "after"], [[n, before.get(k, ""), after.get(k)] for n, k in names]
     )
-    out += _table(
+    out += md_table(
         ["class", "precision", "recall", "F1", "support"],
         [[lab, m["precision"], m["recall"], m["f1"], m["support"]] for lab, m in after["per_class"].items()],
     )
-    out += [
-        "## Use",
-        "",
-        "```python",
-        "from transformers import pipeline",
-        "",
-        'clf = pipeline("text-classification", model="PATH/TO/THIS/FOLDER")',
-        'clf("Stocks rallied after the rate cut")',
-        "```",
-        "",
-    ]
-    out += ["## Training configuration", "", "```yaml", run.config_text.rstrip(), "```", ""]
+    example = 'clf("Stocks rallied after the rate cut")'  # a fixed text: nothing from the data runs here
+    out += ["## Use", ""]
+    out += md_fence(
+        "\n".join(
+            [
+                "from transformers import pipeline",
+                "",
+                'clf = pipeline("text-classification", model="PATH/TO/THIS/FOLDER")',
+                example,
+            ]
+        ),
+        "python",
+    )
+    out += ["## Training configuration", ""] + md_fence(run.config_text.rstrip(), "yaml")
     return out
 
 

@@ -3,10 +3,14 @@
 Figures are built with `matplotlib.figure.Figure` directly, not pyplot: no global figure registry, no
 interactive backend, nothing to close, safe in a server or a test process. Each builder returns the
 Figure so tests can read the plotted numbers back from its Axes; `save_png` writes it.
+
+Class names come from the data: they are drawn as plain text (never parsed as mathtext or LaTeX, so a
+`$` in a label is a dollar sign), and a confusion figure stays a bounded size whatever the class count.
 """
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,9 +18,15 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from llmclf.errors import LlmclfError
+from llmclf.reports.console import one_line
 from llmclf.runfolder import RunFolder
 
 DPI = 110
+MAX_SIDE = 20.0  # inches: at 0.7 in a class, 300 classes would be a 23,000-pixel square (~2 GB)
+ANNOTATE_MAX = 60  # above this many classes, cell values and class names would be unreadable: left out
+TICK_CHARS = 30  # a longer class name is cut on the axes (the tables have it whole)
+LITERAL = {"parse_math": False, "usetex": False}  # text properties: draw the string as it is
 
 
 def new_figure(width: float, height: float) -> Figure:
@@ -25,9 +35,24 @@ def new_figure(width: float, height: float) -> Figure:
     return fig
 
 
-def save_png(fig: Figure, run: RunFolder, name: str) -> Path:
+@dataclass(frozen=True)
+class Png:
+    """A figure written into the run folder: its file, and the bytes written (the HTML inlines them)."""
+
+    path: Path
+    data: bytes
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+def save_png(fig: Figure, run: RunFolder, name: str) -> Png:
     """The figure as PNG file `name` of the run folder (written atomically, never through a link)."""
-    return run.write_with(name, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI))
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=DPI)
+    data = buffer.getvalue()
+    return Png(run.write_with(name, lambda tmp: tmp.write_bytes(data)), data)
 
 
 # ------------------------------------------------------------------------------------ confusion matrix
@@ -38,27 +63,49 @@ def row_normalise(matrix: np.ndarray) -> np.ndarray:
     return np.divide(matrix, totals, out=np.zeros_like(matrix), where=totals > 0)
 
 
+def tick_label(label: str) -> str:
+    """A class name as drawn on an axis: one line, controls visible, cut at TICK_CHARS."""
+    text = one_line(str(label))
+    return text if len(text) <= TICK_CHARS else text[: TICK_CHARS - 1] + "…"
+
+
 def confusion_figure(matrix: list[list[int]], labels: list[str], *, normalise: bool, title: str) -> Figure:
-    """Heat map with the value in each cell: raw counts, or row-normalised fractions."""
-    counts = np.asarray(matrix, dtype=float)
-    values = row_normalise(counts) if normalise else counts
+    """Heat map with the value in each cell: raw counts, or row-normalised fractions.
+
+    At most MAX_SIDE inches a side; above ANNOTATE_MAX classes without cell values and class names."""
     k = len(labels)
-    side = max(3.6, 1.0 + 0.7 * k)
+    counts = np.asarray(matrix, dtype=float)
+    if counts.shape != (k, k):
+        raise LlmclfError(
+            f"The confusion matrix has shape {counts.shape} for {k} labels: the run's metrics.json does "
+            "not match its labels. Evaluate or train the run again."
+        )
+    values = row_normalise(counts) if normalise else counts
+    side = min(MAX_SIDE, max(3.6, 1.0 + 0.7 * k))
     fig = new_figure(side + 1.2, side)
     ax = fig.add_subplot()
-    vmax = 1.0 if normalise else max(1.0, float(values.max()))
+    vmax = 1.0 if normalise else max(1.0, float(np.nanmax(values, initial=0.0)))
     image = ax.imshow(values, cmap="Blues", vmin=0.0, vmax=vmax)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
-    ax.set_xticks(range(k), labels=labels, rotation=45 if max(map(len, labels)) > 6 else 0, ha="right")
-    ax.set_yticks(range(k), labels=labels)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title(title)
-    fontsize = 10 if k <= 8 else 7
+    if k > ANNOTATE_MAX:
+        ax.set_title(f"{title}\n{k} classes: no cell values or class names", **LITERAL)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        return fig
+    ax.set_title(title, **LITERAL)
+    names = [tick_label(label) for label in labels]
+    rotation = 45 if max(map(len, names), default=0) > 6 else 0
+    ax.set_xticks(range(k), labels=names, rotation=rotation, ha="right", **LITERAL)
+    ax.set_yticks(range(k), labels=names, **LITERAL)
+    fontsize = 10 if k <= 8 else 7 if k <= 30 else 5
+    if k > 30:
+        ax.tick_params(labelsize=7)
     for i in range(k):
         for j in range(k):
             value = values[i, j]
-            text = f"{value:.2f}" if normalise else f"{int(value)}"
+            text = f"{value:.2f}" if normalise else f"{value:.0f}"
             # white text on dark cells, so every number stays readable
             colour = "white" if value > 0.6 * vmax else "black"
             ax.text(j, i, text, ha="center", va="center", color=colour, fontsize=fontsize)

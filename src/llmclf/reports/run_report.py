@@ -4,23 +4,38 @@ Reads only the files a finished run wrote (metrics.json, data_summary.json, run_
 predictions_test.csv, config.yaml, labels.json), so `llmclf report RUN_DIR` rebuilds it at any time
 without the model. The report is assembled once as a list of blocks (heading, paragraph, table, image,
 preformatted text) and rendered twice, so the Markdown and HTML versions always hold the same content.
-Every piece of text from the data is escaped in both renderings.
+
+A run folder is shared data: every value from it is escaped in both renderings (`md_text` here is the
+one Markdown escaper, the model card uses it too), reads never leave the folder and writes never go
+through a link (`RunFolder`), and a malformed file is an error naming it, not a traceback.
 """
 
 from __future__ import annotations
 
 import base64
 import html
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import yaml
 
+from llmclf.config import parse_yaml
+from llmclf.errors import LlmclfError
 from llmclf.reports import plots
-from llmclf.runfolder import CONFIG, DATA_SUMMARY, LABELS, METRICS, RunFolder, prob_column
+from llmclf.reports.console import one_line
+from llmclf.runfolder import (
+    CONFIG,
+    DATA_SUMMARY,
+    LABELS,
+    METRICS,
+    PREDICTIONS,
+    RUN_INFO,
+    RunFolder,
+    prob_column,
+)
 
 REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
@@ -39,6 +54,7 @@ REPORT_SECTIONS = (
     "Configuration",
 )
 TEXT_CHARS = 400  # a wrong example's text is cut here in the report (the CSV has it whole)
+CONFIG_VALUES = 100_000  # YAML aliases can make a small config.yaml expand to billions of values
 
 
 # ------------------------------------------------------------------------------------ reading the run
@@ -58,20 +74,73 @@ class RunFiles:
 
 
 def read_run(run_dir: str | Path) -> RunFiles:
-    """The report's inputs, or an error naming the missing file; every read confined to the folder."""
+    """The report's inputs, or an error naming the missing or malformed file; every read confined to
+    the folder (a link leading out of it is refused)."""
     run = RunFolder.open(run_dir, needed=(CONFIG, LABELS, METRICS), purpose="the report")
-    config_text = run.read_text(CONFIG)
+    config_text = _read(run, CONFIG, run.read_text)
+    config = parse_yaml(config_text, run.path(CONFIG))
+    _limit_values(config, run.path(CONFIG))
+    metrics = _read(run, METRICS, run.read_json, dict)
+    if not isinstance(metrics.get("after"), dict):
+        raise LlmclfError(
+            f"{run.path(METRICS)} has no 'after' metrics: it is not a metrics.json llmclf wrote. Evaluate "
+            "or train the run again."
+        )
     return RunFiles(
         path=run.root,
         folder=run,
-        labels=run.labels(),
+        labels=_read(run, LABELS, lambda _: run.labels(), list),  # checked: distinct non-empty names
         config_text=config_text,
-        config=yaml.safe_load(config_text) or {},
-        metrics=run.read_json(METRICS),
-        run_info=run.run_info(),
-        summary=run.optional_json(DATA_SUMMARY),
-        predictions=run.predictions(),
+        config=config,
+        metrics=metrics,
+        run_info=_read(run, RUN_INFO, lambda _: run.run_info(), dict),
+        summary=_read(run, DATA_SUMMARY, run.optional_json, (dict, type(None))),
+        predictions=_read(run, PREDICTIONS, lambda _: run.predictions()),
     )
+
+
+def _read(run: RunFolder, name: str, reader: Any, kind: Any = object) -> Any:
+    """`reader(name)`; an unreadable or malformed file (not UTF-8, not JSON, a folder) is an error."""
+    try:
+        value = reader(name)
+    except (OSError, ValueError, TypeError) as exc:  # JSON, UTF-8 and CSV errors are ValueErrors
+        raise LlmclfError(
+            f"{run.root / name} could not be read: {one_line(str(exc))[:300]}. Is this a run folder "
+            "written by `llmclf train`? Train or evaluate the run again."
+        ) from None
+    if not isinstance(value, kind):
+        raise LlmclfError(
+            f"{run.root / name} holds a JSON {type(value).__name__}, not what llmclf writes there. Is this "
+            "a run folder written by `llmclf train`? Train or evaluate the run again."
+        )
+    return value
+
+
+def _limit_values(value: Any, source: Path) -> None:
+    """Refuse a config that expands (through YAML aliases) to more values than any real config."""
+    stack, seen = [value], 1
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            children = [*item.keys(), *item.values()]
+        elif isinstance(item, list | tuple | set | frozenset):  # safe_load makes all four
+            children = list(item)
+        else:
+            continue
+        seen += len(children)
+        if seen > CONFIG_VALUES:
+            raise LlmclfError(
+                f"{source} expands to more than {CONFIG_VALUES} values (YAML aliases?): llmclf writes no "
+                "such config. Refused; train the run again or fix the file."
+            )
+        stack.extend(children)
+
+
+def base_model_name(run: RunFiles) -> str:
+    """The base model as run_info.json resolved it, else as config.yaml names it."""
+    model = run.config.get("model")
+    name = model.get("name", "unknown") if isinstance(model, dict) else "unknown"
+    return str(run.run_info.get("base_model") or name)
 
 
 def prediction_probabilities(run: RunFiles) -> tuple[np.ndarray, np.ndarray]:
@@ -102,7 +171,7 @@ class Block:
     text: str = ""
     headers: list[str] = field(default_factory=list)
     rows: list[list[Any]] = field(default_factory=list)
-    image: Path | None = None
+    image: plots.Png | None = None
     half: bool = False  # in HTML, two such images share a row
 
 
@@ -177,22 +246,35 @@ def _per_class_blocks(run: RunFiles) -> list[Block]:
     return [Block("table", headers=["class", "precision", "recall", "F1", "F1 before", "support"], rows=rows)]
 
 
-def _confusion_caption(key: str) -> str:
+def _confusion_caption(key: str, classes: int) -> str:
     """'confusion_after_normalised' -> 'Confusion matrix after training, row-normalised'."""
     parts = key.split("_")
-    return f"Confusion matrix {parts[1]} training, " + (
+    caption = f"Confusion matrix {parts[1]} training, " + (
         "row-normalised" if "normalised" in parts else "counts"
     )
+    if classes > plots.ANNOTATE_MAX:
+        caption += f" ({classes} classes: cell values and class names left out; they are in metrics.json)"
+    return caption
+
+
+def _confusion_note(classes: int) -> str:
+    note = "Rows: true label; columns: predicted. Counts, and each row divided by its total."
+    if classes > plots.ANNOTATE_MAX:
+        note += (
+            f" With {classes} classes the cells carry no values and the axes no class names (unreadable at "
+            "this size): the numbers are in metrics.json and the tables above."
+        )
+    return note
 
 
 def build_blocks(
-    run: RunFiles, images: dict[str, Path], cal: plots.Calibration | None, top: int
+    run: RunFiles, images: dict[str, plots.Png], cal: plots.Calibration | None, top: int
 ) -> list[Block]:
     info = run.run_info
     after = run.metrics["after"]
     summary_rows = [
         ["run folder", str(run.path)],
-        ["base model", info.get("base_model", run.config.get("model", {}).get("name"))],
+        ["base model", base_model_name(run)],
         ["labels", ", ".join(run.labels)],
         ["quantized (4-bit)", info.get("quantized")],
         ["training time (s)", info.get("train_runtime_s")],
@@ -206,11 +288,11 @@ def build_blocks(
     blocks += [Block("heading", "Per class"), *_per_class_blocks(run)]
     blocks += [
         Block("heading", "Confusion matrices"),
-        Block("para", "Rows: true label; columns: predicted. Counts, and each row divided by its total."),
+        Block("para", _confusion_note(len(run.labels))),
     ]
     blocks += [
-        Block("image", text=_confusion_caption(key), image=path, half=True)
-        for key, path in images.items()
+        Block("image", text=_confusion_caption(key, len(run.labels)), image=png, half=True)
+        for key, png in images.items()
         if key.startswith("confusion")
     ]
     blocks.append(Block("heading", "Training curves"))
@@ -252,28 +334,60 @@ def build_blocks(
     return blocks
 
 
+# ------------------------------------------------------------------------------------ Markdown escaping
+# Backslash-escaped: every ASCII punctuation character that can start markup, a link, an image, a code
+# span, a table cell, maths ($, rendered by the Hugging Face hub) or an autolink (@ of an address).
+_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]!|~#$@])")
+_SCHEME = re.compile(r"(?<=[A-Za-z0-9]):(?=/)")  # https:// stays text, not a bare-URL link (GFM)
+_WWW = re.compile(r"(?i)\b(www)\.")  # www.example.org likewise
+_LIST_ITEM = re.compile(r"^(\d{1,9})([.)])")  # '1. x' at the start of a line is an ordered list
+
+
+def md_text(value: Any) -> str:
+    """`value` as literal Markdown text on one line: no markup, HTML, link or image survives it.
+
+    Line breaks become spaces (so a label cannot start a heading or end a table row), controls become
+    visible escapes, Markdown punctuation is backslash-escaped and &, <, > become HTML entities."""
+    text = _MD_SPECIAL.sub(r"\\\1", one_line(_cell(value)))
+    text = html.escape(text, quote=False)
+    return _WWW.sub(r"\1\\.", _SCHEME.sub(r"\\:", text))
+
+
+def md_line(value: Any) -> str:
+    """`md_text` for text that starts a line, where '- ', '+ ', '1. ' or '=' would be block markup."""
+    text = _LIST_ITEM.sub(r"\1\\\2", md_text(value))
+    return "\\" + text if text[:1] in ("-", "+", "=") else text
+
+
+def md_table(headers: list[Any], rows: list[list[Any]]) -> list[str]:
+    """A GFM table, every header and cell through `md_text`; ends with a blank line."""
+    out = ["| " + " | ".join(md_text(h) for h in headers) + " |"]
+    out.append("|" + "|".join(" --- " for _ in headers) + "|")
+    out += ["| " + " | ".join(md_text(c) for c in row) + " |" for row in rows]
+    return out + [""]
+
+
+def md_fence(text: str, info: str = "") -> list[str]:
+    """`text` verbatim in a code block whose fence is longer than any run of backticks inside it."""
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return [fence + info, text, fence, ""]
+
+
 # ------------------------------------------------------------------------------------ rendering
-def _md_cell(value: Any) -> str:
-    # escaped as HTML too: Markdown viewers render raw HTML, and a text must never become markup
-    return html.escape(_cell(value)).replace("|", "\\|").replace("\n", " ")
-
-
 def render_markdown(blocks: list[Block], title: str) -> str:
-    out = [f"# {_md_cell(title)}", ""]
+    out = [f"# {md_text(title)}", ""]
     for b in blocks:
         if b.kind == "heading":
-            out += [f"## {b.text}", ""]
+            out += [f"## {md_text(b.text)}", ""]
         elif b.kind == "para":
-            out += [_md_cell(b.text), ""]
+            out += [md_line(b.text), ""]
         elif b.kind == "table":
-            out.append("| " + " | ".join(_md_cell(h) for h in b.headers) + " |")
-            out.append("|" + "|".join(" --- " for _ in b.headers) + "|")
-            out += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in b.rows]
-            out.append("")
+            out += md_table(b.headers, b.rows)
         elif b.kind == "image" and b.image is not None:
-            out += [f"![{_md_cell(b.text)}]({b.image.name})", ""]
+            out += [f"![{md_text(b.text)}]({b.image.name})", ""]
         elif b.kind == "pre":
-            out += ["```yaml", b.text.replace("```", "'''"), "```", ""]
+            out += md_fence(b.text, "yaml")
     return "\n".join(out)
 
 
@@ -292,11 +406,8 @@ pre{background:#f7f7f7;padding:1em;overflow-x:auto}nav a{margin-right:1em}
 def _html_cell(value: Any) -> str:
     numeric = isinstance(value, int | float) and not isinstance(value, bool)
     kind = "num" if numeric else ("text" if isinstance(value, str) and len(value) > 60 else "")
-    return (
-        f'<td class="{kind}">{html.escape(_cell(value))}</td>'
-        if kind
-        else f"<td>{html.escape(_cell(value))}</td>"
-    )
+    text = html.escape(one_line(_cell(value)))
+    return f'<td class="{kind}">{text}</td>' if kind else f"<td>{text}</td>"
 
 
 def _anchor(title: str) -> str:
@@ -311,21 +422,21 @@ def render_html(blocks: list[Block], title: str) -> str:
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>",
-        f"<h1>{html.escape(title)}</h1>",
+        f"<title>{html.escape(one_line(title))}</title><style>{CSS}</style></head><body>",
+        f"<h1>{html.escape(one_line(title))}</h1>",
         f"<nav>{nav}</nav>",
     ]
     for b in blocks:
         if b.kind == "heading":
             out.append(f'<h2 id="{_anchor(b.text)}">{html.escape(b.text)}</h2>')
         elif b.kind == "para":
-            out.append(f"<p>{html.escape(b.text)}</p>")
+            out.append(f"<p>{html.escape(one_line(b.text))}</p>")
         elif b.kind == "table":
-            head = "".join(f"<th>{html.escape(h)}</th>" for h in b.headers)
+            head = "".join(f"<th>{html.escape(one_line(str(h)))}</th>" for h in b.headers)
             body = "".join("<tr>" + "".join(_html_cell(c) for c in row) + "</tr>" for row in b.rows)
             out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
         elif b.kind == "image" and b.image is not None:
-            data = base64.b64encode(b.image.read_bytes()).decode("ascii")
+            data = base64.b64encode(b.image.data).decode("ascii")  # the bytes written, not read back
             half = ' class="half"' if b.half else ""
             out.append(f'<img{half} alt="{html.escape(b.text)}" src="data:image/png;base64,{data}">')
         elif b.kind == "pre":
@@ -335,9 +446,9 @@ def render_html(blocks: list[Block], title: str) -> str:
 
 
 # ------------------------------------------------------------------------------------ the report
-def write_figures(run: RunFiles) -> tuple[dict[str, Path], plots.Calibration | None]:
+def write_figures(run: RunFiles) -> tuple[dict[str, plots.Png], plots.Calibration | None]:
     """Every PNG of the report, written into the run folder."""
-    images: dict[str, Path] = {}
+    images: dict[str, plots.Png] = {}
     for stage in ("before", "after"):
         m = run.metrics.get(stage)
         if not m:
