@@ -73,6 +73,14 @@ def atomic_write(path: Path, write: Callable[[Path], Any]) -> Path:
     return path
 
 
+def write_csv(frame: Any, path: Path, sep: str = ",") -> Path:
+    """A DataFrame as CSV (or TSV), atomically. Rows end in CRLF (RFC 4180), so that a field holding a
+    bare carriage return is quoted: with LF endings it was written bare and split its row when read."""
+    return atomic_write(
+        path, lambda tmp: frame.to_csv(tmp, index=False, sep=sep, float_format="%.9g", lineterminator="\r\n")
+    )
+
+
 def write_json(path: Path, data: Any) -> Path:
     text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))

@@ -296,3 +296,20 @@ def test_subprocess_errors_have_no_traceback(tmp_path, trained_run):
             [sys.executable, "-m", "llmclf", "--quiet", *args], capture_output=True, text=True, timeout=300
         )
         check_error(proc.returncode, proc.stderr, ["line 2", "bad.jsonl"])
+
+
+def test_an_error_quoting_data_shows_control_characters_as_escapes(tmp_path, capsys):
+    missing = tmp_path / "news\x1b[2J\x07.csv"  # a file name that would clear the screen and ring
+    assert main(["train", "--data", str(missing), "--output", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and "\x07" not in err
+    assert "news\\x1b[2J\\x07.csv" in err
+
+
+def test_texts_with_carriage_returns_survive_the_written_csv(tmp_path, trained_run):
+    frame = pd.DataFrame({"text": ["Stocks fell\rsharply", "A late goal\r\nwon it", "plain"]})
+    frame.to_csv(tmp_path / "in.csv", index=False, lineterminator="\r\n")  # quoted: a valid CSV input
+    out = tmp_path / "out.csv"
+    assert main(["--quiet", "predict", str(trained_run), "--input", str(tmp_path / "in.csv"), "--output", str(out)]) == 0
+    back = pd.read_csv(out, keep_default_na=False)
+    assert back["text"].tolist() == frame["text"].tolist()  # a bare \r used to split its row in two

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ from llmclf.config import load_config
 from llmclf.data import clean_frame, read_table
 from llmclf.errors import LlmclfError
 from llmclf.reports import console
-from llmclf.runfolder import RunFolder, atomic_write, prob_column, write_json
+from llmclf.runfolder import RunFolder, atomic_write, prob_column, write_csv, write_json
 
 log = logging.getLogger("llmclf")
 
@@ -80,7 +81,7 @@ def write_table(frame: pd.DataFrame, path: Path) -> None:
 
     def write(tmp: Path) -> None:
         if suffix in (".csv", ".tsv"):
-            frame.to_csv(tmp, index=False, sep="\t" if suffix == ".tsv" else ",", float_format="%.9g")
+            write_csv(frame, tmp, sep="\t" if suffix == ".tsv" else ",")
         elif suffix in (".jsonl", ".ndjson"):
             frame.to_json(tmp, orient="records", lines=True, force_ascii=False)
         else:
@@ -211,10 +212,16 @@ def compare(args: argparse.Namespace) -> int:
 
 
 def serve(args: argparse.Namespace) -> int:
-    from llmclf.serve.app import ServeOptions, run_server
+    from llmclf.serve.app import API_KEY_ENV, ServeOptions, run_server
 
     keys = ("host", "port", "max_batch_size", "max_wait_ms", "max_texts", "max_body_bytes", "max_queue")
-    keys += ("max_length", "pass_overhead_tokens")
+    keys += ("max_length", "pass_overhead_tokens", "max_connections", "header_timeout_s", "body_timeout_s")
+    keys += ("graceful_timeout_s", "api_key", "docs")
     given = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+    if args.allowed_hosts:
+        names = [name.strip() for value in args.allowed_hosts for name in value.split(",")]
+        given["allowed_hosts"] = tuple(name for name in names if name)
+    if "api_key" not in given and os.environ.get(API_KEY_ENV):
+        given["api_key"] = os.environ[API_KEY_ENV]
     options = ServeOptions(**given)
-    return run_server(args.run_dir, options, quiet=args.quiet, verbose=args.verbose)
+    return run_server(args.run_dir, options, quiet=args.quiet, verbose=args.verbose, loading=loading_options(args))

@@ -11,6 +11,7 @@ from llmclf.cli import commands
 from llmclf.cli.parser import build_parser
 from llmclf.errors import LlmclfError
 from llmclf.progress import log_to_stderr
+from llmclf.reports.console import printable
 from llmclf.runtime import quiet_libraries
 
 
@@ -23,7 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     except LlmclfError as exc:
         if args.verbose:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        # the message may quote data (a label, a file name): control characters shown, not obeyed
+        print("error: " + "\n".join(printable(line) for line in str(exc).split("\n")), file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -313,6 +313,7 @@ def _add_compare(sub: Any, common: argparse.ArgumentParser) -> None:
 def _add_serve(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("serve", parents=[common], help="serve a trained run over HTTP (FastAPI, batching)")
     p.add_argument("run_dir", help="run folder written by `llmclf train`")
+    add_loading_options(p)
     # Defaults live in llmclf.serve.app.ServeOptions (None here: not given).
     p.add_argument("--host", help="interface to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="TCP port, 0 for any free one (default 8000)")
@@ -336,6 +337,42 @@ def _add_serve(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--max-length", type=positive_int, default=None, help="tokens per text (default: as trained)"
+    )
+    _add_serve_protection(p)
+
+
+def _add_serve_protection(p: argparse.ArgumentParser) -> None:
+    """serve's connection limits, timeouts and access control (defaults in ServeOptions)."""
+    p.add_argument(
+        "--max-connections",
+        type=positive_int,
+        help="most open connections served at once; a request on one more gets 503 (default 64)",
+    )
+    for flag, default, text in [
+        ("--header-timeout-s", 10, "seconds a connection may take to send a request's headers"),
+        ("--body-timeout-s", 30, "seconds a request's body may take to arrive (then 408)"),
+        ("--graceful-timeout-s", 10, "on SIGTERM, seconds to wait for requests in flight"),
+    ]:
+        p.add_argument(flag, type=float, help=f"{text} (default {default})")
+    p.add_argument(
+        "--allowed-hosts",
+        action="append",
+        metavar="NAME[,NAME...]",
+        help="host names clients may address the server by (the Host header), beyond localhost, "
+        "127.0.0.1, ::1, the --host address and IP addresses; others get 400, which stops web pages "
+        "from reaching it by DNS rebinding. Repeatable; * allows any, *.example.com its subdomains",
+    )
+    p.add_argument(
+        "--api-key",
+        help="require `Authorization: Bearer KEY` on every endpoint but /health (401 otherwise). "
+        "Prefer the environment variable LLMCLF_API_KEY: a command line is visible to other users",
+    )
+    p.add_argument(
+        "--docs",
+        action="store_true",
+        default=None,
+        help="serve /docs (Swagger UI: the browser loads its script and styles from the jsDelivr CDN) "
+        "and /openapi.json (default off)",
     )
 
 

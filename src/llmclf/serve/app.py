@@ -1,20 +1,30 @@
 """`llmclf serve`: a trained run folder behind HTTP (FastAPI on uvicorn), with dynamic batching.
 
     llmclf serve runs/news --host 127.0.0.1 --port 8000
-    curl -s localhost:8000/classify -d '{"texts": ["Stocks rallied after the rate cut"]}'
+    curl -s localhost:8000/classify -H 'Content-Type: application/json' \
+        -d '{"texts": ["Stocks rallied after the rate cut"]}'
 
 Endpoints: POST /classify, GET /labels, GET /health (503 until a warm-up forward pass has answered),
-GET /metrics, and the generated OpenAPI page at /docs (/openapi.json). Every error is JSON
+GET /metrics, and with --docs the generated OpenAPI page at /docs (/openapi.json). Every error is JSON
 `{"error": code, "message": text}` (plus `"index"` for per-text errors):
 
-- 400: body is not JSON, empty `texts`, an empty or blank text (its index is named);
+- 400: body is not JSON, empty `texts`, an empty or blank text, or a text that is not valid Unicode
+  (its index is named); a Host header this server does not answer to (`security.HostPolicy`);
+- 401: --api-key (or LLMCLF_API_KEY) is set and the request lacks `Authorization: Bearer KEY`
+  (every endpoint but /health);
+- 408: the request head or body did not arrive within --header-timeout-s / --body-timeout-s;
 - 413: more texts than --max-texts, or a body over --max-body-bytes (Content-Length and bytes read);
+- 415: a POST whose Content-Type is not application/json (a web page cannot send that cross-origin
+  without the browser asking first, and this server never says yes);
 - 422: JSON of the wrong shape or types (`texts` must be a list of strings, no other fields);
-- 503: more rows waiting than --max-queue (with Retry-After), or the server is shutting down.
+- 500: the forward pass failed for this request (details in the server log only);
+- 503: more rows waiting than --max-queue (with Retry-After), more connections than --max-connections
+  (uvicorn's plain-text 503), or the server is shutting down.
 
 Texts longer than --max-length tokens are cut, as in training, and flagged `"truncated": true`.
-SIGTERM or SIGINT: stop accepting connections, finish the requests in flight, drain the batcher, exit 0.
-The run folder is resolved (realpath) once at start; requests never name files.
+SIGTERM or SIGINT: stop accepting connections, finish the requests in flight (at most
+--graceful-timeout-s), drain the batcher, exit 0. The run folder is resolved (realpath) once at start;
+requests never name files.
 """
 
 from __future__ import annotations
@@ -28,8 +38,10 @@ import os
 import signal
 import sys
 import time
+import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -39,6 +51,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmclf.errors import LlmclfError
 from llmclf.serve.batcher import (
+    ENCODE_THREADS,
     ClassifierPredictor,
     DynamicBatcher,
     Predictor,
@@ -46,9 +59,12 @@ from llmclf.serve.batcher import (
     ServingMetrics,
     ShuttingDown,
 )
+from llmclf.serve.limits import MAX_JSON_DEPTH, ApiError, guarded_h11_protocol, read_limited_body, too_deep
+from llmclf.serve.security import Guard, HostPolicy, host_name, is_loopback
 
 logger = logging.getLogger("llmclf.serve")
 WARMUP_TEXT = "llmclf warm-up"
+API_KEY_ENV = "LLMCLF_API_KEY"
 
 
 @dataclass
@@ -77,11 +93,26 @@ class ServeOptions:
     split into passes where the padding would cost more than another pass (`batches.padding_groups`).
     `auto`: timed by the warm-up pass on this machine and model (a GPU, where a pass costs about the same
     at 16 and 512 tokens, never splits)."""
-    graceful_timeout_s: float = 60.0
-    """On SIGTERM, how long to wait for requests in flight before cancelling them."""
+    max_connections: int = 64
+    """Most open connections served at once; a request on one beyond them gets uvicorn's 503."""
+    header_timeout_s: float = 10.0
+    """How long a connection may take to send a request's line and headers, from its opening or from
+    the previous response; then it is closed (a partly sent head gets 408 first)."""
+    body_timeout_s: float = 30.0
+    """How long a request's body may take to arrive once its headers have (more: 408)."""
+    graceful_timeout_s: float = 10.0
+    """On SIGTERM, how long to wait for requests in flight before cancelling them; the batcher then
+    gets as long again to finish the rows already queued."""
+    allowed_hosts: tuple[str, ...] = ()
+    """Host names the server answers to beyond localhost, 127.0.0.1, ::1, --host and IP addresses
+    (`*`: any, e.g. behind a proxy that checks them; `*.example.com`: its subdomains)."""
+    api_key: str | None = field(default=None, repr=False)
+    """If set, every endpoint but /health needs `Authorization: Bearer <api_key>` (else 401)."""
+    docs: bool = False
+    """Serve /docs (Swagger UI, whose script and styles the browser loads from a CDN) and /openapi.json."""
 
     def __post_init__(self) -> None:
-        for name in ("max_batch_size", "max_texts", "max_body_bytes", "max_queue"):
+        for name in ("max_batch_size", "max_texts", "max_body_bytes", "max_queue", "max_connections"):
             if int(getattr(self, name)) < 1:
                 raise LlmclfError(
                     f"serve: --{name.replace('_', '-')} must be at least 1, found {getattr(self, name)}."
@@ -90,6 +121,12 @@ class ServeOptions:
             raise LlmclfError(f"serve: --max-length must be at least 1, found {self.max_length}.")
         if not (0 <= self.max_wait_ms <= 60_000) or math.isnan(self.max_wait_ms):
             raise LlmclfError(f"serve: --max-wait-ms must be between 0 and 60000, found {self.max_wait_ms}.")
+        for name in ("header_timeout_s", "body_timeout_s", "graceful_timeout_s"):
+            if not (0 < getattr(self, name) <= 3600):  # NaN fails too
+                raise LlmclfError(
+                    f"serve: --{name.replace('_', '-')} must be more than 0 and at most 3600 seconds, "
+                    f"found {getattr(self, name)}."
+                )
         if not (0 <= self.port <= 65535):
             raise LlmclfError(f"serve: --port must be between 0 and 65535, found {self.port}.")
         if self.pass_overhead_tokens != "auto" and not (
@@ -104,6 +141,25 @@ class ServeOptions:
                 f"serve: --max-queue ({self.max_queue}) is smaller than --max-texts ({self.max_texts}), so "
                 "the largest allowed request could never be queued. Raise --max-queue or lower --max-texts."
             )
+        self._check_access()
+
+    def _check_access(self) -> None:
+        hosts = self.allowed_hosts
+        self.allowed_hosts = (hosts,) if isinstance(hosts, str) else tuple(hosts)
+        for name in self.allowed_hosts:
+            if not name or host_name(name) != name.lower().rstrip(".") or any(c in name for c in "/ \t@"):
+                raise LlmclfError(
+                    f"serve: --allowed-hosts takes host names such as api.example.com, found {name!r} "
+                    "(no scheme, port or path)."
+                )
+        if self.api_key is not None:
+            key = self.api_key
+            if len(key) < 16 or not key.isascii() or not key.isprintable() or " " in key:
+                raise LlmclfError(
+                    f"serve: the API key (--api-key or {API_KEY_ENV}) must be at least 16 printable ASCII "
+                    f"characters without spaces; found {len(key)} characters. Make one with "
+                    "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`."
+                )
 
 
 class ClassifyRequest(BaseModel):
@@ -129,84 +185,6 @@ class ErrorBody(BaseModel):
     error: str = Field(description="A stable code, e.g. empty_text, too_many_texts, queue_full.")
     message: str = Field(description="What was wrong and what to do.")
     index: list[int] | None = Field(default=None, description="Offending text positions, if any.")
-
-
-class ApiError(Exception):
-    """An error answered as JSON with a status code."""
-
-    def __init__(
-        self, status: int, code: str, message: str, *, index: list[int] | None = None, retry_after: int = 0
-    ) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message, self.index, self.retry_after = (
-            status,
-            code,
-            message,
-            index,
-            retry_after,
-        )
-
-    def response(self) -> JSONResponse:
-        body: dict[str, Any] = {"error": self.code, "message": self.message}
-        if self.index is not None:
-            body["index"] = self.index
-        headers = {"Retry-After": str(self.retry_after)} if self.retry_after else None
-        return JSONResponse(body, status_code=self.status, headers=headers)
-
-
-async def read_limited_body(request: Request, limit: int) -> bytes:
-    """The body, refusing (413) a declared Content-Length over `limit` and, for chunked or lying
-    clients, stopping as soon as the bytes actually read pass it."""
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        if not declared.isdigit():
-            raise ApiError(400, "invalid_content_length", f"Content-Length {declared!r} is not a number.")
-        if int(declared) > limit:
-            raise ApiError(413, "body_too_large", _too_large(int(declared), limit))
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, "body_too_large", _too_large(size, limit, at_least=True))
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _too_large(size: int, limit: int, at_least: bool = False) -> str:
-    return (
-        f"The request body is {'more than ' if at_least else ''}{size} bytes; this server accepts at most "
-        f"{limit} (--max-body-bytes). Send fewer or shorter texts per request."
-    )
-
-
-MAX_JSON_DEPTH = 64
-"""A /classify body nests 2 levels; deeper ones are refused before parsing. The json module's own
-limit depends on the Python version (3.11 refused 2,000 levels, 3.12 parsed them)."""
-
-
-def too_deep(body: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
-    """True when the JSON text nests arrays/objects deeper than `limit` (brackets inside strings do not
-    count). Scans only bodies with more than `limit` brackets in all, so ordinary requests cost a count."""
-    if body.count(b"[") + body.count(b"{") <= limit:
-        return False
-    depth, in_string, escaped = 0, False, False
-    for byte in body:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif byte == 0x5C:  # backslash
-                escaped = True
-            elif byte == 0x22:  # closing quote
-                in_string = False
-        elif byte == 0x22:
-            in_string = True
-        elif byte in (0x5B, 0x7B):  # [ {
-            depth += 1
-            if depth > limit:
-                return True
-        elif byte in (0x5D, 0x7D):  # ] }
-            depth -= 1
-    return False
 
 
 def parse_texts(body: bytes, options: ServeOptions) -> list[str]:
@@ -246,7 +224,38 @@ def parse_texts(body: bytes, options: ServeOptions) -> list[str]:
             f"Text(s) at index {blank[:20]} are empty or only whitespace; remove them or give them content.",
             index=blank,
         )
+    invalid = [i for i, text in enumerate(texts) if not _is_unicode(text)]
+    if invalid:
+        raise ApiError(
+            400,
+            "invalid_text",
+            f"Text(s) at index {invalid[:20]} hold an unpaired surrogate escape (such as \\ud800), which is "
+            "not a character; send them as valid UTF-8 (encode the whole text, not half a pair).",
+            index=invalid,
+        )
     return texts
+
+
+def _is_unicode(text: str) -> bool:
+    """False for a text holding a lone surrogate (JSON's `\\ud800`), which no tokenizer encodes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def require_json(request: Request) -> None:
+    """415 unless the body is declared JSON: a web page can send text/plain or a form to localhost
+    without asking the browser first (no CORS preflight), but not application/json."""
+    declared = request.headers.get("content-type", "")
+    if declared.split(";")[0].strip().lower() != "application/json":
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            f"Content-Type {declared[:100]!r} is not JSON; send the body with `Content-Type: "
+            "application/json`.",
+        )
 
 
 class Service:
@@ -263,14 +272,23 @@ class Service:
             max_queue=options.max_queue,
             metrics=self.metrics,
         )
+        # Tokenising runs here, not on the model's worker thread nor the event loop.
+        self.encoders = ThreadPoolExecutor(ENCODE_THREADS, thread_name_prefix="llmclf-tokenize")
         self.ready = False
         self.warmup_error: str | None = None
         self.in_flight = 0
 
+    async def classify(self, texts: list[str]) -> tuple[Any, list[bool]]:
+        """Probabilities and truncation flags: tokenised by the predictor's `encode` (if it has one) in
+        the tokenising threads, then run by the batcher."""
+        encode = getattr(self.batcher.predictor, "encode", None)
+        rows = texts if encode is None else await asyncio.wrap_future(self.encoders.submit(encode, texts))
+        return await self.batcher.submit(rows)
+
     async def warm_up(self) -> None:
         """One real forward pass through the batcher; /health answers 200 only after it."""
         try:
-            probs, _ = await self.batcher.submit([WARMUP_TEXT])
+            probs, _ = await self.classify([WARMUP_TEXT])
             if probs.shape != (1, len(self.labels)):
                 raise RuntimeError(f"warm-up returned shape {probs.shape}, expected (1, {len(self.labels)})")
             # `auto` is timed by the predictor's first call, this one, in the batcher's worker thread.
@@ -279,9 +297,10 @@ class Service:
                 self.options.pass_overhead_tokens = measured
                 logger.info("a forward pass costs %g tokens' worth beyond its tokens here", measured)
             self.ready = True
-        except Exception as exc:
-            self.warmup_error = f"{type(exc).__name__}: {exc}"
-            logger.error("warm-up forward pass failed: %s", self.warmup_error)
+        except Exception:
+            # /health is open to anyone who can connect: it says that the pass failed, the log says why.
+            self.warmup_error = "the warm-up forward pass failed; the server log says why"
+            logger.exception("warm-up forward pass failed")
 
     def predictions(self, probs: Any, truncated: list[bool]) -> list[dict[str, Any]]:
         return [
@@ -297,9 +316,13 @@ class Service:
 ERRORS = {
     status: {"model": ErrorBody, "description": text}
     for status, text in {
-        400: "Body is not JSON, texts is empty, or a text is blank (index named).",
+        400: "Body is not JSON, texts is empty, or a text is blank or not valid Unicode (index named).",
+        401: "An API key is required and missing or wrong.",
+        408: "The body did not arrive in time.",
         413: "Too many texts, or the body is too large.",
+        415: "Content-Type is not application/json.",
         422: "JSON of the wrong shape or types.",
+        500: "Internal error; the server log has the details under the id in the message.",
         503: "Queue full (Retry-After) or shutting down.",
     }.items()
 }
@@ -321,13 +344,19 @@ def create_app(labels: list[str], predictor: Predictor, options: ServeOptions | 
             # (e.g. from cancelled requests) are finished before the worker thread ends.
             await asyncio.to_thread(service.batcher.stop, options.graceful_timeout_s)
             warmup.cancel()
+            service.encoders.shutdown(wait=False, cancel_futures=True)
 
+    docs = options.docs  # Swagger UI's page loads its script from a CDN: off unless asked for
     app = FastAPI(
         title="llmclf classifier",
         description="Text classification with a fine-tuned llmclf run. Labels: " + ", ".join(labels),
         lifespan=lifespan,
+        docs_url="/docs" if docs else None,
+        redoc_url=None,
+        openapi_url="/openapi.json" if docs else None,
     )
     app.state.service = service
+    app.add_middleware(Guard, hosts=HostPolicy(options.host, options.allowed_hosts), api_key=options.api_key)
     _add_classify(app, service, options)
     _add_status_routes(app, service, options)
     return app
@@ -364,26 +393,39 @@ def _add_classify(app: FastAPI, service: Service, options: ServeOptions) -> None
         started = time.perf_counter()
         service.in_flight += 1
         try:
-            texts = parse_texts(await read_limited_body(request, options.max_body_bytes), options)
-            try:
-                probs, truncated = await service.batcher.submit(texts)
-            except QueueFull as exc:
-                raise ApiError(
-                    503, "queue_full", f"The server is busy ({exc}); retry shortly.", retry_after=1
-                ) from None
-            except ShuttingDown:
-                raise ApiError(503, "shutting_down", "The server is shutting down.", retry_after=5) from None
+            require_json(request)
+            body = await read_limited_body(request, options.max_body_bytes, options.body_timeout_s)
+            # Parsing a large body takes milliseconds of CPU: not on the event loop, which serves everyone.
+            texts = await asyncio.to_thread(parse_texts, body, options)
+            probs, truncated = await _classify_or_refuse(service, texts)
         except ApiError as exc:
             service.metrics.record_rejected(exc.code)
             return exc.response()
-        except Exception as exc:
-            logger.exception("classify failed")
+        except Exception:
+            incident = uuid.uuid4().hex[:12]
+            logger.exception("classify failed (id %s)", incident)
             service.metrics.record_failed()
-            return ApiError(500, "internal_error", f"Classification failed: {exc}").response()
+            return ApiError(
+                500,
+                "internal_error",
+                f"Internal error while classifying (id {incident}); the server log has the details under "
+                "this id. Retry; if it fails again, tell the server's operator the id.",
+            ).response()
         finally:
             service.in_flight -= 1
         service.metrics.record_ok(len(texts), sum(truncated), time.perf_counter() - started)
         return JSONResponse({"predictions": service.predictions(probs, truncated)})
+
+
+async def _classify_or_refuse(service: Service, texts: list[str]) -> tuple[Any, list[bool]]:
+    try:
+        return await service.classify(texts)
+    except QueueFull as exc:
+        raise ApiError(
+            503, "queue_full", f"The server is busy ({exc}); retry shortly.", retry_after=1
+        ) from None
+    except ShuttingDown:
+        raise ApiError(503, "shutting_down", "The server is shutting down.", retry_after=5) from None
 
 
 def _add_status_routes(app: FastAPI, service: Service, options: ServeOptions) -> None:
@@ -405,17 +447,26 @@ def _add_status_routes(app: FastAPI, service: Service, options: ServeOptions) ->
     @app.get("/metrics")
     async def metrics() -> dict[str, Any]:
         """Requests, rows, batch sizes (histogram, mean, merged), latency quantiles in ms, queue state."""
+        hidden = ("host", "port", "api_key")
         return {
             **service.metrics.snapshot(),
             "in_flight": service.in_flight,
             "queued_rows": service.batcher.queued_rows,
             "ready": service.ready,
-            "limits": {k: v for k, v in vars(options).items() if k not in ("host", "port")},
+            "limits": {k: v for k, v in vars(options).items() if k not in hidden},
         }
 
 
-def run_server(run_dir: str, options: ServeOptions, *, quiet: bool = False, verbose: bool = False) -> int:
-    """Load the run folder, serve it until SIGTERM/SIGINT, drain, return 0."""
+def run_server(
+    run_dir: str,
+    options: ServeOptions,
+    *,
+    quiet: bool = False,
+    verbose: bool = False,
+    loading: dict | None = None,
+) -> int:
+    """Load the run folder (`loading`: Classifier.load's caller-only options), serve it until
+    SIGTERM/SIGINT, drain, return 0."""
     import uvicorn
 
     from llmclf.inference.classifier import Classifier
@@ -423,7 +474,7 @@ def run_server(run_dir: str, options: ServeOptions, *, quiet: bool = False, verb
     path = os.path.realpath(os.path.expanduser(run_dir))
     if not quiet:
         print(f"Loading classifier from {path} ...", file=sys.stderr, flush=True)
-    clf = Classifier.load(path)
+    clf = Classifier.load(path, **(loading or {}))
     options.max_length = options.max_length or clf.max_length
     predictor = ClassifierPredictor(clf, options.max_length, options.pass_overhead_tokens)
     app = create_app(clf.labels, predictor, options)
@@ -433,13 +484,23 @@ def run_server(run_dir: str, options: ServeOptions, *, quiet: bool = False, verb
         port=options.port,
         log_level="warning" if quiet else "info",
         access_log=verbose,
+        http=guarded_h11_protocol(options.header_timeout_s),
+        # uvicorn answers 503 once open connections reach the limit, counting the asking one.
+        limit_concurrency=options.max_connections + 1,
         timeout_graceful_shutdown=int(math.ceil(options.graceful_timeout_s)),
         lifespan="on",
     )
+    if options.api_key is None and not is_loopback(options.host):
+        logger.warning(
+            "serving on %s without an API key: anyone who can reach this port can classify; "
+            "set %s (or --api-key) or put an authenticating proxy in front.",
+            options.host,
+            API_KEY_ENV,
+        )
     if not quiet:
         print(
-            f"Serving {len(clf.labels)} labels on http://{options.host}:{options.port} (docs at /docs); "
-            "SIGTERM or Ctrl-C drains and stops.",
+            f"Serving {len(clf.labels)} labels on http://{options.host}:{options.port}"
+            f"{' (docs at /docs)' if options.docs else ''}; SIGTERM or Ctrl-C drains and stops.",
             file=sys.stderr,
             flush=True,
         )

@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import copy
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -30,8 +33,11 @@ from llmclf.inference.predict import predict_proba
 
 logger = logging.getLogger("llmclf.serve")
 
-# texts -> (probabilities (n, num_labels), truncated flags (n,)); runs on the worker thread only.
-Predictor = Callable[[list[str]], tuple[np.ndarray, list[bool]]]
+# rows -> (probabilities (n, num_labels), truncated flags (n,)); runs on the worker thread only. A row is
+# a text, or what the predictor's optional `encode(texts)` made of it (the server calls that first,
+# in threads of its own).
+Predictor = Callable[[list[Any]], tuple[np.ndarray, list[bool]]]
+ENCODE_THREADS = 2  # tokenising threads of the server; each holds one copy of the tokenizer
 
 
 class QueueFull(Exception):
@@ -40,6 +46,10 @@ class QueueFull(Exception):
 
 class ShuttingDown(Exception):
     """The batcher is stopping and takes no new work."""
+
+
+class PassFailed(RuntimeError):
+    """The forward pass of a request's rows raised; the worker logged the traceback."""
 
 
 class ServingMetrics:
@@ -249,16 +259,18 @@ class DynamicBatcher:
                 self._call(job, value, error)
 
     def _process(self, rows: list[tuple[_Job, int]]) -> list[tuple[_Job, Any, BaseException | None]]:
-        """Run one gathered batch; returns the requests it finished, each with its result or error."""
+        """Run one gathered batch; returns the requests it finished, each with its result or error. A
+        failed pass of several requests is run again one request at a time, so that a row that breaks
+        the pass fails only its own request."""
         jobs = list({id(job): job for job, _ in rows}.values())
         try:
             probs, truncated = self.predictor([job.texts[i] for job, i in rows])
         except Exception as exc:  # a failed pass fails its requests, never the worker
-            logger.exception("forward pass of %d rows failed", len(rows))
-            message = f"the forward pass failed: {type(exc).__name__}: {exc}"
-            for job in jobs:
-                job.failed = True
-            return [(job, None, RuntimeError(message)) for job in jobs]
+            logger.exception("forward pass of %d rows from %d request(s) failed", len(rows), len(jobs))
+            if len(jobs) > 1:
+                return [answer for job in jobs for answer in self._process([r for r in rows if r[0] is job])]
+            jobs[0].failed = True
+            return [(jobs[0], None, PassFailed(f"the forward pass failed: {type(exc).__name__}: {exc}"))]
         self.metrics.record_batch(len(rows), len(jobs))
         finished = []
         for (job, i), row, cut in zip(rows, probs, truncated):
@@ -303,43 +315,95 @@ def measure_pass_overhead(classifier: Any, repeats: int = 3) -> float:
     return max(0.0, overhead / per_token)
 
 
+@dataclass(frozen=True)
+class Encoded:
+    """One text as the model sees it: its token ids, cut to max_length, and whether it was cut."""
+
+    ids: list[int]
+    truncated: bool
+
+
+CHARS_PER_TOKEN_BOUND = 64
+"""A text over max_length x this many characters is cut to that many before tokenising: English runs
+about 4 characters a token, so the first max_length tokens and the truncated flag are those of the whole
+text, while a 1 MB text costs no more than a long one. Where the cut text has max_length tokens or
+fewer (tokens of over 64 characters on average), the whole text is tokenised instead."""
+
+
 class ClassifierPredictor:
     """The server's `Predictor` for a `Classifier`: same tokenisation and forward pass as
     `Classifier.predict_proba`, and flags the texts longer than `max_length` tokens (which are cut).
     Rows of very different lengths go to separate passes (`padding_groups`).
 
+    The server tokenises with `encode` in threads of its own and hands the batcher `Encoded` rows, so
+    the model's worker thread only runs the model; called with texts, it tokenises them itself.
+
     With `pass_overhead_tokens="auto"` the first call times the passes (`measure_pass_overhead`) before
     it runs: in the batcher's worker thread, where every later pass runs too (timed from another
     thread, the worker's passes ran slower afterwards; docs/serving.md)."""
 
-    def __init__(self, classifier: Any, max_length: int, pass_overhead_tokens: float | str = "auto") -> None:
+    def __init__(
+        self,
+        classifier: Any,
+        max_length: int,
+        pass_overhead_tokens: float | str = "auto",
+        encode_threads: int = ENCODE_THREADS,
+    ) -> None:
         self.classifier = classifier
         self.max_length = max_length
         self.pass_overhead_tokens = None if pass_overhead_tokens == "auto" else float(pass_overhead_tokens)
+        # A fast tokenizer used by two threads at once fails ("Already borrowed") when one changes its
+        # truncation while the other encodes: each encoding thread takes a copy of its own, made here,
+        # before any thread runs; the worker keeps the original (measure_pass_overhead, padding).
+        self._tokenizers: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        for _ in range(max(1, encode_threads)):
+            self._tokenizers.put(copy.deepcopy(classifier.tokenizer))
 
-    def __call__(self, texts: list[str]) -> tuple[np.ndarray, list[bool]]:
-        clf, tokenizer, max_length = self.classifier, self.classifier.tokenizer, self.max_length
-        if self.pass_overhead_tokens is None:
-            self.pass_overhead_tokens = round(measure_pass_overhead(clf), 1)
-        # Full-length ids tell which texts are cut; only those are tokenised again with truncation, so
-        # the ids are exactly those of predict_proba (special tokens kept where the tokenizer keeps them).
-        ids = tokenizer(texts, truncation=False)["input_ids"]
+    def encode(self, texts: list[str]) -> list[Encoded]:
+        """Token ids exactly as `Classifier.predict_proba` makes them (special tokens kept where the
+        tokenizer keeps them), and which texts were cut; any thread may call it."""
+        tokenizer = self._tokenizers.get()
+        try:
+            return self._encode(tokenizer, texts)
+        finally:
+            self._tokenizers.put(tokenizer)
+
+    def _encode(self, tokenizer: Any, texts: list[str]) -> list[Encoded]:
+        max_length = self.max_length
+        limit = max_length * CHARS_PER_TOKEN_BOUND
+        heads = [text[:limit] for text in texts]
+        # Full-length ids tell which texts are cut; only those are tokenised again with truncation.
+        ids = tokenizer(heads, truncation=False)["input_ids"]
+        whole = [i for i, row in enumerate(ids) if len(row) <= max_length and len(texts[i]) > limit]
+        if whole:
+            for i, row in zip(whole, tokenizer([texts[i] for i in whole], truncation=False)["input_ids"]):
+                heads[i], ids[i] = texts[i], row
         truncated = [len(row) > max_length for row in ids]
         long = [i for i, cut in enumerate(truncated) if cut]
         if long:
-            cut_ids = tokenizer([texts[i] for i in long], truncation=True, max_length=max_length)["input_ids"]
+            cut_ids = tokenizer([heads[i] for i in long], truncation=True, max_length=max_length)["input_ids"]
             for i, row in zip(long, cut_ids):
                 ids[i] = row
+        return [Encoded(list(row), cut) for row, cut in zip(ids, truncated)]
+
+    def __call__(self, rows: Sequence[Encoded | str]) -> tuple[np.ndarray, list[bool]]:
+        clf, max_length = self.classifier, self.max_length
+        if self.pass_overhead_tokens is None:
+            self.pass_overhead_tokens = round(measure_pass_overhead(clf), 1)
+        texts = [i for i, row in enumerate(rows) if isinstance(row, str)]
+        encoded = dict(zip(texts, self.encode([rows[i] for i in texts]))) if texts else {}
+        rows = [encoded.get(i, row) for i, row in enumerate(rows)]
+        ids = [row.ids for row in rows]
         probs = np.zeros((len(ids), len(clf.labels)), dtype=np.float64)
         # Autocast is per thread: entered here, in the batcher's worker, as Classifier.predict_proba does.
         with runtime.autocast(clf.precision):
             for group in padding_groups([len(row) for row in ids], self.pass_overhead_tokens):
                 probs[group] = predict_proba(
                     clf.model,
-                    tokenizer,
+                    clf.tokenizer,
                     input_ids=[ids[i] for i in group],
                     batch_size=len(group),
                     max_length=max_length,
                     progress=False,
                 )
-        return probs, truncated
+        return probs, [row.truncated for row in rows]

@@ -429,7 +429,7 @@ def save_run(
     )
     run.write_json(runfolder.METRICS, metrics)
     frame = predictions_frame(splits, probs)
-    run.write_with(runfolder.PREDICTIONS, lambda tmp: frame.to_csv(tmp, index=False, float_format="%.9g"))
+    runfolder.write_csv(frame, out / runfolder.PREDICTIONS)
     write_manifest(out, names=MANIFESTED)  # last: it marks the run folder complete, checked on load
     checkpoints.finish(out, keep_last=config.train.keep_checkpoint)  # the best adapter is saved above
 
