@@ -38,13 +38,13 @@ def write_csv(path: Path, rows: list[dict], fields: list[str] | None = None) -> 
     return path
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory) -> Path:
+def build_tiny_model(out: Path) -> Path:
+    """A 2-layer Llama (hidden 64) with a BPE tokenizer trained on the demo texts, without a pad token
+    (like Llama's), saved in `out`. Also used by tools/same_run.py."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    out = tmp_path_factory.mktemp("tiny-llama")
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
@@ -75,6 +75,11 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     )
     LlamaForCausalLM(config).save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture(scope="session")

@@ -20,6 +20,9 @@ import random
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from conftest import build_tiny_model, read_demo_rows  # noqa: E402  (the test suite's own tiny model)
+
 VARIANTS = {
     "defaults": [],
     "no-cache": ["--lora-layers", "all", "--activation-cache", "off"],
@@ -51,55 +54,11 @@ COMMON = [
 VOLATILE = {"run_info.json", "report.html", "report.md", "training_curves.png", "config.yaml", "llmclf_manifest.json"}
 
 
-def demo_rows() -> list[dict[str, str]]:
-    from llmclf.data import demo_data_path
-
-    with demo_data_path().open(encoding="utf-8") as handle:
-        return list(csv.DictReader(handle))
-
-
-def tiny_model(out: Path, rows: list[dict[str, str]]) -> Path:
-    """A 2-layer Llama with hidden size 64 and a BPE tokenizer trained on the demo texts (no pad token)."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe_trainer = trainers.BpeTrainer(
-        vocab_size=600,
-        special_tokens=["<unk>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    bpe.train_from_iterator([r["text"] for r in rows], trainer=bpe_trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
-    )
-    tokenizer.save_pretrained(out)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=None,
-        tie_word_embeddings=True,
-    )
-    LlamaForCausalLM(config).save_pretrained(out)
-    return out
-
-
 def train(out: Path) -> None:
     from llmclf.cli import main
 
     out.mkdir(parents=True, exist_ok=True)
-    rows = demo_rows()
+    rows = read_demo_rows()
     random.Random(0).shuffle(rows)
     picked = [
         r
@@ -111,7 +70,7 @@ def train(out: Path) -> None:
         writer = csv.DictWriter(handle, fieldnames=["text", "label"])
         writer.writeheader()
         writer.writerows({"text": r["text"], "label": r["label"]} for r in picked)
-    model = tiny_model(out / "model", rows)
+    model = build_tiny_model(out / "model")
     for name, extra in VARIANTS.items():
         code = main(
             [
