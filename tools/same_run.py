@@ -21,35 +21,13 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from conftest import build_tiny_model, read_demo_rows  # noqa: E402  (the test suite's own tiny model)
+from conftest import TRAIN_ARGS, build_tiny_model, read_demo_rows  # noqa: E402  (the suite's tiny run)
 
 VARIANTS = {
     "defaults": [],
     "no-cache": ["--lora-layers", "all", "--activation-cache", "off"],
     "recipe": ["--preset", "recipe", "--lr", "2e-3"],
 }
-COMMON = [
-    "--quantize",
-    "none",
-    "--precision",
-    "fp32",
-    "--train-per-class",
-    "20",
-    "--val-per-class",
-    "5",
-    "--test-per-class",
-    "10",
-    "--epochs",
-    "2",
-    "--lr",
-    "2e-3",
-    "--batch-size",
-    "8",
-    "--max-length",
-    "64",
-    "--seed",
-    "7",
-]
 # Files whose content depends on the clock, the machine or the library versions, compared by name only.
 VOLATILE = {"run_info.json", "report.html", "report.md", "training_curves.png", "config.yaml", "llmclf_manifest.json"}
 
@@ -82,7 +60,7 @@ def train(out: Path) -> None:
                 str(model),
                 "--output",
                 str(out / name),
-                *COMMON,
+                *TRAIN_ARGS,
                 *extra,
             ]
         )
