@@ -23,10 +23,20 @@ LABELS = ["a", "b", "c"]
 
 
 def fake_machine(
-    monkeypatch, *, cuda: bool, bf16: bool = True, installed: tuple[str, ...] = (), cpu_bf16: bool = False
+    monkeypatch,
+    *,
+    cuda: bool,
+    bf16: bool = True,
+    installed: tuple[str, ...] = (),
+    cpu_bf16: bool = False,
+    bf16_speedup: float = 1.5,
 ) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     monkeypatch.setattr(hardware, "cpu_bf16", lambda: cpu_bf16)
+    # the timed matmuls: fp32 takes `bf16_speedup` times as long as bf16 (no cache file involved)
+    seconds = {"fp32": 0.003 * bf16_speedup, "bf16": 0.003}
+    choice = "bf16" if bf16_speedup >= hardware.BF16_MIN_SPEEDUP else "fp32"
+    monkeypatch.setattr(hardware, "cpu_precision_evidence", lambda: {"seconds": seconds, "choice": choice})
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
     real = importlib.util.find_spec
 
@@ -39,17 +49,46 @@ def fake_machine(
 
 
 @pytest.mark.parametrize(
-    ("cuda", "bf16", "cpu_bf16", "expected"),
+    ("cuda", "bf16", "cpu_bf16", "speedup", "expected"),
     [
-        (False, False, False, "fp32"),  # a CPU without native bf16: emulated bf16 is slower than fp32
-        (False, False, True, "bf16"),  # AVX512-BF16 / AMX: 1.5x faster at the same accuracy
-        (True, True, False, "bf16"),
-        (True, False, True, "fp16"),
+        (False, False, False, 1.5, "fp32"),  # a CPU without native bf16: emulated bf16 is slower than fp32
+        (False, False, True, 1.5, "bf16"),  # native bf16 that is faster here
+        (False, False, True, 0.64, "fp32"),  # native bf16 that is slower here (an Intel Xeon measured 166 vs 261)
+        (True, True, False, 1.5, "bf16"),
+        (True, False, True, 1.5, "fp16"),
     ],
 )
-def test_precision_auto(monkeypatch, cuda, bf16, cpu_bf16, expected):
-    fake_machine(monkeypatch, cuda=cuda, bf16=bf16, cpu_bf16=cpu_bf16)
+def test_precision_auto(monkeypatch, cuda, bf16, cpu_bf16, speedup, expected):
+    fake_machine(monkeypatch, cuda=cuda, bf16=bf16, cpu_bf16=cpu_bf16, bf16_speedup=speedup)
     assert hardware.resolve_precision("auto") == expected
+
+
+def test_the_cpu_precision_is_timed_once_per_machine_and_cached(monkeypatch, tmp_path):
+    monkeypatch.setenv("LLMCLF_CACHE", str(tmp_path))
+    timed = []
+
+    def fake_time(**kwargs):
+        timed.append(1)
+        return {"fp32": 0.004, "bf16": 0.006}  # bf16 slower: fp32 chosen
+
+    monkeypatch.setattr(hardware, "time_matmul", fake_time)
+    first = hardware.cpu_precision_evidence()
+    assert first["choice"] == "fp32" and first["seconds"] == {"fp32": 0.004, "bf16": 0.006} and len(timed) == 1
+    assert hardware.cpu_precision_evidence() == first and len(timed) == 1  # read from the cache
+    cached = tmp_path / hardware.PRECISION_FILE
+    for damage in ("{not json", '{"key": 1}', '{"key": {"cpu": "another"}, "choice": "bf16"}'):
+        cached.write_text(damage)
+        assert hardware.cpu_precision_evidence()["choice"] == "fp32"  # timed again, never trusted
+    assert len(timed) == 4
+    monkeypatch.setattr(hardware, "cpu_bf16", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert hardware.precision_evidence("auto")["seconds"] == {"fp32": 0.004, "bf16": 0.006}
+    assert hardware.precision_evidence("fp32") is None  # an explicit choice times nothing
+
+
+def test_the_real_timing_compares_both_precisions():
+    seconds = hardware.time_matmul(repeats=1, inner=1)
+    assert set(seconds) == {"fp32", "bf16"} and all(0 < s < 10 for s in seconds.values())
 
 
 def test_cpu_bf16_reads_the_cpu_flags(monkeypatch, tmp_path):

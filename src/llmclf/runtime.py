@@ -105,16 +105,89 @@ def cpu_bf16() -> bool:
     return any(flag in flags for flag in CPU_BF16_FLAGS)
 
 
+PRECISION_FILE = "cpu_precision.json"
+BF16_MIN_SPEEDUP = 1.1
+"""bf16 is chosen on a CPU only when it is at least this much faster than fp32: its rounding is not free."""
+MATMUL_SHAPE = (512, 576, 1536)
+"""(rows, in, out) of the timed matmul: a batch of tokens through a small decoder's MLP projection."""
+
+
+def time_matmul(repeats: int = 5, inner: int = 8) -> dict[str, float]:
+    """Seconds per matmul of MATMUL_SHAPE in fp32 and in bf16 on this CPU: the best of `repeats`
+    interleaved rounds (a shared machine's noise hits both alike)."""
+    import time
+
+    import torch
+
+    rows, width, out = MATMUL_SHAPE
+    a, b = torch.randn(rows, width), torch.randn(width, out)
+    pairs = {"fp32": (a, b), "bf16": (a.bfloat16(), b.bfloat16())}
+    best = dict.fromkeys(pairs, float("inf"))
+    for x, y in pairs.values():  # warm-up: kernel selection, allocation
+        x @ y
+    for _ in range(repeats):
+        for name, (x, y) in pairs.items():
+            started = time.perf_counter()
+            for _ in range(inner):
+                x @ y
+            best[name] = min(best[name], (time.perf_counter() - started) / inner)
+    return best
+
+
+def _machine_key() -> dict[str, Any]:
+    import platform
+
+    import torch
+
+    model = platform.processor()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return {"cpu": model, "torch": torch.__version__, "threads": torch.get_num_threads()}
+
+
+def cpu_precision_evidence() -> dict[str, Any]:
+    """The CPU's measured choice between bf16 and fp32: {"key", "seconds", "choice"}. Timed once per CPU
+    model, torch version and thread count, then read from the cache folder (a damaged or foreign entry
+    is timed again)."""
+    import json
+
+    key, path = _machine_key(), cache_dir() / PRECISION_FILE
+    try:
+        cached = json.loads(path.read_text(encoding="utf-8"))
+        if cached["key"] == key and cached["choice"] in ("bf16", "fp32"):
+            return cached
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    seconds = time_matmul()
+    choice = "bf16" if seconds["fp32"] >= BF16_MIN_SPEEDUP * seconds["bf16"] else "fp32"
+    evidence = {"key": key, "seconds": seconds, "choice": choice}
+    from llmclf.runfolder import write_json
+
+    write_json(path, evidence)
+    return evidence
+
+
+def precision_evidence(mode: str) -> dict[str, Any] | None:
+    """Why `auto` chose what it did on this CPU (for run_info.json), or None where nothing was timed."""
+    if mode != "auto" or cuda() or not cpu_bf16():
+        return None
+    return cpu_precision_evidence()
+
+
 def resolve_precision(mode: str) -> str:
     """`auto`: bf16 on a GPU that supports it, fp16 on older CUDA GPUs; on CPU bf16 where the CPU has
-    native bf16 instructions (cpu_bf16), fp32 elsewhere."""
+    native bf16 instructions (cpu_bf16) and a matmul runs faster in it here (cpu_precision_evidence),
+    fp32 elsewhere."""
     import torch
 
     if mode not in PRECISION_CHOICES:
         raise LlmclfError(f"Unknown precision {mode!r}: choose one of {', '.join(PRECISION_CHOICES)}.")
     if mode == "auto":
         if not cuda():
-            return "bf16" if cpu_bf16() else "fp32"
+            return cpu_precision_evidence()["choice"] if cpu_bf16() else "fp32"
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     if mode == "fp16" and not cuda():
         raise LlmclfError(

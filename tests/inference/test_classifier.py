@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import read_demo_rows, saved_probs, write_csv
+from conftest import read_demo_rows, saved_probs, train_tiny, write_csv
 from llmclf import Classifier
 from llmclf.cli import main
 
@@ -174,3 +174,25 @@ def test_incomplete_run_folder_is_explained(tmp_path, capsys):
     (tmp_path / "half" / "config.yaml").write_text("{}")
     assert main(["predict", str(tmp_path / "half"), "--text", "x"]) == 2
     assert "missing" in capsys.readouterr().err
+
+
+def test_the_caller_can_override_the_precision_the_run_recorded(trained_run):
+    texts = ["Shares fell sharply", "A late goal won the derby"]
+    recorded = Classifier.load(trained_run)
+    assert recorded.precision == "fp32"  # as trained
+    half = Classifier.load(trained_run, precision="bf16")
+    assert half.precision == "bf16"
+    assert np.abs(half.predict_proba(texts) - recorded.predict_proba(texts)).max() < 3e-2
+
+
+def test_auto_precision_records_why_it_chose(tmp_path, tiny_model_dir, small_csv, monkeypatch):
+    from llmclf import runtime
+
+    evidence = {"key": {"cpu": "test"}, "seconds": {"fp32": 0.004, "bf16": 0.006}, "choice": "fp32"}
+    monkeypatch.setattr(runtime, "cpu_bf16", lambda: True)
+    monkeypatch.setattr(runtime, "cpu_precision_evidence", lambda: evidence)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    out = tmp_path / "run"
+    assert train_tiny(small_csv, tiny_model_dir, out, "--precision", "auto", "--epochs", "1") == 0
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["precision"] == "fp32" and info["precision_choice"] == evidence  # bf16 timed slower here

@@ -59,11 +59,14 @@ def _load(args: argparse.Namespace):
 
 def loading_options(args: argparse.Namespace) -> dict:
     """`Classifier.load`'s keyword arguments that only the caller may set (a run folder never does)."""
-    return {
+    options = {
         "base_model": args.base_model,
         "trust_remote_code": args.trust_remote_code,
         "allow_pickle": args.allow_pickle,
     }
+    if getattr(args, "precision", None):  # predict, evaluate, serve (export writes full precision)
+        options["precision"] = args.precision
+    return options
 
 
 def _single_frame(spec: str) -> pd.DataFrame:

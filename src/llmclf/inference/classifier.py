@@ -53,12 +53,16 @@ def open_verified(run_dir: str | Path) -> RunFolder:
     return run
 
 
-def inference_settings(info: dict, attn_mode: str) -> tuple[str, str]:
-    """Precision and attention kernel for loading a run: as in training where this machine can run them
-    (a bf16 run loaded on a CPU without native bf16, or an fp16 run on a CPU, falls back to fp32)."""
-    precision = info["precision"]
-    if precision != "fp32" and not runtime.cuda() and not (precision == "bf16" and runtime.cpu_bf16()):
-        precision = "fp32"
+def inference_settings(info: dict, attn_mode: str, requested: str | None = None) -> tuple[str, str]:
+    """Precision and attention kernel for loading a run: the caller's `requested` precision (auto:
+    measured on this machine), else as in training where this machine can run it (a bf16 run loaded on
+    a CPU without native bf16, or an fp16 run on a CPU, falls back to fp32)."""
+    if requested is not None:
+        precision = runtime.resolve_precision(requested)
+    else:
+        precision = info["precision"]
+        if precision != "fp32" and not runtime.cuda() and not (precision == "bf16" and runtime.cpu_bf16()):
+            precision = "fp32"
     if attn_mode == "flash_attention_2":
         attn_mode = "auto"  # the same kernel where flash-attn is installed, SDPA elsewhere
     return precision, runtime.resolve_attn_implementation(attn_mode, precision)
@@ -94,17 +98,20 @@ class Classifier:
         base_model: str | None = None,
         trust_remote_code: bool = False,
         allow_pickle: bool = False,
+        precision: str | None = None,
     ) -> Classifier:
         """Load a run folder written by `llmclf train`.
 
         The folder is data: it is checked against its manifest, and the base model is the one it
         recorded (`base_model`: your own copy of it, checked to be the same). Running the model's own
         code (`trust_remote_code`) or reading pickle weights (`allow_pickle`) is the caller's choice,
-        never the folder's. `full_precision` ignores 4-bit training (export)."""
+        never the folder's. `precision` (bf16, fp16, fp32, auto) overrides the precision the run
+        recorded (default: as trained, where this machine can run it). `full_precision` ignores 4-bit
+        training (export)."""
         run = open_verified(run_dir)
         config, labels, info = run.config(), run.labels(), run.run_info()
         source, revision = resolve_recorded(info.get("base_model_identity"), base_model, run.path(RUN_INFO))
-        precision, attn = inference_settings(info, config.model.attn_implementation)
+        precision, attn = inference_settings(info, config.model.attn_implementation, precision)
         # Same precision as in training, so probabilities match those written at the end of training.
         loaded = load_classifier(
             source,

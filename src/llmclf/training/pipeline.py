@@ -73,6 +73,8 @@ class ModelChoice:
     quantized: bool
     precision: str
     attn: str
+    precision_evidence: dict | None = None
+    """On a CPU with native bf16 under `auto`: the timed matmuls that chose bf16 or fp32."""
 
 
 def run_training(
@@ -211,7 +213,7 @@ def resolve_model(config: RunConfig) -> ModelChoice:
     quantized = fsdp.check_supported(mc.quantize, resolve_quantize(mc.quantize))
     precision = runtime.resolve_precision(mc.precision)
     attn = runtime.resolve_attn_implementation(mc.attn_implementation, precision)
-    return ModelChoice(source, quantized, precision, attn)
+    return ModelChoice(source, quantized, precision, attn, runtime.precision_evidence(mc.precision))
 
 
 def load_model(config: RunConfig, labels: list[str], choice: ModelChoice) -> tuple[Any, Any, int | None]:
@@ -378,6 +380,7 @@ def run_info(
         "base_model_identity": identity,
         "quantized": choice.quantized,
         "precision": choice.precision,
+        "precision_choice": choice.precision_evidence,
         "attn_implementation": choice.attn,
         "world_size": distributed.world_size(),
         "fsdp": backend.sharded,
