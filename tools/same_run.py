@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from conftest import TRAIN_ARGS, build_tiny_model, read_demo_rows  # noqa: E402  (the suite's tiny run)
+from conftest import build_tiny_model, read_demo_rows, train_tiny  # noqa: E402  (the suite's tiny run)
 
 VARIANTS = {
     "defaults": [],
@@ -33,8 +33,6 @@ VOLATILE = {"run_info.json", "report.html", "report.md", "training_curves.png", 
 
 
 def train(out: Path) -> None:
-    from llmclf.cli import main
-
     out.mkdir(parents=True, exist_ok=True)
     rows = read_demo_rows()
     random.Random(0).shuffle(rows)
@@ -50,20 +48,7 @@ def train(out: Path) -> None:
         writer.writerows({"text": r["text"], "label": r["label"]} for r in picked)
     model = build_tiny_model(out / "model")
     for name, extra in VARIANTS.items():
-        code = main(
-            [
-                "--quiet",
-                "train",
-                "--data",
-                str(data),
-                "--model",
-                str(model),
-                "--output",
-                str(out / name),
-                *TRAIN_ARGS,
-                *extra,
-            ]
-        )
+        code = train_tiny(data, model, out / name, *extra)
         if code:
             sys.exit(f"{name}: llmclf train exited {code}")
 
