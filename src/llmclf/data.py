@@ -96,11 +96,8 @@ def _read_file(path: Path) -> pd.DataFrame:
 
 
 def _class_names(dataset: Any) -> dict[str, list[str]]:
-    names = {}
-    for column, feature in dataset.features.items():
-        if type(feature).__name__ == "ClassLabel":
-            names[column] = list(feature.names)
-    return names
+    features = dataset.features.items()
+    return {column: list(f.names) for column, f in features if type(f).__name__ == "ClassLabel"}
 
 
 def _from_datasets(obj: Any, source: str) -> Table:
@@ -202,6 +199,67 @@ def _rows_text(rows: list[int]) -> str:
     return shown + (f" and {len(rows) - 10} more" if len(rows) > 10 else "")
 
 
+_ABSENT = object()
+_NESTED = (dict, list, tuple, np.ndarray)
+
+
+def _pick(value: Any, keys: list[str]) -> Any:
+    """The field at `keys` inside a JSON object / Parquet struct, `_ABSENT` where the row has none."""
+    for key in keys:
+        if not isinstance(value, dict) or key not in value:
+            return _ABSENT
+        value = value[key]
+    return value
+
+
+def _field_paths(values: list, prefix: str, depth: int = 4) -> list[str]:
+    """Dotted names of the fields in a column of objects (`ticket.body`, `ticket.meta.id`), from its
+    first 200 rows."""
+    fields: dict[str, list] = {}
+    for value in values[:200]:
+        for key, inner in value.items() if isinstance(value, dict) else ():
+            fields.setdefault(str(key), []).append(inner)
+    out = []
+    for key, inner in fields.items():
+        nested = depth > 1 and any(isinstance(v, dict) for v in inner)
+        out += _field_paths(inner, f"{prefix}.{key}", depth - 1) if nested else [f"{prefix}.{key}"]
+    return out
+
+
+def _lookup(frame: pd.DataFrame, column: str) -> list | None:
+    """A column's values; a dotted name not itself a column (`ticket.body`) reaches into the objects of
+    column `ticket` (JSONL/JSON objects, Parquet or datasets structs). None: no such column or field."""
+    if column in frame.columns:
+        return frame[column].tolist()
+    parts = column.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        head = ".".join(parts[:cut])
+        if head in frame.columns:
+            values = [_pick(v, parts[cut:]) for v in frame[head].tolist()]
+            if any(v is not _ABSENT for v in values):
+                return [None if v is _ABSENT else v for v in values]
+    return None
+
+
+def _refuse_nested(values: list, source: str, column: str, flag: str, what: str) -> None:
+    """A column of objects or lists is not text nor a label: say which fields there are to choose from."""
+    rows = [i for i, v in enumerate(values, start=1) if isinstance(v, _NESTED)]
+    if not rows:
+        return
+    paths = _field_paths(values, column)
+    if not paths:
+        raise LlmclfError(
+            f"{source}: column '{column}' holds lists, not {what} (row(s) {_rows_text(rows)}). Choose a "
+            f"column of {what} with {flag}."
+        )
+    keys = {p: p[len(column) + 1 :].split(".") for p in paths}
+    texts = [p for p in paths if any(isinstance(_pick(v, keys[p]), str) for v in values[:200])]
+    raise LlmclfError(
+        f"{source}: column '{column}' holds JSON objects with the fields {paths[:12]}, not {what} (row(s) "
+        f"{_rows_text(rows)}). Choose one field by its dotted name, e.g. {flag} {(texts or paths)[0]}."
+    )
+
+
 def clean_frame(
     frame: pd.DataFrame,
     source: str,
@@ -212,20 +270,30 @@ def clean_frame(
     class_names: list[str] | None = None,
     notes: list[str] | None = None,
 ) -> pd.DataFrame:
-    """Check columns and values; return `text`, `label` (if asked) and `row` columns."""
-    wanted = [text_column] + ([label_column] if label_column else [])
-    missing = [c for c in wanted if c not in frame.columns]
+    """Check columns and values; return `text`, `label` (if asked) and `row` columns. A dotted column
+    name (`ticket.body`) reaches into nested JSON objects / structs."""
+    flags = {text_column: "--text-column"}
+    if label_column:
+        flags[label_column] = "--label-column"
+    found = {column: _lookup(frame, column) for column in flags}
+    missing = [c for c, values in found.items() if values is None]
     if missing:
+        objects = [c for c in frame.columns if frame[c].dtype == object]
+        fields = [p for c in objects for p in _field_paths(frame[c].tolist(), str(c))]
         raise LlmclfError(
-            f"{source}: column(s) {missing} not found. Columns present: {list(frame.columns)}. "
-            "Choose them with --text-column / --label-column."
+            f"{source}: column(s) {missing} not found. Columns present: {list(frame.columns)}"
+            + (f" (fields inside them: {fields[:12]})" if fields else "")
+            + f". Choose {'it' if len(missing) == 1 else 'them'} with {' / '.join(flags[c] for c in missing)}."
         )
+    _refuse_nested(found[text_column], source, text_column, "--text-column", "text")
+    if label_column:
+        _refuse_nested(found[label_column], source, label_column, "--label-column", "labels")
     rows = np.arange(1, len(frame) + 1)
-    texts = frame[text_column].tolist()
+    texts = found[text_column]
     bad_text = [int(r) for r, t in zip(rows, texts) if _is_missing(t)]
     bad_label: list[int] = []
     if label_column:
-        bad_label = [int(r) for r, v in zip(rows, frame[label_column].tolist()) if _is_missing(v)]
+        bad_label = [int(r) for r, v in zip(rows, found[label_column]) if _is_missing(v)]
     problems = []
     if bad_text:
         problems.append(
@@ -250,10 +318,15 @@ def clean_frame(
         )
     out = pd.DataFrame({"text": [str(t) for t, k in zip(texts, keep) if k], "row": rows[keep]})
     if label_column:
-        out["label"] = [
-            normalise_label(v, class_names) for v, k in zip(frame[label_column].tolist(), keep) if k
-        ]
+        out["label"] = [normalise_label(v, class_names) for v, k in zip(found[label_column], keep) if k]
     return out
+
+
+def case_only(unknown: list[str], known: list[str]) -> dict[str, str]:
+    """The `unknown` labels that differ from a `known` one only in case or spaces, mapped to it."""
+    spelled = {" ".join(k.split()).casefold(): k for k in known}
+    pairs = ((u, spelled.get(" ".join(u.split()).casefold())) for u in unknown)
+    return {u: k for u, k in pairs if k is not None}
 
 
 def order_labels(labels: list[str] | set[str], class_names: list[str] | None = None) -> list[str]:
@@ -392,9 +465,11 @@ def _prepare_test_pool(
 ) -> pd.DataFrame:
     unseen = sorted(set(test_pool["label"]) - set(labels))
     if unseen:
+        case = case_only(unseen, labels)
         raise LlmclfError(
             f"The evaluation data has label(s) never seen in training: {unseen} (training labels: {labels}). "
-            "Remove those rows or add training examples for them."
+            + (f"Only case or spaces differ ({case}): spell them alike. " if case else "")
+            + "Remove those rows or add training examples for them."
         )
     test = _dedupe(test_pool, "evaluation data", notes)
     seen = test["text"].isin(set(train["text"]) | set(val["text"]))
@@ -424,6 +499,8 @@ def class_weights(train_labels: list[str] | pd.Series, labels: list[str]) -> lis
 # ---------------------------------------------------------------------------------------- tokenising
 def tokenize_texts(tokenizer: Any, texts: list[str], max_length: int) -> tuple[list[list[int]], int]:
     """Token ids truncated to `max_length`, and how many texts were longer than that."""
+    if not texts:  # an empty split (no validation): transformers 5's tokenizer fails on []
+        return [], 0
     full = tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]
     n_truncated = sum(len(ids) > max_length for ids in full)
     if n_truncated == 0:

@@ -6,6 +6,7 @@ run/
   run_info.json          resolved base model, precision, versions, training log, timings
   adapter/               LoRA adapter + classification head (safetensors)
   tokenizer/             tokenizer with its pad token set
+  lexical/               TF-IDF + LR mixed with the model, where it helped on validation (inference/lexical.py)
   metrics.json           {"before": {...}, "after": {...}} on the test split
   data_summary.json      rows per split and class, class weights, truncation, notes
   predictions_test.csv   text, true label, predicted label, prob_<label> per class
@@ -20,7 +21,7 @@ import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +32,13 @@ LABELS = "labels.json"
 RUN_INFO = "run_info.json"
 ADAPTER = "adapter"
 TOKENIZER = "tokenizer"
+LEXICAL = "lexical"
 METRICS = "metrics.json"
 DATA_SUMMARY = "data_summary.json"
 PREDICTIONS = "predictions_test.csv"
 CHECKPOINTS = "checkpoints"
+FINGERPRINT = "fingerprint.json"
+"""What a run depends on, written at its start (training/checkpoints.py), before the model loads."""
 FINISHED = (CONFIG, LABELS, RUN_INFO, ADAPTER, TOKENIZER)
 """What a finished run folder holds for loading the classifier (all of it listed in its manifest)."""
 
@@ -218,3 +222,64 @@ class RunFolder:
     def write_with(self, name: str, write: Callable[[Path], Any]) -> Path:
         """Write a file of the folder through `write(tmp)` (e.g. a figure's or a frame's own saver)."""
         return atomic_write(self.root / name, write)
+
+
+# ------------------------------------------------------------------------------------ failed runs
+def _stamp(path: Path) -> tuple[int, int, int] | None:
+    """Which file is at `path` (inode, modification time, size), or None when there is none."""
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost folder of `path` that does not exist yet (None: `path` exists)."""
+    missing = None
+    for folder in (path, *path.parents):
+        if folder.exists() or folder.is_symlink():
+            break
+        missing = folder
+    return missing
+
+
+@contextlib.contextmanager
+def tidy_if_failed(output: str | Path) -> Iterator[None]:
+    """Undo what a new run that fails early left in its run folder, so that the same command can run
+    again: the `fingerprint.json` it wrote, and the folders it created, once empty.
+
+    Only when nothing reusable is there (no checkpoint, no metrics: the folder holds that fingerprint
+    alone), and only what this block made: a fingerprint that was there before is kept (`--resume`),
+    a folder that existed before is kept (emptied by `--overwrite`, or empty from the start). Under a
+    launcher only the main process (RANK 0) tidies, as only it writes."""
+    path = Path(output).expanduser()
+    created, stamp = _first_missing(path), _stamp(path / FINGERPRINT)
+    try:
+        yield
+    except BaseException:
+        if int(os.environ.get("RANK", "0") or 0) == 0:
+            _tidy(path, created, stamp)
+        raise
+
+
+def _tidy(path: Path, created: Path | None, stamp: tuple[int, int, int] | None) -> None:
+    if path.is_symlink() or not path.is_dir():
+        return
+    names = {entry.name for entry in path.iterdir()}
+    if names - {FINGERPRINT}:
+        return  # checkpoints, metrics or files of the user's: all kept
+    fingerprint = path / FINGERPRINT
+    if FINGERPRINT in names:
+        if _stamp(fingerprint) == stamp or fingerprint.is_symlink() or not fingerprint.is_file():
+            return  # not written by this run
+        fingerprint.unlink()
+    if created is None:
+        return
+    for folder in (path, *path.parents):
+        try:
+            folder.rmdir()  # only ever an empty folder
+        except OSError:
+            return
+        if folder == created:
+            return

@@ -12,6 +12,7 @@ import pytest
 from conftest import read_demo_rows, saved_probs, train_tiny, write_csv
 from llmclf import Classifier
 from llmclf.cli import main
+from llmclf.errors import LlmclfError
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +81,8 @@ def test_export_loads_with_plain_transformers(trained_run, tmp_path, clf):
     subprocess.run([sys.executable, "-c", script, json.dumps(texts)], check=True, timeout=300)
     got = json.loads((tmp_path / "e.json").read_text())
     assert [got["id2label"][str(i)] for i in range(4)] == clf.labels
-    np.testing.assert_allclose(got["probs"], clf.predict_proba(texts), atol=1e-5)
+    # The export is the model part; the run's lexical part (TF-IDF + LR) stays with llmclf.
+    np.testing.assert_allclose(got["probs"], clf.model_proba(texts), atol=1e-5)
 
 
 def test_predict_command_keeps_order_and_columns(trained_run, tmp_path, clf):
@@ -196,3 +198,11 @@ def test_auto_precision_records_why_it_chose(tmp_path, tiny_model_dir, small_csv
     assert train_tiny(small_csv, tiny_model_dir, out, "--precision", "auto", "--epochs", "1") == 0
     info = json.loads((out / "run_info.json").read_text())
     assert info["precision"] == "fp32" and info["precision_choice"] == evidence  # bf16 timed slower here
+
+
+def test_no_texts_and_blank_texts(clf):
+    # Both used to fail deep inside: predict([]) with IndexError, predict([""]) with a reshape error.
+    assert clf.predict([]) == [] and clf.predict_proba([]).shape == (0, len(clf.labels))
+    for texts in ([""], ["fine", "  \n"]):
+        with pytest.raises(LlmclfError, match=r"empty or blank"):
+            clf.predict(texts)

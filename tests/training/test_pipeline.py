@@ -11,6 +11,7 @@ from safetensors import safe_open
 
 from conftest import TRAIN_ARGS, read_demo_rows, train_tiny, write_csv
 from llmclf.cli import main
+from llmclf.errors import LlmclfError
 
 FILES = [
     "config.yaml",
@@ -193,3 +194,17 @@ def test_the_python_api_trains_like_the_command_and_prints_nothing(tmp_path, tin
     assert reply["written"] and reply["out"] == str(tmp_path / "run")
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert saved["after"]["accuracy"] == reply["after"]
+
+
+def test_a_lone_fingerprint_of_a_failed_run_does_not_block_the_retry(tmp_path):
+    from llmclf.training.pipeline import prepare_output
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "fingerprint.json").write_text("{}")  # what a run that failed while loading its model leaves
+    assert prepare_output(str(run), overwrite=False) == run and not any(run.iterdir())
+    (run / "fingerprint.json").write_text("{}")
+    (run / "notes.txt").write_text("the user's")
+    with pytest.raises(LlmclfError, match="is not empty"):
+        prepare_output(str(run), overwrite=False)
+    assert (run / "notes.txt").read_text() == "the user's"

@@ -18,7 +18,7 @@ from llmclf.config import load_config
 from llmclf.data import clean_frame, read_table
 from llmclf.errors import LlmclfError
 from llmclf.reports import console
-from llmclf.runfolder import RunFolder, atomic_write, prob_column, write_csv, write_json
+from llmclf.runfolder import RunFolder, atomic_write, prob_column, tidy_if_failed, write_csv, write_json
 
 log = logging.getLogger("llmclf")
 
@@ -40,7 +40,8 @@ def train(args: argparse.Namespace) -> int:
         config = load_config(args.config, train_overrides(args))
     except LlmclfError as exc:
         raise LlmclfError(name_flags(str(exc))) from None
-    result = run_training(config, overwrite=args.overwrite, quiet=args.quiet, resume=args.resume)
+    with tidy_if_failed(config.output):  # a run that fails before writing anything reusable can be rerun
+        result = run_training(config, overwrite=args.overwrite, quiet=args.quiet, resume=args.resume)
     if result.written:  # the result, printed even with --quiet (under a launcher by rank 0 alone)
         print(console.full_report(result.metrics["before"], result.metrics["after"]), flush=True)
         print(f"\nRun folder: {result.output}  ({result.seconds:.0f} s)", flush=True)
@@ -129,14 +130,14 @@ def predict(args: argparse.Namespace) -> int:
     notes: list[str] = []
     valid = clean_frame(frame, args.input, text_column, None, drop_invalid=args.drop_invalid, notes=notes)
     keep = (valid["row"] - 1).to_numpy()
-    clf = _load(args)
-    added = [args.prediction_column] + [prob_column(label) for label in clf.labels]
+    added = [args.prediction_column] + [prob_column(label) for label in run.labels()]
     clash = [c for c in added if c in frame.columns]
-    if clash:
+    if clash:  # before the model loads, like every check of the input
         raise LlmclfError(
             f"{args.input} already has column(s) {clash}, which predict would add. Pass --prediction-column "
             "with another name, or rename those columns."
         )
+    clf = _load(args)
     texts = valid["text"].tolist()
     _note_truncated(clf, texts, args.input)
     probs = clf.predict_proba(texts, progress=None if not args.quiet else False)
@@ -157,12 +158,16 @@ def predict(args: argparse.Namespace) -> int:
 
 
 def evaluate(args: argparse.Namespace) -> int:
-    saved = RunFolder.open(args.run_dir).config()
+    from llmclf.inference.predict import check_labels
+
+    run = RunFolder.open(args.run_dir)
+    saved = run.config()
     text_column = args.text_column or saved.data.text_column
     label_column = args.label_column or saved.data.label_column
     frame = clean_frame(
         _single_frame(args.data), args.data, text_column, label_column, drop_invalid=args.drop_invalid
     )
+    check_labels(frame["label"].tolist(), run.labels(), args.data, label_column)  # before the model loads
     clf = _load(args)
     _note_truncated(clf, frame["text"].tolist(), args.data)
     metrics, _ = clf.evaluate(
@@ -193,6 +198,12 @@ def export(args: argparse.Namespace) -> int:
     write_model_card(args.run_dir, out)  # README.md: labels, data, metrics, intended use, base licence
     if not args.quiet:
         print(f"Exported a merged model ({len(clf.labels)} labels) to {out}")
+        if clf.lexical is not None:
+            print(
+                f"note: the run's classifier also mixes in TF-IDF + LR (weight {clf.lexical.weight:.1f}); the "
+                "export is the model part alone (README.md there gives both figures). `llmclf predict` on the "
+                "run folder uses both."
+            )
     return 0
 
 
@@ -207,10 +218,12 @@ def report(args: argparse.Namespace) -> int:
 def compare(args: argparse.Namespace) -> int:
     from llmclf.reports.compare import compare_runs, write_comparison
 
-    headers, rows = compare_runs(args.run_dirs)
+    headers, rows, warnings = compare_runs(args.run_dirs)
     print(console.table(headers, rows, title="Runs compared (config keys that differ, then test metrics)"))
+    if warnings:
+        print("\n" + "\n".join(f"warning: {console.printable(w)}" for w in warnings))
     if args.output:
-        print(f"\nWritten to {write_comparison(headers, rows, args.output)}")
+        print(f"\nWritten to {write_comparison(headers, rows, args.output, warnings)}")
     return 0
 
 
@@ -227,4 +240,6 @@ def serve(args: argparse.Namespace) -> int:
     if "api_key" not in given and os.environ.get(API_KEY_ENV):
         given["api_key"] = os.environ[API_KEY_ENV]
     options = ServeOptions(**given)
-    return run_server(args.run_dir, options, quiet=args.quiet, verbose=args.verbose, loading=loading_options(args))
+    return run_server(
+        args.run_dir, options, quiet=args.quiet, verbose=args.verbose, loading=loading_options(args)
+    )

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import math
+import re
+import sys
 from typing import Any
 
 from llmclf.config import (
@@ -11,11 +14,14 @@ from llmclf.config import (
     ATTN_CHOICES,
     CLASS_WEIGHT_CHOICES,
     HEAD_INIT_CHOICES,
+    LEXICAL_CHOICES,
     PRECISION_CHOICES,
     PRESETS,
     QUANTIZE_CHOICES,
     SCHEDULER_CHOICES,
+    RunConfig,
 )
+from llmclf.version import __version__
 
 
 def int_or_auto(value: str) -> int | str:
@@ -60,15 +66,27 @@ TRAIN_FLAGS: list[tuple[str, str | None, str, Any, str]] = [
         str,
         "CSV/TSV/JSONL/Parquet file, datasets folder, hub dataset name, or 'demo'",
     ),
-    ("--text-column", "data", "text_column", str, "column with the text (default: text)"),
-    ("--label-column", "data", "label_column", str, "column with the label (default: label)"),
+    (
+        "--text-column",
+        "data",
+        "text_column",
+        str,
+        "column with the text; a dotted name (ticket.body) reaches into JSON objects",
+    ),
+    (
+        "--label-column",
+        "data",
+        "label_column",
+        str,
+        "column with the label; dotted names reach into JSON objects too",
+    ),
     ("--eval-data", "data", "eval_data", str, "separate labelled file used as the test split"),
     ("--train-per-class", "data", "train_per_class", int, "training examples sampled per class"),
     ("--val-per-class", "data", "val_per_class", int, "validation examples sampled per class"),
     ("--test-per-class", "data", "test_per_class", int, "test examples sampled per class"),
-    ("--val-fraction", "data", "val_fraction", float, "share of each class for validation (default 0.1)"),
-    ("--test-fraction", "data", "test_fraction", float, "share of each class for test (default 0.1)"),
-    ("--max-length", "data", "max_length", int, "tokens per text; longer texts are truncated (default 512)"),
+    ("--val-fraction", "data", "val_fraction", float, "share of each class for validation"),
+    ("--test-fraction", "data", "test_fraction", float, "share of each class for test"),
+    ("--max-length", "data", "max_length", int, "tokens per text; longer texts are truncated"),
     ("--model", "model", "name", str, "smollm2-135m (default), a local folder, a .gguf file, or a hub id"),
     ("--quantize", "model", "quantize", QUANTIZE_CHOICES, "auto: 4-bit NF4 on a CUDA GPU (default)"),
     (
@@ -76,7 +94,8 @@ TRAIN_FLAGS: list[tuple[str, str | None, str, Any, str]] = [
         "model",
         "precision",
         PRECISION_CHOICES,
-        "auto: bf16 on GPU where supported, else fp16; on CPU bf16 where native and timed faster, else fp32",
+        "auto: chosen for this machine: on a GPU bf16 where supported, else fp16; on a CPU bf16 where "
+        "timed faster, else fp32",
     ),
     (
         "--attn-implementation",
@@ -85,9 +104,9 @@ TRAIN_FLAGS: list[tuple[str, str | None, str, Any, str]] = [
         ATTN_CHOICES,
         "auto: flash_attention_2 on CUDA if flash-attn is installed, else sdpa",
     ),
-    ("--lora-r", "lora", "r", int, "LoRA rank (default 16)"),
-    ("--lora-alpha", "lora", "alpha", float, "LoRA alpha (default 32)"),
-    ("--lora-dropout", "lora", "dropout", float, "LoRA dropout (default 0.05)"),
+    ("--lora-r", "lora", "r", int, "LoRA rank"),
+    ("--lora-alpha", "lora", "alpha", float, "LoRA alpha"),
+    ("--lora-dropout", "lora", "dropout", float, "LoRA dropout"),
     (
         "--lora-targets",
         "lora",
@@ -102,9 +121,9 @@ TRAIN_FLAGS: list[tuple[str, str | None, str, Any, str]] = [
         layers_value,
         "adapt the top N layers only (the frozen rest runs once, cached); auto (default) or all",
     ),
-    ("--epochs", "train", "epochs", float, "passes over the training data (default 1)"),
-    ("--lr", "train", "lr", float, "learning rate (default 5e-4)"),
-    ("--batch-size", "train", "batch_size", int, "training batch size (default 16)"),
+    ("--epochs", "train", "epochs", float, "passes over the training data"),
+    ("--lr", "train", "lr", float, "learning rate"),
+    ("--batch-size", "train", "batch_size", int, "training batch size"),
     (
         "--eval-batch-size",
         "train",
@@ -119,12 +138,19 @@ TRAIN_FLAGS: list[tuple[str, str | None, str, Any, str]] = [
         int_or_auto,
         "padded tokens per training pass; longer batches run in parts (default auto: 1024 on CPU)",
     ),
-    ("--weight-decay", "train", "weight_decay", float, "AdamW weight decay (default 0.01)"),
+    ("--weight-decay", "train", "weight_decay", float, "AdamW weight decay"),
     ("--class-weights", "train", "class_weights", CLASS_WEIGHT_CHOICES, "auto: inverse frequency (default)"),
-    ("--seed", "train", "seed", int, "random seed (default 42)"),
-    ("--lr-scheduler", "train", "lr_scheduler", SCHEDULER_CHOICES, "learning-rate schedule (default linear)"),
+    ("--seed", "train", "seed", int, "random seed"),
+    ("--lr-scheduler", "train", "lr_scheduler", SCHEDULER_CHOICES, "learning-rate schedule"),
     ("--warmup-ratio", "train", "warmup_ratio", float, "share of steps warming up the learning rate"),
     ("--head-init", "train", "head_init", HEAD_INIT_CHOICES, "probe: start the head from a linear probe"),
+    (
+        "--lexical",
+        "train",
+        "lexical",
+        LEXICAL_CHOICES,
+        "auto: mix in TF-IDF + LR in equal shares (off where validation shows it hurts); off: the model alone",
+    ),
     (
         "--activation-cache",
         "train",
@@ -137,10 +163,24 @@ TRAIN_FLAGS: list[tuple[str, str | None, str, Any, str]] = [
         "train",
         "report_to",
         str,
-        "Trainer logging integration, e.g. tensorboard (default none)",
+        "Trainer logging integration, e.g. tensorboard",
     ),
     ("--save-steps", "train", "save_steps", int, "also checkpoint every N steps (default: each epoch)"),
-    ("--output", None, "output", str, "run folder to write (default runs/latest)"),
+    (
+        "--eval-steps",
+        "train",
+        "eval_steps",
+        int,
+        "validate (and checkpoint) every N steps as well as each epoch (default: each epoch only)",
+    ),
+    (
+        "--early-stopping-patience",
+        "train",
+        "early_stopping_patience",
+        int,
+        "stop after N validations without improvement, keeping the best; --epochs is the upper bound",
+    ),
+    ("--output", None, "output", str, "run folder to write"),
 ]
 TRAIN_SWITCHES = [
     ("--drop-invalid", "data", "drop_invalid", "drop rows with empty text or missing label (counted)"),
@@ -165,6 +205,17 @@ def _dest(section: str | None, name: str) -> str:
     return f"{section}.{name}" if section else name
 
 
+def _with_default(text: str, value: Any) -> str:
+    """A flag's help with the config's own default appended, so that no hand-typed default goes stale
+    (a help that explains its default in words, or a default of None, is left as written)."""
+    if value is None or "default" in text:
+        return text
+    shown = (
+        f"{value:g}" if isinstance(value, float) else ",".join(value) if isinstance(value, list) else value
+    )
+    return f"{text} (default {shown})"
+
+
 def _add_train(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "train",
@@ -179,7 +230,9 @@ def _add_train(sub: Any, common: argparse.ArgumentParser) -> None:
         default=None,
         help="start from named settings (recipe: the hand-made recipe's own) instead of llmclf's defaults",
     )
+    defaults = RunConfig().to_dict()
     for flag, section, name, kind, text in TRAIN_FLAGS:
+        text = _with_default(text, defaults[section][name] if section else defaults[name])
         if isinstance(kind, tuple):
             p.add_argument(flag, dest=_dest(section, name), choices=kind, default=None, help=text)
         else:
@@ -251,8 +304,8 @@ def add_precision_option(p: argparse.ArgumentParser) -> None:
         "--precision",
         choices=PRECISION_CHOICES,
         default=None,
-        help="compute precision of the loaded model (default: as the run was trained; auto: measured on "
-        "this machine)",
+        help="compute precision of the loaded model (default: as the run was trained, or fp32 where this "
+        "machine cannot run that; auto: chosen for this machine)",
     )
 
 
@@ -395,16 +448,63 @@ GLOBAL_SWITCHES = [
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse with usage errors in the CLI's one form: one `error:` paragraph, exit status 2."""
+    """argparse with usage errors in the CLI's one form: one `error:` paragraph, exit status 2.
+
+    Flags are never abbreviated (`--epoch 2` is not taken for `--epochs`, nor `--text-col` for
+    `--text-column`); an unknown flag or choice is answered with the closest real one, and an unknown
+    flag with the usage of its own subcommand."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["allow_abbrev"] = False  # subparsers are made by this class too
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"error: {message}. See `{self.prog} --help`.\n")
+        message += _choice_hint(message)
+        self.exit(2, f"error: {message}{'' if message.endswith('?') else '.'} See `{self.prog} --help`.\n")
+
+    def parse_args(self, args: Any = None, namespace: Any = None) -> argparse.Namespace:  # type: ignore[override]
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            command = self._subcommand(getattr(parsed, "command", None)) or self
+            known = [o for a in command._actions + self._actions for o in a.option_strings]
+            command.print_usage(sys.stderr)
+            command.error(f"unrecognized arguments: {' '.join(extras)}{_flag_hint(extras, known)}")
+        return parsed
+
+    def _subcommand(self, name: str | None) -> argparse.ArgumentParser | None:
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction) and name in action.choices:
+                return action.choices[name]
+        return None
+
+
+def _flag_hint(extras: list[str], known: list[str]) -> str:
+    """`; did you mean --output?` for misspelt flags close to real ones (difflib)."""
+    pairs = []
+    for extra in extras:
+        flag = extra.split("=")[0]
+        close = difflib.get_close_matches(flag, known, n=1, cutoff=0.7) if flag.startswith("--") else []
+        pairs += [(flag, close[0])] if close else []
+    if len(pairs) == 1:
+        return f"; did you mean {pairs[0][1]}?"
+    return ("; did you mean " + ", ".join(f"{c} for {f}" for f, c in pairs) + "?") if pairs else ""
+
+
+def _choice_hint(message: str) -> str:
+    """` (did you mean 'train'?)` for an invalid choice close to a valid one."""
+    found = re.search(r"invalid choice: '?([^'(]*?)'? \(choose from (.*)\)", message)
+    if not found:
+        return ""
+    choices = [c.strip().strip("'") for c in found.group(2).split(",")]
+    close = difflib.get_close_matches(found.group(1), choices, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="llmclf", description="Fine-tune an LLM into a text classifier.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     # Accepted before or after the subcommand; SUPPRESS keeps the top-level value when a subcommand omits it.
-    common = argparse.ArgumentParser(add_help=False)
+    common = Parser(add_help=False)
     for flag, text in GLOBAL_SWITCHES:
         parser.add_argument(flag, action="store_true", help=text)
         common.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=text)

@@ -19,6 +19,8 @@ import numpy as np
 
 from llmclf import runtime
 from llmclf.errors import LlmclfError
+from llmclf.inference.lexical import FILES as LEXICAL_FILES
+from llmclf.inference.lexical import LexicalHead
 from llmclf.inference.metrics import compute_metrics
 from llmclf.inference.predict import predict_proba
 from llmclf.manifest import MANIFEST, manifest_problem, read_manifest
@@ -26,7 +28,7 @@ from llmclf.model.adapter import ADAPTER_WEIGHTS, load_adapter
 from llmclf.model.anatomy import upcast_head
 from llmclf.model.loading import load_classifier
 from llmclf.model.provenance import resolve_recorded
-from llmclf.runfolder import ADAPTER, CONFIG, LABELS, RUN_INFO, TOKENIZER, RunFolder
+from llmclf.runfolder import ADAPTER, CONFIG, LABELS, LEXICAL, RUN_INFO, TOKENIZER, RunFolder
 
 VERIFIED = (CONFIG, LABELS, RUN_INFO, f"{ADAPTER}/{ADAPTER_WEIGHTS}", f"{ADAPTER}/adapter_config.json")
 """Files a run folder's manifest must list: what loading it reads."""
@@ -40,7 +42,7 @@ def open_verified(run_dir: str | Path) -> RunFolder:
         listed = set((read_manifest(run.root)[0] or {}).get("files", {}))
         extra = sorted(
             p.relative_to(run.root).as_posix()
-            for folder in (ADAPTER, TOKENIZER)
+            for folder in (ADAPTER, TOKENIZER, LEXICAL)
             for p in run.path(folder).rglob("*")
             if p.is_file() and p.relative_to(run.root).as_posix() not in listed
         )
@@ -51,6 +53,21 @@ def open_verified(run_dir: str | Path) -> RunFolder:
             "it again from where it was written, or train again."
         )
     return run
+
+
+def load_lexical(run: RunFolder, info: dict, num_labels: int) -> LexicalHead | None:
+    """The run's lexical part where training kept it (a mixing weight above 0), checked against the
+    manifest like the rest of what loading reads."""
+    if not (info.get("lexical") or {}).get("weight"):
+        return None
+    names = [f"{LEXICAL}/{name}" for name in LEXICAL_FILES]
+    problem = manifest_problem(run.root, expected=names)
+    if problem:
+        raise LlmclfError(
+            f"{run.root}: {problem}. run_info.json says the classifier has a lexical part; copy the run folder "
+            "again from where it was written, or train again."
+        )
+    return LexicalHead.load(run.path(LEXICAL), num_labels)
 
 
 def inference_settings(info: dict, attn_mode: str, requested: str | None = None) -> tuple[str, str]:
@@ -80,6 +97,7 @@ class Classifier:
         max_length: int = 512,
         batch_size: int | str = "auto",
         precision: str | None = None,
+        lexical: LexicalHead | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -87,6 +105,7 @@ class Classifier:
         self.max_length = max_length
         self.batch_size = batch_size
         self.precision = precision  # bf16 / fp16: run under autocast, as the model was at training's end
+        self.lexical = lexical  # TF-IDF + LR mixed into the model's probabilities (inference/lexical.py)
         self.model.eval()
 
     @classmethod
@@ -131,6 +150,7 @@ class Classifier:
             # saved fp32 head into an fp32 copy, not a rounded one.
             upcast_head(loaded.model)
         model = load_adapter(loaded.model, run.path(ADAPTER), labels)
+        lexical = load_lexical(run, info, len(labels))
         if not loaded.quantized and not half:
             # Fold LoRA into the base weights: same outputs (to float rounding), no adapter matmuls per
             # layer. Not into bf16/fp16 weights: the sum would be rounded, and differ from training's.
@@ -142,16 +162,34 @@ class Classifier:
             max_length=config.data.max_length,
             batch_size=config.train.eval_batch_size,
             precision=precision,
+            lexical=lexical,
         )
 
     def predict_proba(
         self, texts: list[str] | str, *, batch_size: int | str | None = None, progress: bool | None = False
     ) -> np.ndarray:
-        """Probabilities, shape (len(texts), len(labels)), in input order."""
+        """Probabilities, shape (len(texts), len(labels)), in input order: the model's, mixed with the
+        lexical part's where the run has one."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        probs = self.model_proba(texts, batch_size=batch_size, progress=progress)
+        return probs if self.lexical is None else self.lexical.combine(probs, self.lexical.log_proba(texts))
+
+    def model_proba(
+        self, texts: list[str] | str, *, batch_size: int | str | None = None, progress: bool | None = False
+    ) -> np.ndarray:
+        """The model's own probabilities (n, labels), without the lexical part: what the exported
+        transformers model computes."""
         texts = [texts] if isinstance(texts, str) else list(texts)
         bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
         if bad:
             raise LlmclfError(f"Texts must be strings; item(s) {bad[:10]} are not.")
+        blank = [i for i, t in enumerate(texts) if not t.strip()]
+        if blank:
+            raise LlmclfError(
+                f"Text(s) {blank[:10]} are empty or blank: there is nothing to classify. Remove them."
+            )
+        if not texts:  # (0, labels): transformers 5's tokenizer fails on an empty list
+            return np.zeros((0, len(self.labels)))
         with runtime.autocast(self.precision):
             return predict_proba(
                 self.model,

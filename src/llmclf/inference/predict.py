@@ -11,8 +11,10 @@ import torch
 
 from llmclf import distributed
 from llmclf.batches import length_batches, shard_indices
+from llmclf.data import case_only
+from llmclf.errors import LlmclfError
 from llmclf.inference.metrics import compute_metrics
-from llmclf.model.anatomy import device_of, head_of
+from llmclf.model.anatomy import device_of, trainable_head
 from llmclf.progress import Progress
 
 
@@ -63,10 +65,11 @@ def predict_proba(
 def head_inputs(
     model: Any, tokenizer: Any, input_ids: list[list[int]], *, batch_size: int | str = "auto"
 ) -> np.ndarray:
-    """What the classification head sees for each text, shape (n_texts, hidden): the final hidden state
-    of the last real token. Used to fit a linear-probe head without an activation cache."""
+    """What the classification head's output layer sees for each text, shape (n_texts, hidden): for a
+    decoder the final hidden state of the last real token, for an encoder its own pooling's output (BERT:
+    the pooler on [CLS]). Used to fit a linear-probe head without an activation cache."""
     captured: list[torch.Tensor] = []
-    hook = head_of(model).register_forward_hook(lambda mod, args, out: captured.append(args[0]))
+    hook = trainable_head(model).register_forward_hook(lambda mod, args, out: captured.append(args[0]))
     out = None
     device = device_of(model)
     was_training = model.training
@@ -77,10 +80,7 @@ def head_inputs(
                 batch = tokenizer.pad({"input_ids": [input_ids[i] for i in idx]}, return_tensors="pt")
                 mask = batch["attention_mask"].to(device)
                 model(**{k: v.to(device) for k, v in batch.items()})
-                hidden = captured.pop()  # (batch, seq, hidden)
-                positions = torch.arange(mask.shape[1], device=device)
-                last = (positions * mask).argmax(dim=1)  # rightmost real token, either padding side
-                pooled = hidden[torch.arange(len(idx), device=device), last].float().cpu().numpy()
+                pooled = _pooled(captured.pop(), mask).float().cpu().numpy()
                 if out is None:
                     out = np.zeros((len(input_ids), pooled.shape[1]), dtype=np.float32)
                 out[idx] = pooled
@@ -88,6 +88,16 @@ def head_inputs(
         hook.remove()
         model.train(was_training)
     return out if out is not None else np.zeros((0, 0), dtype=np.float32)
+
+
+def _pooled(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The head's input per text (batch, hidden). A decoder's head runs on every position (batch, seq,
+    hidden) and the model keeps the last real token's logits; an encoder's gets one vector per text."""
+    if hidden.dim() == 2:
+        return hidden
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    last = (positions * mask).argmax(dim=1)  # rightmost real token, either padding side
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
 
 
 def reassemble(parts: Sequence[tuple[np.ndarray, np.ndarray]], n: int, width: int) -> np.ndarray:
@@ -145,3 +155,25 @@ def evaluate_split(
         model, tokenizer, input_ids, batch_size=batch_size, desc=desc, progress=progress
     )
     return compute_metrics(label_ids, probs.argmax(axis=1), labels), probs
+
+
+def check_labels(found: Sequence[str], known: list[str], source: str, column: str) -> None:
+    """Refuse labels the run does not know, before any model loads; say so when only case or spaces differ
+    (`business` for the run's `Business`)."""
+    unknown = sorted(set(found) - set(known))
+    if not unknown:
+        return
+    case = case_only(unknown, known)
+    if not case:
+        raise LlmclfError(
+            f"{source}: label(s) {unknown} in column '{column}' are not known to this run (it knows {known}). "
+            "Remove those rows or map them to known labels, or check --label-column."
+        )
+    rest = [u for u in unknown if u not in case]
+    renames = ", ".join(f"{u!r} -> {k!r}" for u, k in case.items())
+    raise LlmclfError(
+        f"{source}: label(s) in column '{column}' differ from the run's only in case or spaces: {renames}"
+        + (f"; {rest} are not known to the run at all" if rest else "")
+        + f". The run knows {known}, spelled exactly so. Rename them in the file to the run's spelling, e.g. "
+        f"in pandas: df[{column!r}] = df[{column!r}].str.strip().replace({case!r}); then evaluate again."
+    )

@@ -3,10 +3,17 @@
 A leaf of the model package (it imports no other llmclf module but errors): the loader, the activation
 cache, the probe and FSDP all find the parts of a model through these helpers, inside peft or DDP
 wrappers alike.
+
+Two kinds of model are told apart by their head. A decoder (Llama, Qwen, ...) has a bias-free `score`
+applied to every position and pools the last real token's logits. An encoder (BERT, RoBERTa,
+DistilBERT, ...) has a `classifier` fed by its own pooling of the first token ([CLS] -> pooler ->
+dropout -> classifier for BERT); the linear layer that outputs the logits may sit inside a small head
+module (RoBERTa's dense -> tanh -> out_proj) and has a bias.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -14,6 +21,7 @@ from torch import nn
 
 from llmclf.errors import LlmclfError
 
+log = logging.getLogger("llmclf")
 HEAD_NAMES = ["score", "classifier"]
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 """Decoder families whose forward passes `inputs_embeds` unchanged into layer 0."""
@@ -31,11 +39,19 @@ def decoder_of(model: Any) -> Any:
     model_type = getattr(seq_cls.config, "model_type", "?")
     decoder = getattr(seq_cls, getattr(seq_cls, "base_model_prefix", "model"), None)
     if model_type not in SUPPORTED or not isinstance(getattr(decoder, "layers", None), nn.ModuleList):
+        kind = " (an encoder)" if is_encoder(seq_cls) else ""
         raise LlmclfError(
-            f"--lora-layers (frozen-layer caching) supports the decoder families {list(SUPPORTED)}; this "
-            f"model is '{model_type}'. Leave --lora-layers unset to adapt every layer."
+            f"--lora-layers N (frozen-layer caching) supports the decoder families {list(SUPPORTED)}; this "
+            f"model is '{model_type}'{kind}. Give --lora-layers all (or auto) to adapt every layer."
         )
     return decoder
+
+
+def is_encoder(model: Any) -> bool:
+    """A bidirectional encoder classifier (BERT, RoBERTa, DistilBERT, ...): a `classifier` head over the
+    model's own pooling, where decoders have a `score` head over the last token."""
+    seq_cls = unwrap(model)
+    return getattr(seq_cls, "score", None) is None and getattr(seq_cls, "classifier", None) is not None
 
 
 def num_layers(model: Any) -> int:
@@ -43,12 +59,21 @@ def num_layers(model: Any) -> int:
 
 
 def resolve_top_layers(model: Any, layers: int | str | None) -> int | None:
-    """How many top layers LoRA adapts: None = all; `auto` = the top fifth where caching is supported."""
+    """How many top layers LoRA adapts: None = all; `auto` = the top fifth where caching is supported.
+
+    The one place that decides: an encoder (or another unsupported family) adapts every layer and runs
+    without the activation cache; an explicit N there is refused (`check_layers`)."""
     if layers != "auto":
         return layers  # type: ignore[return-value]
     try:
         total = num_layers(model)
     except LlmclfError:
+        if is_encoder(model):
+            log.info(
+                "note: '%s' is an encoder: LoRA adapts all its layers, every step runs the whole model (the "
+                "activation cache is for decoders), and the head reads the model's own pooling.",
+                getattr(unwrap(model).config, "model_type", "?"),
+            )
         return None  # not a supported decoder: adapt every layer, no cache
     return max(1, math.ceil(total / 5))
 
@@ -62,29 +87,42 @@ def check_layers(model: Any, top: int) -> int:
 
 
 def head_of(model: Any) -> nn.Module:
-    """The classification head (`score`), as peft wraps it (its trainable copy is the active one)."""
+    """The classification head (`score` or `classifier`), as peft wraps it (its trainable copy is the
+    active one)."""
     seq_cls = unwrap(model)
-    head = getattr(seq_cls, "score", None)
-    if head is None:
-        raise LlmclfError("This model has no `score` head; frozen-layer caching needs a decoder classifier.")
-    return head
+    for name in HEAD_NAMES:
+        head = getattr(seq_cls, name, None)
+        if head is not None:
+            return head
+    raise LlmclfError(
+        f"This model ({type(seq_cls).__name__}) has no `score` or `classifier` head; llmclf needs a "
+        "sequence-classification model with one of those."
+    )
 
 
-def trainable_head(model: Any) -> nn.Module:
-    """The head module that training updates (peft's trainable copy under `modules_to_save`)."""
+def trainable_head(model: Any) -> nn.Linear:
+    """The linear layer that outputs the logits, in the head module that training updates (peft's
+    trainable copy under `modules_to_save`): the head itself, or its last linear layer where the head is a
+    small module (RoBERTa's `classifier.out_proj`). What the probe is copied into."""
     head = head_of(model)
     copies = getattr(head, "modules_to_save", None)
     if copies is not None:
         active = getattr(head, "active_adapter", None)
         active = active[0] if isinstance(active, list | tuple) else active
-        return copies[active or next(iter(copies.keys()))]
-    return head
+        head = copies[active or next(iter(copies.keys()))]
+    if isinstance(head, nn.Linear):
+        return head
+    linears = [module for module in head.modules() if isinstance(module, nn.Linear)]
+    if not linears:
+        raise LlmclfError(f"The classification head ({type(head).__name__}) has no linear layer.")
+    return linears[-1]  # registered last: the output projection
 
 
 def upcast_head(model: Any) -> None:
-    """The classification head in fp32 over a bf16/fp16 base: the head is trained (and saved) in fp32."""
+    """The classification head in fp32 over a bf16/fp16 base: the head is trained (and saved) in fp32.
+    Matched by suffix, as peft picks the modules it trains in full (DistilBERT's `pre_classifier` too)."""
     for name, module in model.named_modules():
-        if name.rsplit(".", 1)[-1] in HEAD_NAMES:
+        if name and name.rsplit(".", 1)[-1].endswith(tuple(HEAD_NAMES)):
             module.float()
 
 

@@ -10,7 +10,7 @@ import torch
 
 from llmclf import distributed
 from llmclf.errors import LlmclfError
-from llmclf.model.anatomy import HEAD_NAMES, check_layers, num_layers
+from llmclf.model.anatomy import HEAD_NAMES, check_layers, is_encoder, num_layers
 from llmclf.model.sources import hub_errors
 from llmclf.runtime import torch_dtype
 
@@ -112,6 +112,10 @@ def load_classifier(
     # The pooling looks up the last non-pad token through config.pad_token_id (transformers #34055).
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.use_cache = False  # no KV cache: classification is one forward pass
+    if is_encoder(model):
+        # An encoder pools a fixed position ([CLS] first) and counts positions from the left: padding
+        # goes on the right, as the model was trained (saved with the tokenizer, so the export pads so too).
+        tokenizer.padding_side = "right"
     if quantize:
         from peft import prepare_model_for_kbit_training
 
@@ -128,11 +132,28 @@ def load_classifier(
 
 
 def lora_targets(model: Any, targets: list[str] | str) -> list[str] | str | None:
-    """`auto`: the recipe's q/k/v/o where they exist, else peft's per-architecture default (None)."""
+    """`auto`: the recipe's q/k/v/o where they exist, else peft's per-architecture default (None).
+
+    `all-linear` on an encoder: every linear layer by full name (the blocks and the pooler, which LoRA
+    adapts and the export merges) but those of the head. peft's own all-linear leaves out only the head
+    module itself, so it would adapt the layers inside RoBERTa's `classifier` (trained in full anyway)
+    and fail on DistilBERT's `pre_classifier` (peft trains it in full: its name ends in `classifier`)."""
+    if targets == "all-linear" and is_encoder(model):
+        return [
+            name
+            for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) and not _in_head(name)
+        ]
     if targets != "auto":
         return targets
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     return LLAMA_STYLE_TARGETS if set(LLAMA_STYLE_TARGETS) <= names else None
+
+
+def _in_head(name: str) -> bool:
+    """Whether a module is (inside) one that peft trains in full for a classifier: a path part ending in a
+    head name, as peft matches `modules_to_save`."""
+    return any(part.endswith(tuple(HEAD_NAMES)) for part in name.split("."))
 
 
 def add_lora(

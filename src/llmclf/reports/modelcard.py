@@ -18,7 +18,15 @@ from pathlib import Path
 import yaml
 
 from llmclf.reports.console import one_line
-from llmclf.reports.run_report import RunFiles, base_model_name, md_fence, md_table, md_text, read_run
+from llmclf.reports.run_report import (
+    RunFiles,
+    base_model_name,
+    classifier_parts,
+    md_fence,
+    md_table,
+    md_text,
+    read_run,
+)
 from llmclf.runfolder import atomic_write
 
 UNKNOWN_LICENCE = "unknown — check the base model's licence"
@@ -166,6 +174,7 @@ def _card_results(run: RunFiles) -> list[str]:
         ["class", "precision", "recall", "F1", "support"],
         [[lab, m["precision"], m["recall"], m["f1"], m["support"]] for lab, m in after["per_class"].items()],
     )
+    out += _lexical_note(run)
     example = 'clf("Stocks rallied after the rate cut")'  # a fixed text: nothing from the data runs here
     out += ["## Use", ""]
     out += md_fence(
@@ -181,6 +190,25 @@ def _card_results(run: RunFiles) -> list[str]:
     )
     out += ["## Training configuration", ""] + md_fence(run.config_text.rstrip(), "yaml")
     return out
+
+
+def _lexical_note(run: RunFiles) -> list[str]:
+    """Where the run's classifier mixes in a TF-IDF part, what this exported model alone scored."""
+    lexical = run.run_info.get("lexical") if isinstance(run.run_info.get("lexical"), dict) else {}
+    weight = lexical.get("weight")
+    if not isinstance(weight, int | float) or isinstance(weight, bool) or not 0 < weight <= 1:
+        return []
+    model_alone = next(
+        (row[1] for row in classifier_parts(run.run_info) if row[0].startswith("fine-tuned")), None
+    )
+    alone = (
+        f" This model alone scored accuracy {model_alone:.4f} on the same test split." if model_alone else ""
+    )
+    return [
+        f"The metrics above are llmclf's classifier: this model's probabilities mixed with a TF-IDF + logistic "
+        f"regression part (weight {weight:.1f}), which stays in the llmclf run folder.{alone}",
+        "",
+    ]
 
 
 def write_model_card(run_dir: str | Path, export_dir: str | Path) -> Path:

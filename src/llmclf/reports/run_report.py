@@ -231,10 +231,38 @@ def _metric_blocks(run: RunFiles) -> list[Block]:
     rows.append(
         ["test texts", *([before.get("n")] if before else []), after.get("n"), *([""] if before else [])]
     )
-    return [
+    blocks = [
         Block("para", "On the test split; before training the classification head is random (chance level)."),
         Block("table", headers=headers, rows=rows),
     ]
+    parts = classifier_parts(run.run_info)
+    if parts:
+        blocks.append(Block("para", "What each part of the classifier scores alone on the test split:"))
+        blocks.append(Block("table", headers=["part", "test accuracy"], rows=parts))
+    return blocks
+
+
+def _fraction(value: Any) -> float | None:
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value <= 1
+    return float(value) if ok else None
+
+
+def classifier_parts(info: dict) -> list[list[Any]]:
+    """Test accuracy of the probe head (before fine-tuning), of the fine-tuned model alone, of the
+    lexical part alone and of their mix, as far as run_info.json records them (numbers only)."""
+    probe = info.get("probe") if isinstance(info.get("probe"), dict) else {}
+    lexical = info.get("lexical") if isinstance(info.get("lexical"), dict) else {}
+    tested = lexical.get("test_accuracy") if isinstance(lexical.get("test_accuracy"), dict) else {}
+    weight = _fraction(lexical.get("weight"))
+    rows = [
+        ["linear-probe head, before fine-tuning", _fraction(probe.get("test_accuracy"))],
+        ["fine-tuned model alone (what `llmclf export` writes)", _fraction(tested.get("model"))],
+        ["TF-IDF + logistic regression alone", _fraction(tested.get("lexical"))],
+        [f"the two mixed (TF-IDF weight {weight:.1f})", _fraction(tested.get("mixed"))]
+        if weight is not None
+        else ["", None],
+    ]
+    return [row for row in rows if row[1] is not None]
 
 
 def _per_class_blocks(run: RunFiles) -> list[Block]:

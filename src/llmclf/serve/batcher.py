@@ -317,10 +317,12 @@ def measure_pass_overhead(classifier: Any, repeats: int = 3) -> float:
 
 @dataclass(frozen=True)
 class Encoded:
-    """One text as the model sees it: its token ids, cut to max_length, and whether it was cut."""
+    """One text as the model sees it: its token ids, cut to max_length, and whether it was cut; with the
+    classifier's lexical part, that part's log-probabilities (labels,), computed in the encoding thread."""
 
     ids: list[int]
     truncated: bool
+    lexical: np.ndarray | None = None
 
 
 CHARS_PER_TOKEN_BOUND = 64
@@ -384,7 +386,9 @@ class ClassifierPredictor:
             cut_ids = tokenizer([heads[i] for i in long], truncation=True, max_length=max_length)["input_ids"]
             for i, row in zip(long, cut_ids):
                 ids[i] = row
-        return [Encoded(list(row), cut) for row, cut in zip(ids, truncated)]
+        lexical = getattr(self.classifier, "lexical", None)
+        lex = lexical.log_proba(texts) if lexical is not None else [None] * len(texts)  # (n, labels)
+        return [Encoded(list(row), cut, lx) for row, cut, lx in zip(ids, truncated, lex)]
 
     def __call__(self, rows: Sequence[Encoded | str]) -> tuple[np.ndarray, list[bool]]:
         clf, max_length = self.classifier, self.max_length
@@ -406,4 +410,6 @@ class ClassifierPredictor:
                     max_length=max_length,
                     progress=False,
                 )
+        if getattr(clf, "lexical", None) is not None:
+            probs = clf.lexical.combine(probs, np.stack([row.lexical for row in rows]))
         return probs, [row.truncated for row in rows]

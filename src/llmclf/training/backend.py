@@ -4,6 +4,8 @@
   shards and gathered);
 - `CachedBackend`: the frozen lower layers ran once (the activation cache), so scoring before training
   and the probe's features cost only the top layers;
+- `EncoderBackend`: an encoder (BERT family) runs whole, every layer adapted, no cache: it is small, so
+  the probe head's test accuracy is measured with one more pass over the test split;
 - `FsdpBackend`: no process holds the whole model, so everything runs through the Trainer.
 
 The pipeline asks the backend; it never tests the launch mode or the cache itself.
@@ -21,7 +23,7 @@ import torch
 from llmclf import distributed, runtime
 from llmclf.config import TrainConfig
 from llmclf.inference.predict import head_inputs, sharded_predict_proba
-from llmclf.model.anatomy import check_layers
+from llmclf.model.anatomy import check_layers, is_encoder
 from llmclf.model.layer_cache import ActivationCache, cached_or_built, pooled_features, predict_proba_cached
 from llmclf.progress import Timings
 from llmclf.training import fsdp
@@ -112,6 +114,18 @@ class CachedBackend(Backend):
         return self.score_frozen([], rows, "probe")
 
 
+class EncoderBackend(Backend):
+    """An encoder run whole (no cache; `anatomy.resolve_top_layers`): the probe head is scored on the test
+    split with one more pass, cheap for a model of this size."""
+
+    def __init__(self, *args: Any, ids: list[list[int]]) -> None:
+        super().__init__(*args)
+        self.ids = ids  # every text's token ids, by its row (train, val, test in turn)
+
+    def probe_probs(self, rows: list[int]) -> np.ndarray | None:
+        return self.score([self.ids[row] for row in rows], "scoring the probe head")
+
+
 class FsdpBackend(Backend):
     """The model sharded by the Trainer: every forward pass, and the saving, go through the Trainer."""
 
@@ -158,6 +172,10 @@ def choose(
                 "note: the activation cache runs in one process; under a launcher every step runs the model"
             )
         return FsdpBackend(*args)
+    if top_layers is None and is_encoder(model):
+        return EncoderBackend(
+            *args, ids=[ids for name in ("train", "val", "test") for ids in encoded.ids[name]]
+        )
     if top_layers is None or train.activation_cache == "off":
         return Backend(*args)
     if distributed.world_size() > 1:  # a cached forward would bypass DDP's gradient sync

@@ -30,14 +30,14 @@ from transformers.trainer_utils import rotate_checkpoints
 from llmclf import distributed
 from llmclf.errors import LlmclfError
 from llmclf.manifest import manifest_problem, read_manifest, write_manifest
-from llmclf.runfolder import CHECKPOINTS, METRICS, read_json, write_json
+from llmclf.runfolder import CHECKPOINTS, FINGERPRINT, METRICS, read_json, write_json
 
 log = logging.getLogger("llmclf")
-FINGERPRINT = "fingerprint.json"
 BEFORE = "metrics_before.json"
 STAGING = ".staging"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 # Settings that change the trained weights; batch size for evaluation, logging and save interval do not.
+# The validation interval and the patience do: they choose the kept checkpoint and when training stops.
 RESULT_SETTINGS = {
     "data": ["max_length"],
     "model": ["precision"],
@@ -52,6 +52,8 @@ RESULT_SETTINGS = {
         "lr_scheduler",
         "warmup_ratio",
         "head_init",
+        "eval_steps",
+        "early_stopping_patience",
     ],
 }
 

@@ -22,6 +22,7 @@ from llmclf import distributed, runfolder, runtime
 from llmclf.config import RunConfig
 from llmclf.data import Splits, class_weights, load_splits, to_dataset, tokenize_texts
 from llmclf.errors import LlmclfError
+from llmclf.inference.lexical import MIX_WEIGHT, LexicalHead, choose_weight, fit_lexical
 from llmclf.inference.metrics import compute_metrics
 from llmclf.manifest import write_manifest
 from llmclf.model.anatomy import resolve_top_layers
@@ -36,7 +37,7 @@ from llmclf.training import checkpoints, fsdp
 from llmclf.training.backend import Backend, Encoded
 from llmclf.training.callbacks import TENSORBOARD_DIR, send_tensorboard_to
 from llmclf.training.probe import init_head_from_probe
-from llmclf.training.trainer import WeightedLossTrainer, build_trainer, training_arguments
+from llmclf.training.trainer import WeightedLossTrainer, build_trainer, require_validation, training_arguments
 from llmclf.version import __version__
 
 log = logging.getLogger("llmclf")
@@ -47,6 +48,7 @@ MANIFESTED = (
     runfolder.RUN_INFO,
     runfolder.ADAPTER,
     runfolder.TOKENIZER,
+    runfolder.LEXICAL,
     runfolder.METRICS,
     runfolder.DATA_SUMMARY,
     runfolder.PREDICTIONS,
@@ -96,6 +98,7 @@ def _run(config: RunConfig, *, overwrite: bool, quiet: bool, resume: str | None)
     out = prepare_output(config.output, overwrite, resume)
     seed_everything(tc.seed)
     splits, weights = load_data(config)
+    require_validation(len(splits.val) > 0, tc.eval_steps, tc.early_stopping_patience)  # before the slow load
     with timings("load_model"):
         choice = resolve_model(config)
         fingerprint = checkpoints.run_fingerprint(config, splits, choice.source, choice.quantized)
@@ -133,13 +136,20 @@ def _run(config: RunConfig, *, overwrite: bool, quiet: bool, resume: str | None)
     with timings("eval_after"):
         # The whole model, as `Classifier` runs it: the reported metrics are those of the saved classifier.
         probs = backend.score(encoded.ids["test"], "evaluating after training")
-        after = compute_metrics(encoded.labels["test"], probs.argmax(axis=1), splits.labels)
+    lexical = None
+    if tc.lexical == "auto":
+        with timings("lexical"):
+            lexical, probs = add_lexical(backend, splits, encoded, weights, tc.seed, probs)
+    after = compute_metrics(encoded.labels["test"], probs.argmax(axis=1), splits.labels)
     state = backend.trained_state()
     metrics = {"before": before, "after": after}
     main = distributed.is_main()
     if main:  # the others wait for its writes when the session ends
         timings.seconds["total"] = time.perf_counter() - started
         info = run_info(config, choice, identity, trainer, train_output, backend, probe, timings)
+        info["lexical"] = None if lexical is None else {"weight": lexical.weight, **lexical.info}
+        if lexical is not None and lexical.weight > 0:
+            lexical.save(out / runfolder.LEXICAL)
         save_run(out, config, trainer, tokenizer, state, splits, weights, encoded, metrics, probs, info)
         log.info("Report: %s", build_report(out))  # report.md, report.html and the PNGs, from the files
     del trainer, model, backend  # a caller going on (e.g. to Classifier.load) starts from here
@@ -165,7 +175,9 @@ def prepare_output(output: str, overwrite: bool, resume: str | None = None) -> P
                 f"Cannot resume: run folder {path} not found. Give the --output of the interrupted run."
             )
         return path
-    if path.exists() and any(path.iterdir()) and not overwrite:  # every process stops alike
+    # A lone fingerprint is what a run that failed before its first checkpoint leaves: no reason to stop.
+    leftover = {p.name for p in path.iterdir()} - {runfolder.FINGERPRINT} if path.is_dir() else set()
+    if leftover and not overwrite:  # every process stops alike
         raise LlmclfError(
             f"Output folder {path} is not empty. Choose another --output, pass --resume to continue an "
             "interrupted run there, or --overwrite to replace it."
@@ -280,7 +292,8 @@ def new_trainer(
     fingerprint: dict,
     quiet: bool,
 ) -> WeightedLossTrainer:
-    """The Trainer for this run, over token ids or (with the activation cache) cached states."""
+    """The Trainer for this run, over token ids or (with the activation cache) cached states; validating
+    every train.eval_steps steps and stopping early where asked (both refused without a validation split)."""
     tc = config.train
     train_ds = to_dataset(encoded.ids["train"], encoded.labels["train"], rows=encoded.rows["train"])
     val_ds = (
@@ -304,6 +317,8 @@ def new_trainer(
         quiet=quiet,
         lr_scheduler=tc.lr_scheduler,
         warmup_ratio=tc.warmup_ratio,
+        eval_steps=tc.eval_steps,
+        early_stopping_patience=tc.early_stopping_patience,
     )
     trainer = build_trainer(
         backend.model,
@@ -316,6 +331,7 @@ def new_trainer(
         cache=backend.cache,
         save_steps=tc.save_steps,
         step_tokens=backend.step_tokens(tc.step_tokens),
+        early_stopping_patience=tc.early_stopping_patience,
     )
     send_tensorboard_to(trainer, str(out / TENSORBOARD_DIR))
     trainer.fingerprint_sha = checkpoints.fingerprint_sha(fingerprint)
@@ -351,6 +367,47 @@ def fit_probe(backend: Backend, encoded: Encoded, weights: list[float] | None, s
         probe["test_accuracy"] = float((probs.argmax(axis=1) == np.asarray(encoded.labels["test"])).mean())
     log.info("Head initialised from a linear probe: %s", probe)
     return probe
+
+
+def add_lexical(
+    backend: Backend,
+    splits: Splits,
+    encoded: Encoded,
+    weights: list[float] | None,
+    seed: int,
+    test_probs: np.ndarray,
+) -> tuple[LexicalHead | None, np.ndarray]:
+    """Fit TF-IDF + LR on the training split and mix it in, unless the validation split shows the mix
+    clearly worse than the model. Returns the lexical part and the test probabilities of the mix."""
+    texts = {name: getattr(splits, name)["text"].tolist() for name in SPLITS}
+    head = fit_lexical(texts["train"], encoded.labels["train"], len(splits.labels), weights, seed)
+    if encoded.ids["val"]:
+        val_probs = backend.score(encoded.ids["val"], "scoring the validation split")
+        choose_weight(head, val_probs, head.log_proba(texts["val"]), encoded.labels["val"])
+    else:
+        head.weight = MIX_WEIGHT
+        log.info(
+            "note: no validation split to check the lexical mix on; mixed in with weight %.1f", MIX_WEIGHT
+        )
+    test_log = head.log_proba(texts["test"])
+    mixed = head.combine(test_probs, test_log)
+    y = np.asarray(encoded.labels["test"])
+    scored = {"model": test_probs, "lexical": test_log, "mixed": mixed}
+    test = {name: float((p.argmax(axis=1) == y).mean()) if len(y) else None for name, p in scored.items()}
+    head.info["test_accuracy"] = test
+    head.info["test_macro_f1"] = {
+        name: compute_metrics(encoded.labels["test"], p.argmax(axis=1), splits.labels)["macro_f1"]
+        if len(y)
+        else None
+        for name, p in scored.items()
+    }
+    log.info(
+        "Lexical part (TF-IDF + LR, C=%g): weight %.1f; test accuracy: model %s, TF-IDF %s, mixed %s",
+        head.info["C"],
+        head.weight,
+        *(f"{v:.3f}" if v is not None else "-" for v in test.values()),
+    )
+    return head, mixed
 
 
 def fine_tune(backend: Backend, trainer: WeightedLossTrainer, checkpoint: str | None) -> Any:

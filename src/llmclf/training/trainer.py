@@ -11,12 +11,15 @@ import torch
 import torch.nn.functional as F
 from transformers import (
     DataCollatorWithPadding,
+    EarlyStoppingCallback,
     PrinterCallback,
     ProgressCallback,
     Trainer,
+    TrainerCallback,
     TrainingArguments,
 )
 from transformers.modeling_outputs import SequenceClassifierOutput
+from transformers.trainer_utils import IntervalStrategy
 
 from llmclf import distributed
 from llmclf.batches import CPU_BATCH, GPU_BATCH_TOKENS, token_budget_batches
@@ -29,6 +32,10 @@ from llmclf.training.checkpoints import AtomicCheckpoints
 
 class NonFiniteLossError(LlmclfError):
     """Training produced NaN or inf; raised at once instead of being averaged away in the logs."""
+
+
+BEST_METRIC = "balanced_accuracy"
+"""The validation metric that chooses the best checkpoint and that early stopping watches."""
 
 
 CPU_STEP_TOKENS = 1024
@@ -146,6 +153,27 @@ class WeightedLossTrainer(AtomicCheckpoints, Trainer):
             )
         return (loss, outputs) if return_outputs else loss
 
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "train_runtime" in logs:  # the Trainer's summary at the end of training: also say how it ended
+            logs.update(self.training_outcome())
+        super().log(logs, start_time)
+
+    def training_outcome(self) -> dict[str, Any]:
+        """How training ended: `stopped_early` (early stopping cut it short of --epochs) and, with a
+        validation split, `best_step` and `best_metric` (the validation balanced accuracy of the step whose
+        weights are kept)."""
+        state = self.state
+        stopper = next(
+            (c for c in self.callback_handler.callbacks if isinstance(c, EarlyStoppingCallback)), None
+        )
+        triggered = stopper is not None and (
+            stopper.early_stopping_patience_counter >= stopper.early_stopping_patience
+        )
+        outcome: dict[str, Any] = {"stopped_early": triggered and state.global_step < state.max_steps}
+        if state.best_global_step:
+            outcome.update(best_step=state.best_global_step, best_metric=state.best_metric)
+        return outcome
+
 
 def metrics_for_trainer(eval_pred: Any) -> dict[str, float]:
     """accuracy and balanced accuracy on the validation split, for choosing the best epoch."""
@@ -157,6 +185,48 @@ def metrics_for_trainer(eval_pred: Any) -> dict[str, float]:
     return {
         "accuracy": float((preds == labels).mean()),
         "balanced_accuracy": float(balanced_accuracy_score(labels, preds)),
+    }
+
+
+def require_validation(has_val: bool, eval_steps: int | None, early_stopping_patience: int | None) -> None:
+    """Validating every N steps and early stopping watch the validation split: refuse them without one."""
+    flags = [
+        flag
+        for flag, value in (
+            ("--eval-steps", eval_steps),
+            ("--early-stopping-patience", early_stopping_patience),
+        )
+        if value is not None
+    ]
+    if flags and not has_val:
+        named = " and ".join(flags)
+        raise LlmclfError(
+            f"{named} {'need' if len(flags) > 1 else 'needs'} a validation split, and this run has none "
+            "(data.val_fraction is 0, data.train_per_class is given without data.val_per_class, or the "
+            "classes are too small to spare a validation text). Give --val-fraction above 0 or "
+            f"--val-per-class N, or drop {named}."
+        )
+
+
+def validation_schedule(
+    has_val: bool, eval_steps: int | None, early_stopping_patience: int | None = None
+) -> dict[str, Any]:
+    """When to validate and save: each epoch; or every `eval_steps` optimizer steps, and at each epoch's
+    end (ValidateAtEpochEnd). A checkpoint is saved at each validation, so that the best can be kept
+    (load_best_model_at_end needs the save and evaluation schedules to match). Without a validation
+    split checkpoints are still saved each epoch, so that a run can be resumed."""
+    require_validation(has_val, eval_steps, early_stopping_patience)
+    if not has_val:
+        return {"eval_strategy": "no", "save_strategy": "epoch", "load_best_model_at_end": False}
+    schedule: dict[str, Any] = {"load_best_model_at_end": True, "metric_for_best_model": BEST_METRIC}
+    if eval_steps is None:
+        return {**schedule, "eval_strategy": "epoch", "save_strategy": "epoch"}
+    return {
+        **schedule,
+        "eval_strategy": "steps",
+        "eval_steps": eval_steps,
+        "save_strategy": "steps",
+        "save_steps": eval_steps,
     }
 
 
@@ -178,16 +248,21 @@ def training_arguments(
     lr_scheduler: str = "linear",
     warmup_ratio: float = 0.0,
     group_by_length: bool = True,
+    eval_steps: int | None = None,
+    early_stopping_patience: int | None = None,
 ) -> TrainingArguments:
-    """The recipe's settings: evaluate and save each epoch, keep the best by validation accuracy.
+    """The recipe's settings: evaluate and save each epoch (or every `eval_steps` steps as well), keep
+    the best by validation balanced accuracy (validation_schedule).
 
     `group_by_length` batches texts of similar length together (shuffled in groups), so dynamic
     padding wastes little compute; `precision` bf16 or fp16 is mixed precision (autocast).
-
-    Checkpoints are saved each epoch even without a validation split, so that a run can be resumed;
-    `build_trainer(save_steps=N)` adds saves every N steps."""
+    `build_trainer(save_steps=N)` adds saves every N steps. `eval_steps` and `early_stopping_patience`
+    need a validation split (require_validation); with the patience, a resumed run takes up the
+    early-stopping count where its checkpoint left it (build_trainer adds the callback)."""
     steps_per_epoch = max(1, math.ceil(n_train / batch_size))
     return TrainingArguments(
+        **validation_schedule(has_val, eval_steps, early_stopping_patience),
+        restore_callback_states_from_checkpoint=early_stopping_patience is not None,
         lr_scheduler_type=lr_scheduler,
         warmup_steps=math.ceil(warmup_ratio * steps_per_epoch * epochs),
         train_sampling_strategy="group_by_length" if group_by_length else "random",
@@ -201,10 +276,6 @@ def training_arguments(
         weight_decay=weight_decay,
         seed=seed,
         data_seed=seed,
-        eval_strategy="epoch" if has_val else "no",
-        save_strategy="epoch",
-        load_best_model_at_end=has_val,
-        metric_for_best_model="balanced_accuracy" if has_val else None,
         greater_is_better=True,
         save_total_limit=2,  # the newest (to resume) and the best (kept by rotation)
         save_only_model=False,
@@ -238,10 +309,20 @@ def build_trainer(
     cache: Any = None,
     save_steps: int | None = None,
     step_tokens: int | None = None,
+    early_stopping_patience: int | None = None,
 ) -> WeightedLossTrainer:
     """`cache`: an ActivationCache holding every row the datasets' `row` column points to;
-    `step_tokens`: padded tokens one forward/backward pass may hold (None: batches stay whole)."""
+    `step_tokens`: padded tokens one forward/backward pass may hold (None: batches stay whole);
+    `save_steps`: also save every N steps (between validations, when `args` validate every N steps);
+    `early_stopping_patience`: stop after this many validations in a row without a better balanced
+    accuracy (the best checkpoint's weights are loaded at the end)."""
+    require_validation(val_dataset is not None, None, early_stopping_patience)
     collator = TokenCollator(tokenizer) if cache is None else CachedStatesCollator(cache)
+    callbacks: list[TrainerCallback] = [SaveEverySteps(save_steps)] if save_steps else []
+    if args.eval_strategy == IntervalStrategy.STEPS:
+        callbacks.append(ValidateAtEpochEnd())
+    if early_stopping_patience:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=early_stopping_patience))
     trainer = WeightedLossTrainer(
         model=model,
         args=args,
@@ -253,7 +334,7 @@ def build_trainer(
         class_weights=class_weights,
         cache_start=None if cache is None else cache.start,
         step_tokens=step_tokens,
-        callbacks=[SaveEverySteps(save_steps)] if save_steps else None,
+        callbacks=callbacks or None,
     )
     if quiet:
         trainer.remove_callback(PrinterCallback)  # it prints every log line when progress bars are off
@@ -262,6 +343,29 @@ def build_trainer(
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(PlainProgressCallback())
     return trainer
+
+
+class ValidateAtEpochEnd(TrainerCallback):
+    """With validation every N steps: also validate, and save, at each epoch's end unless that step just
+    was (the Trainer's step schedule alone would skip it), so the epochs' weights stay candidates for the
+    best, as without eval_steps, and a checkpoint ends each epoch."""
+
+    def __init__(self) -> None:
+        self.evaluated_at = -1
+        self.saved_at = -1
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.evaluated_at = state.global_step
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.saved_at = state.global_step
+
+    def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        if self.evaluated_at != state.global_step:
+            control.should_evaluate = True
+        if self.saved_at != state.global_step:
+            control.should_save = True
+        return control
 
 
 class TokenCollator:

@@ -1,0 +1,216 @@
+"""The lexical part of a classifier: TF-IDF of word 1-2-grams + logistic regression, mixed with the model.
+
+A fine-tuned LLM on a few thousand texts can still lose to keyword matching on keyword-heavy data
+(docs/accuracy.md). Training therefore also fits TF-IDF + LR on the training split and mixes the two
+log-linearly, p ∝ p_model^(1-w) · p_lexical^w, with w = 0.5, or 0 where the validation split shows the
+mix clearly worse than the model alone.
+
+Saved in the run folder's `lexical/` as data only: the vocabulary (JSON), idf, coefficients and
+intercepts (safetensors) and the mixing weight; the vectoriser is rebuilt from fixed settings.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from llmclf.errors import LlmclfError
+from llmclf.runfolder import atomic_write, write_json
+
+SETTINGS = "lexical.json"
+VOCABULARY = "vocabulary.json"
+WEIGHTS = "weights.safetensors"
+FILES = (SETTINGS, VOCABULARY, WEIGHTS)
+FORMAT = 1
+NGRAMS = (1, 2)
+MAX_FEATURES = 100_000
+"""Most frequent n-grams kept: bounds the saved vocabulary (the suite's datasets stay under it)."""
+C_GRID = (0.1, 1.0, 10.0, 100.0)
+MIX_GRID = tuple(i / 10 for i in range(11))
+MIX_WEIGHT = 0.5
+"""The lexical part's share in the mix: equal to the model's (chosen on the benchmark suite)."""
+GUARD = 0.05
+"""How far below the model alone the mix may score on validation before the lexical part is dropped:
+about two standard errors of a balanced-accuracy difference on 200 texts."""
+EPS = 1e-12
+
+
+def _vectorizer(vocabulary: dict[str, int] | None = None) -> Any:
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    return TfidfVectorizer(
+        ngram_range=NGRAMS,
+        sublinear_tf=True,
+        max_features=MAX_FEATURES,
+        vocabulary=vocabulary,
+        dtype=np.float32,
+    )
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+
+
+@dataclass
+class LexicalHead:
+    """TF-IDF + a linear layer over it, and the weight of its log-probabilities in the mix."""
+
+    vectorizer: Any
+    coef: np.ndarray
+    """(labels, vocabulary) weights on the TF-IDF features."""
+    intercept: np.ndarray
+    """(labels,) biases."""
+    weight: float = 0.0
+    """Share of the lexical log-probabilities in the mix (0: the model alone; 1: TF-IDF alone)."""
+    info: dict = field(default_factory=dict)
+    """How it was fitted and chosen (C, cross-validated score, the validation scores per weight)."""
+
+    def log_proba(self, texts: list[str]) -> np.ndarray:
+        """(n, labels) log-probabilities of the lexical model alone."""
+        x = self.vectorizer.transform(texts)  # (n, vocabulary), sparse
+        return _log_softmax(np.asarray(x @ self.coef.T, dtype=np.float64) + self.intercept)
+
+    def combine(self, probs: np.ndarray, lexical_log: np.ndarray, weight: float | None = None) -> np.ndarray:
+        """The mix of the model's probabilities (n, labels) with the lexical log-probabilities."""
+        w = self.weight if weight is None else weight
+        if w == 0:
+            return probs
+        mixed = (1 - w) * np.log(np.clip(probs, EPS, None)) + w * lexical_log
+        return np.exp(_log_softmax(mixed))
+
+    def save(self, folder: Path) -> None:
+        """Write `folder` (a run's `lexical/`): settings, vocabulary and arrays, each atomically."""
+        from safetensors.numpy import save_file
+
+        terms = [""] * len(self.vectorizer.vocabulary_)
+        for term, i in self.vectorizer.vocabulary_.items():
+            terms[i] = term
+        settings = {"format": FORMAT, "ngrams": list(NGRAMS), "weight": self.weight, "info": self.info}
+        arrays = {"idf": self.vectorizer.idf_, "coef": self.coef, "intercept": self.intercept}
+        arrays = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in arrays.items()}
+        write_json(folder / SETTINGS, settings)
+        atomic_write(
+            folder / VOCABULARY,
+            lambda tmp: tmp.write_text(json.dumps(terms, ensure_ascii=False), encoding="utf-8"),
+        )
+        atomic_write(folder / WEIGHTS, lambda tmp: save_file(arrays, str(tmp)))
+
+    @classmethod
+    def load(cls, folder: Path, num_labels: int) -> LexicalHead:
+        """Read `folder` (a run's `lexical/`), checking every shape and value against the run's labels."""
+        from safetensors.numpy import load_file
+
+        def bad(what: str) -> LlmclfError:
+            return LlmclfError(
+                f"{folder}: {what}. The run folder's lexical part is damaged: copy the run folder again, or "
+                "train again."
+            )
+
+        try:
+            settings = json.loads((folder / SETTINGS).read_text(encoding="utf-8"))
+            terms = json.loads((folder / VOCABULARY).read_text(encoding="utf-8"))
+            arrays = load_file(str(folder / WEIGHTS))
+        except Exception as exc:  # any parse failure of an untrusted file is the same answer
+            raise bad(f"cannot be read ({type(exc).__name__})") from None
+        weight = settings.get("weight") if isinstance(settings, dict) else None
+        if settings.get("format") != FORMAT or settings.get("ngrams") != list(NGRAMS):
+            raise bad(f"{SETTINGS} is not format {FORMAT} with n-grams {list(NGRAMS)}")
+        if not isinstance(weight, int | float) or isinstance(weight, bool) or not 0 <= weight <= 1:
+            raise bad(f"{SETTINGS} holds weight={weight!r}, not a number in [0, 1]")
+        if (
+            not isinstance(terms, list)
+            or not all(isinstance(t, str) for t in terms)
+            or len(set(terms)) != len(terms)
+        ):
+            raise bad(f"{VOCABULARY} is not a list of distinct strings")
+        size = len(terms)
+        shapes = {"idf": (size,), "coef": (num_labels, size), "intercept": (num_labels,)}
+        for name, shape in shapes.items():
+            if name not in arrays or arrays[name].shape != shape or not np.isfinite(arrays[name]).all():
+                raise bad(f"{WEIGHTS}: '{name}' is not a finite array of shape {shape}")
+        vectorizer = _vectorizer({t: i for i, t in enumerate(terms)})
+        vectorizer.idf_ = arrays["idf"]
+        return cls(vectorizer, arrays["coef"], arrays["intercept"], float(weight), settings.get("info") or {})
+
+
+def sklearn_class_weight(class_weights: list[float] | None) -> dict[int, float] | None:
+    """The run's class weights as scikit-learn's `class_weight`, rescaled to mean 1. They sum to 1 (the
+    recipe's normalisation), and scikit-learn multiplies the loss by them but not the penalty: as they
+    were, 77 balanced classes fitted with C/77, and the linear heads underfitted."""
+    if class_weights is None:
+        return None
+    scale = len(class_weights) / sum(class_weights)
+    return {i: w * scale for i, w in enumerate(class_weights)}
+
+
+def fit_lexical(
+    texts: list[str], label_ids: list[int], num_labels: int, class_weights: list[float] | None, seed: int
+) -> LexicalHead:
+    """TF-IDF + logistic regression on the training split, C chosen by cross-validated log-loss."""
+    from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
+    from sklearn.model_selection import StratifiedKFold
+
+    vectorizer = _vectorizer()
+    x = vectorizer.fit_transform(texts)  # (n, vocabulary)
+    y = np.asarray(label_ids)
+    weight = sklearn_class_weight(class_weights)
+    folds = min(5, int(np.bincount(y).min()))
+    info: dict[str, Any] = {"vocabulary": x.shape[1]}
+    if len(np.unique(y)) < 2:
+        raise LlmclfError("The lexical part needs at least two classes in the training split.")
+    if folds >= 2:
+        cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+        lr = LogisticRegressionCV(
+            Cs=list(C_GRID),
+            cv=cv,
+            scoring="neg_log_loss",
+            class_weight=weight,
+            max_iter=3000,
+            random_state=seed,
+        )
+        with warnings.catch_warnings():  # scikit-learn 1.9 announces changes to this class's defaults
+            warnings.simplefilter("ignore", FutureWarning)
+            lr.fit(x, y)
+        info["C"] = float(np.ravel(lr.C_)[0])
+    else:  # a class with one training text: no folds to choose C on
+        lr = LogisticRegression(C=10.0, class_weight=weight, max_iter=3000).fit(x, y)
+        info["C"] = 10.0
+    coef = np.zeros((num_labels, x.shape[1]), dtype=np.float32)
+    intercept = np.full(num_labels, -30.0, dtype=np.float32)  # a label absent from training: never likely
+    if lr.coef_.shape[0] == 1:  # binary: sklearn keeps one vector for p(class 1) = sigmoid(w.x + b)
+        (neg, pos), half = lr.classes_, lr.coef_[0] / 2
+        coef[neg], coef[pos] = -half, half
+        intercept[neg], intercept[pos] = -lr.intercept_[0] / 2, lr.intercept_[0] / 2
+    else:
+        coef[lr.classes_], intercept[lr.classes_] = lr.coef_, lr.intercept_
+    return LexicalHead(vectorizer, coef, intercept, 0.0, info)
+
+
+def choose_weight(
+    head: LexicalHead, probs: np.ndarray, lexical_log: np.ndarray, label_ids: list[int]
+) -> float:
+    """Set the head's mixing weight: MIX_WEIGHT, or 0 (the model alone) where the mix's balanced accuracy
+    on the validation split falls more than GUARD below the model's own. Records the scores of every
+    weight of MIX_GRID in `head.info`.
+
+    A fixed equal mix, not a weight tuned on validation: on the suite's datasets, a few hundred
+    validation texts chose weights that did worse on test than the fixed mix (docs/accuracy.md)."""
+    from sklearn.metrics import balanced_accuracy_score
+
+    y = np.asarray(label_ids)
+    table = []
+    for w in MIX_GRID:
+        mixed = head.combine(probs, lexical_log, w)
+        score = float(balanced_accuracy_score(y, mixed.argmax(axis=1)))
+        loss = float(-np.log(np.clip(mixed[np.arange(len(y)), y], EPS, None)).mean())
+        table.append({"weight": w, "balanced_accuracy": score, "log_loss": loss})
+    scores = {row["weight"]: row["balanced_accuracy"] for row in table}
+    head.weight = MIX_WEIGHT if scores[MIX_WEIGHT] >= scores[0.0] - GUARD else 0.0
+    head.info["validation"] = table
+    return head.weight
