@@ -73,6 +73,8 @@ class LexicalHead:
 
     def log_proba(self, texts: list[str]) -> np.ndarray:
         """(n, labels) log-probabilities of the lexical model alone."""
+        if not texts:  # scikit-learn refuses an empty batch
+            return np.zeros((0, len(self.intercept)))
         x = self.vectorizer.transform(texts)  # (n, vocabulary), sparse
         return _log_softmax(np.asarray(x @ self.coef.T, dtype=np.float64) + self.intercept)
 
