@@ -233,3 +233,16 @@ def test_report_and_model_card_show_each_part(keyword_run, tmp_path):
     assert main(["--quiet", "export", str(keyword_run), "--output", str(out)]) == 0
     card = (out / "README.md").read_text()
     assert "This model alone scored accuracy" in card
+
+
+def test_a_lexical_part_missing_from_the_manifest_stops_the_load(keyword_run, tmp_path):
+    from llmclf import Classifier
+    from llmclf.manifest import write_manifest
+    from llmclf.training.pipeline import MANIFESTED
+
+    copy = tmp_path / "run"
+    shutil.copytree(keyword_run, copy)
+    shutil.rmtree(copy / "lexical")  # run_info.json still says there is one
+    write_manifest(copy, names=[name for name in MANIFESTED if name != "lexical"])
+    with pytest.raises(LlmclfError, match="does not list lexical/"):
+        Classifier.load(copy)

@@ -56,16 +56,17 @@ def open_verified(run_dir: str | Path) -> RunFolder:
 
 
 def load_lexical(run: RunFolder, info: dict, num_labels: int) -> LexicalHead | None:
-    """The run's lexical part where training kept it (a mixing weight above 0), checked against the
-    manifest like the rest of what loading reads."""
+    """The run's lexical part where training kept it (a mixing weight above 0), from a run folder that
+    `open_verified` has checked."""
     if not (info.get("lexical") or {}).get("weight"):
         return None
-    names = [f"{LEXICAL}/{name}" for name in LEXICAL_FILES]
-    problem = manifest_problem(run.root, expected=names)
-    if problem:
+    # open_verified has checked every file the manifest lists: here the lexical files must be among them.
+    listed = (read_manifest(run.root)[0] or {}).get("files", {})
+    missing = [name for name in (f"{LEXICAL}/{f}" for f in LEXICAL_FILES) if name not in listed]
+    if missing:
         raise LlmclfError(
-            f"{run.root}: {problem}. run_info.json says the classifier has a lexical part; copy the run folder "
-            "again from where it was written, or train again."
+            f"{run.root}: {MANIFEST} does not list {missing[0]}. run_info.json says the classifier has a "
+            "lexical part; copy the run folder again from where it was written, or train again."
         )
     return LexicalHead.load(run.path(LEXICAL), num_labels)
 

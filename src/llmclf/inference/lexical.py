@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy.special import log_softmax
 
 from llmclf.errors import LlmclfError
 from llmclf.runfolder import atomic_write, write_json
@@ -52,11 +53,6 @@ def _vectorizer(vocabulary: dict[str, int] | None = None) -> Any:
     )
 
 
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-
-
 @dataclass
 class LexicalHead:
     """TF-IDF + a linear layer over it, and the weight of its log-probabilities in the mix."""
@@ -76,7 +72,7 @@ class LexicalHead:
         if not texts:  # scikit-learn refuses an empty batch
             return np.zeros((0, len(self.intercept)))
         x = self.vectorizer.transform(texts)  # (n, vocabulary), sparse
-        return _log_softmax(np.asarray(x @ self.coef.T, dtype=np.float64) + self.intercept)
+        return log_softmax(np.asarray(x @ self.coef.T, dtype=np.float64) + self.intercept, axis=1)
 
     def combine(self, probs: np.ndarray, lexical_log: np.ndarray, weight: float | None = None) -> np.ndarray:
         """The mix of the model's probabilities (n, labels) with the lexical log-probabilities."""
@@ -84,7 +80,7 @@ class LexicalHead:
         if w == 0:
             return probs
         mixed = (1 - w) * np.log(np.clip(probs, EPS, None)) + w * lexical_log
-        return np.exp(_log_softmax(mixed))
+        return np.exp(log_softmax(mixed, axis=1))
 
     def save(self, folder: Path) -> None:
         """Write `folder` (a run's `lexical/`): settings, vocabulary and arrays, each atomically."""

@@ -391,16 +391,14 @@ def add_lexical(
         )
     test_log = head.log_proba(texts["test"])
     mixed = head.combine(test_probs, test_log)
-    y = np.asarray(encoded.labels["test"])
     scored = {"model": test_probs, "lexical": test_log, "mixed": mixed}
-    test = {name: float((p.argmax(axis=1) == y).mean()) if len(y) else None for name, p in scored.items()}
-    head.info["test_accuracy"] = test
-    head.info["test_macro_f1"] = {
-        name: compute_metrics(encoded.labels["test"], p.argmax(axis=1), splits.labels)["macro_f1"]
-        if len(y)
-        else None
+    tested = {
+        name: compute_metrics(encoded.labels["test"], p.argmax(axis=1), splits.labels)
         for name, p in scored.items()
     }
+    test = {name: m["accuracy"] if m["n"] else None for name, m in tested.items()}
+    head.info["test_accuracy"] = test
+    head.info["test_macro_f1"] = {name: m["macro_f1"] if m["n"] else None for name, m in tested.items()}
     log.info(
         "Lexical part (TF-IDF + LR, C=%g): weight %.1f; test accuracy: model %s, TF-IDF %s, mixed %s",
         head.info["C"],
