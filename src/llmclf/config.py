@@ -17,7 +17,11 @@ The resolved configuration is saved as `config.yaml` next to every trained model
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import functools
+import inspect
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,9 +69,9 @@ class DataConfig:
     """CSV / TSV / JSONL / Parquet file, a folder written by `datasets.save_to_disk`, a Hugging Face
     dataset name, or `demo` for the bundled news-topic demo data."""
     text_column: str = "text"
-    """Column holding the input text."""
+    """Column holding the input text; a dotted name (`ticket.body`) reaches into nested JSON objects."""
     label_column: str = "label"
-    """Column holding the class label (strings or integers; names are kept)."""
+    """Column holding the class label (strings or integers; names are kept); dotted names work too."""
     eval_data: str | None = None
     """A separate labelled file used as the test split (same columns)."""
     train_per_class: int | None = None
@@ -110,7 +114,7 @@ class ModelConfig:
     quantize: str = "auto"
     """`auto`: 4-bit NF4 on a CUDA GPU with bitsandbytes, full precision otherwise; `4bit`; `none`."""
     trust_remote_code: bool = False
-    """Allow model code from the hub. Off by default: it runs arbitrary Python."""
+    """Allow model code from the hub: it runs arbitrary Python, so only for authors you trust."""
     precision: str = "auto"
     """Compute precision: `auto` = bf16 on GPUs that support it, fp16 on older CUDA GPUs; on a CPU bf16
     where it has native bf16 and a timed matmul runs faster in it, else fp32; or `bf16`, `fp16`, `fp32`.
@@ -120,7 +124,7 @@ class ModelConfig:
     else sdpa; or `sdpa`, `flash_attention_2`, `eager`."""
     allow_pickle: bool = False
     """Allow a base model with pickle weights only (`pytorch_model.bin`), read with
-    `torch.load(weights_only=True)`. Off by default: safetensors only."""
+    `torch.load(weights_only=True)`; otherwise safetensors only."""
 
     def __post_init__(self) -> None:
         _require(isinstance(self.name, str) and self.name.strip() != "", "model.name", self.name, "a model")
@@ -152,11 +156,11 @@ class LoraSettings:
     dropout: float = 0.05
     """Dropout on the LoRA input."""
     targets: list[str] | str = "all-linear"
-    """Module names to adapt; `all-linear` = every linear layer of the adapted blocks (attention and
+    """Module names to adapt (a list, or comma-separated); `all-linear` = every linear layer of the adapted blocks (attention and
     MLP); `auto` = q/k/v/o projections where the model has them (the recipe; else peft's default for
     the architecture)."""
     layers: int | str | None = "auto"
-    """Adapt only the top N decoder layers; the frozen layers below run once per text and their output
+    """Adapt only the top N decoder layers. The frozen layers below run once per text and their output
     is cached (see train.activation_cache). `auto`: the top fifth (6 of SmolLM2's 30 layers) for the
     decoder families the cache supports, every layer otherwise; `all` (or empty): every layer."""
 
@@ -202,7 +206,7 @@ class TrainConfig:
     seed: int = 42
     """Seed for sampling, shuffling, initialisation and dropout."""
     report_to: str = "none"
-    """Trainer logging integration (`tensorboard`, `wandb`, ...), `none` by default."""
+    """Trainer logging integrations: `none`, `all`, or comma-separated names (`tensorboard`, `wandb`, ...)."""
     lr_scheduler: str = "linear"
     """Learning-rate schedule after warm-up: `linear` decay to 0, `cosine`, or `constant`."""
     warmup_ratio: float = 0.1
@@ -215,8 +219,9 @@ class TrainConfig:
     log-probabilities with the model's, in equal shares (dropped where the validation split shows the
     mix clearly worse than the model alone); `off`: the model alone."""
     activation_cache: str = "memory"
-    """With lora.layers set: keep the frozen layers' outputs in `memory`, also on `disk` (bf16, reused
-    by later runs on the same model and texts), or `off` (run the whole model every step)."""
+    """Where the frozen layers' outputs are kept when only the top layers are adapted (lora.layers):
+    `memory`, also on `disk` (bf16, reused by later runs on the same model and texts), or `off` (run the
+    whole model every step)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (non-reentrant): less memory, slower steps."""
     save_steps: int | None = None
@@ -313,6 +318,29 @@ CONFIG_SECTIONS: dict[str, type] = {
 
 def field_names(cls: type) -> list[str]:
     return [f.name for f in dataclasses.fields(cls)]
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """Each field's attribute docstring (the string right below it in the class body), read from the
+    source with `ast`, indentation cleaned: the one text behind `llmclf train --help` and the docs.
+    Empty where the source cannot be read (a build without .py files)."""
+    try:
+        source = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):
+        return {}
+    body = ast.parse(source).body[0].body  # type: ignore[attr-defined]
+    docs = {}
+    for node, after in zip(body, body[1:]):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(after, ast.Expr)
+            and isinstance(after.value, ast.Constant)
+            and isinstance(after.value.value, str)
+        ):
+            docs[node.target.id] = inspect.cleandoc(after.value.value)
+    return docs
 
 
 PRESETS: dict[str, dict[str, Any]] = {

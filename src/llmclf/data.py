@@ -1,4 +1,4 @@
-"""Data: load labelled texts, validate them, split per class, weigh classes, tokenise.
+"""Data: validate labelled texts (read by datafiles.py), split them per class, weigh classes, tokenise.
 
 Everything here works on pandas frames with two columns, `text` and `label` (label names as strings),
 plus `row`: the 1-based data row of the input file, so that every error can point at the row to fix.
@@ -8,169 +8,51 @@ removal (duplicates, rows dropped) is counted in `notes` and printed.
 
 from __future__ import annotations
 
-import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib import resources
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from llmclf.datafiles import (  # the readers, re-exported: `from llmclf.data import read_table` keeps working
+    DEMO_NAME,
+    TABLE_SUFFIXES,
+    Table,
+    demo_data_path,
+    field_paths,
+    lookup_column,
+    pick,
+    read_table,
+)
 from llmclf.errors import LlmclfError
 
-DEMO_NAME = "demo"
+__all__ = [
+    "DEMO_NAME",
+    "TABLE_SUFFIXES",
+    "Splits",
+    "Table",
+    "case_only",
+    "class_weights",
+    "clean_frame",
+    "demo_data_path",
+    "load_splits",
+    "normalise_label",
+    "order_labels",
+    "read_table",
+    "split_data",
+    "to_dataset",
+    "tokenize_texts",
+]
+
 _INTEGRAL_FLOAT = re.compile(r"[+-]?\d+\.0+")
-TABLE_SUFFIXES = {".csv", ".tsv", ".jsonl", ".ndjson", ".json", ".parquet", ".pq"}
-
-
-def demo_data_path() -> Path:
-    """The bundled news-topic demo data (written by tools/demo_data.py)."""
-    return Path(str(resources.files("llmclf") / "resources" / "demo_news.csv"))
-
-
-# --------------------------------------------------------------------------------------------- loading
-@dataclass
-class Table:
-    """Raw rows as read, before validation: one frame per split the source came with."""
-
-    frames: dict[str, pd.DataFrame]
-    """`{"all": df}` for a file; the dataset's own splits (`train`, `test`, ...) for a `datasets` source."""
-    source: str
-    """What was read, for messages."""
-    class_names: dict[str, list[str]] = field(default_factory=dict)
-    """Label names of integer `ClassLabel` columns, by column."""
-
-
-def _first_bad_utf8_line(path: Path) -> tuple[int, str]:
-    for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
-        try:
-            raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            return number, repr(raw[max(0, exc.start - 20) : exc.end + 20])
-    return 0, ""
-
-
-def _read_jsonl(path: Path) -> pd.DataFrame:
-    records = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise LlmclfError(
-                    f"{path}: line {number} is not valid JSON ({exc.msg}). Each line of a JSONL file must be "
-                    'one JSON object, e.g. {"text": "...", "label": "..."}.'
-                ) from None
-            if not isinstance(record, dict):
-                raise LlmclfError(
-                    f"{path}: line {number} is {type(record).__name__}, expected a JSON object."
-                )
-            records.append(record)
-    return pd.DataFrame.from_records(records)
-
-
-def _read_file(path: Path) -> pd.DataFrame:
-    suffix = path.suffix.lower()
-    if suffix in (".csv", ".tsv"):
-        # dtype=str and no NA parsing: "NA", "null" or "nan" stay texts, integers stay as written.
-        return pd.read_csv(
-            path, sep="\t" if suffix == ".tsv" else ",", dtype=str, keep_default_na=False, encoding="utf-8"
-        )
-    if suffix in (".jsonl", ".ndjson"):
-        return _read_jsonl(path)
-    if suffix == ".json":
-        text = path.read_text(encoding="utf-8")
-        try:
-            loaded = json.loads(text)
-        except json.JSONDecodeError:
-            return _read_jsonl(path)  # JSON Lines under a .json name
-        if not isinstance(loaded, list) or not all(isinstance(r, dict) for r in loaded):
-            raise LlmclfError(f"{path}: expected a JSON list of objects or JSON Lines, one object per line.")
-        return pd.DataFrame.from_records(loaded)
-    return pd.read_parquet(path)
-
-
-def _class_names(dataset: Any) -> dict[str, list[str]]:
-    features = dataset.features.items()
-    return {column: list(f.names) for column, f in features if type(f).__name__ == "ClassLabel"}
-
-
-def _from_datasets(obj: Any, source: str) -> Table:
-    if hasattr(obj, "features"):  # a single Dataset
-        return Table({"all": obj.to_pandas()}, source, _class_names(obj))
-    frames = {name: split.to_pandas() for name, split in obj.items()}
-    first = next(iter(obj.values()))
-    return Table(frames, source, _class_names(first))
-
-
-def read_table(spec: str) -> Table:
-    """Read a file, a `save_to_disk` folder, a hub dataset name, or `demo`."""
-    path = demo_data_path() if spec == DEMO_NAME else Path(spec).expanduser()
-    if path.is_dir():
-        if not any(
-            (path / name).exists() for name in ("dataset_info.json", "dataset_dict.json", "state.json")
-        ):
-            raise LlmclfError(
-                f"{path} is a folder but not one written by datasets' save_to_disk. Give a CSV, JSONL or "
-                "Parquet file, or such a folder."
-            )
-        import datasets
-
-        return _from_datasets(datasets.load_from_disk(str(path)), str(path))
-    if path.is_file():
-        if path.suffix.lower() not in TABLE_SUFFIXES:
-            raise LlmclfError(
-                f"{path}: unreadable format '{path.suffix or '(no extension)'}'. Supported: "
-                f"{', '.join(sorted(TABLE_SUFFIXES))}, or a datasets folder."
-            )
-        if not path.read_bytes().strip():
-            raise LlmclfError(f"{path} is empty. Give a file with a header row and one row per example.")
-        try:
-            frame = _read_file(path)
-        except UnicodeDecodeError:
-            line, excerpt = _first_bad_utf8_line(path)
-            raise LlmclfError(
-                f"{path}: line {line} is not valid UTF-8 (bytes {excerpt}). Re-save the file as UTF-8, e.g. "
-                f"`iconv -f latin1 -t utf-8 {path.name} > fixed{path.suffix}`."
-            ) from None
-        except LlmclfError:
-            raise
-        except Exception as exc:  # pandas/pyarrow parse errors
-            raise LlmclfError(
-                f"{path}: could not be read as {path.suffix[1:].upper()} ({type(exc).__name__}: "
-                f"{' '.join(str(exc).split())}). Check that the file is a valid {path.suffix[1:].upper()} file."
-            ) from None
-        if len(frame) == 0:
-            raise LlmclfError(
-                f"{path} has no data rows (columns: {list(frame.columns)}). Give a file with one row per example."
-            )
-        return Table({"all": frame}, str(path))
-    if path.suffix.lower() in TABLE_SUFFIXES or spec.startswith((".", "/", "~")) or spec.count("/") > 1:
-        raise LlmclfError(f"Data file not found: {path}. Check the path (relative to {Path.cwd()}).")
-    return _load_hub_dataset(spec)
-
-
-def _load_hub_dataset(name: str) -> Table:
-    import datasets
-
-    try:
-        return _from_datasets(datasets.load_dataset(name), f"hub dataset {name}")
-    except Exception as exc:
-        raise LlmclfError(
-            f"'{name}' is neither a local file nor a dataset that could be loaded from the Hugging Face hub "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). Check the path, or the "
-            "dataset name and your network connection (HF_HUB_OFFLINE must be unset to download)."
-        ) from None
 
 
 # ------------------------------------------------------------------------------------------ validation
 def _is_missing(value: Any) -> bool:
-    if value is None:
+    if value is None or value is pd.NA:  # pd.NA: a nullable column of a frame given in memory
         return True
     if isinstance(value, float) and math.isnan(value):
         return True
@@ -194,70 +76,74 @@ def normalise_label(value: Any, names: list[str] | None = None) -> str:
     return text
 
 
-def _rows_text(rows: list[int]) -> str:
+def _rows_text(rows: list) -> str:
     shown = ", ".join(str(r) for r in rows[:10])
     return shown + (f" and {len(rows) - 10} more" if len(rows) > 10 else "")
 
 
-_ABSENT = object()
 _NESTED = (dict, list, tuple, np.ndarray)
+FILE_WORDS = {
+    "text": "--text-column",
+    "label": "--label-column",
+    "drop": "--drop-invalid",
+    "at": "row(s)",
+    "counted": "data rows counted from 1, header excluded",
+}
+"""How errors name rows and fixes for a file: its data rows and the command line's flags."""
+MEMORY_WORDS = {
+    "text": "text_column=",
+    "label": "label_column=",
+    "drop": "drop_invalid=True",
+    "at": "index",
+    "counted": "the frame's index",
+}
+"""... and for data given in memory to `llmclf.train`: the frame's index and its keyword arguments."""
 
 
-def _pick(value: Any, keys: list[str]) -> Any:
-    """The field at `keys` inside a JSON object / Parquet struct, `_ABSENT` where the row has none."""
-    for key in keys:
-        if not isinstance(value, dict) or key not in value:
-            return _ABSENT
-        value = value[key]
-    return value
+def _setting(flag: str, value: str) -> str:
+    return f"{flag}{value!r}" if flag.endswith("=") else f"{flag} {value}"
 
 
-def _field_paths(values: list, prefix: str, depth: int = 4) -> list[str]:
-    """Dotted names of the fields in a column of objects (`ticket.body`, `ticket.meta.id`), from its
-    first 200 rows."""
-    fields: dict[str, list] = {}
-    for value in values[:200]:
-        for key, inner in value.items() if isinstance(value, dict) else ():
-            fields.setdefault(str(key), []).append(inner)
-    out = []
-    for key, inner in fields.items():
-        nested = depth > 1 and any(isinstance(v, dict) for v in inner)
-        out += _field_paths(inner, f"{prefix}.{key}", depth - 1) if nested else [f"{prefix}.{key}"]
-    return out
+def _where(rows: list[int], words: dict[str, str], index: pd.Index) -> str:
+    """`row(s) 3, 7` (1-based data rows), or `index 2, 6` (the frame's own index) for data in memory."""
+    shown = [index[r - 1] for r in rows] if words is MEMORY_WORDS else rows
+    return f"{words['at']} {_rows_text(shown)}"
 
 
-def _lookup(frame: pd.DataFrame, column: str) -> list | None:
-    """A column's values; a dotted name not itself a column (`ticket.body`) reaches into the objects of
-    column `ticket` (JSONL/JSON objects, Parquet or datasets structs). None: no such column or field."""
-    if column in frame.columns:
-        return frame[column].tolist()
-    parts = column.split(".")
-    for cut in range(len(parts) - 1, 0, -1):
-        head = ".".join(parts[:cut])
-        if head in frame.columns:
-            values = [_pick(v, parts[cut:]) for v in frame[head].tolist()]
-            if any(v is not _ABSENT for v in values):
-                return [None if v is _ABSENT else v for v in values]
-    return None
-
-
-def _refuse_nested(values: list, source: str, column: str, flag: str, what: str) -> None:
+def _refuse_nested(
+    values: list, source: str, column: str, flag: str, what: str, where: Callable[[list[int]], str]
+) -> None:
     """A column of objects or lists is not text nor a label: say which fields there are to choose from."""
     rows = [i for i, v in enumerate(values, start=1) if isinstance(v, _NESTED)]
     if not rows:
         return
-    paths = _field_paths(values, column)
+    paths = field_paths(values, column)
     if not paths:
         raise LlmclfError(
-            f"{source}: column '{column}' holds lists, not {what} (row(s) {_rows_text(rows)}). Choose a "
+            f"{source}: column '{column}' holds lists, not {what} ({where(rows)}). Choose a "
             f"column of {what} with {flag}."
         )
     keys = {p: p[len(column) + 1 :].split(".") for p in paths}
-    texts = [p for p in paths if any(isinstance(_pick(v, keys[p]), str) for v in values[:200])]
+    texts = [p for p in paths if any(isinstance(pick(v, keys[p]), str) for v in values[:200])]
     raise LlmclfError(
-        f"{source}: column '{column}' holds JSON objects with the fields {paths[:12]}, not {what} (row(s) "
-        f"{_rows_text(rows)}). Choose one field by its dotted name, e.g. {flag} {(texts or paths)[0]}."
+        f"{source}: column '{column}' holds JSON objects with the fields {paths[:12]}, not {what} "
+        f"({where(rows)}). Choose one field by its dotted name, e.g. {_setting(flag, (texts or paths)[0])}."
     )
+
+
+def _find_columns(frame: pd.DataFrame, source: str, flags: dict[str, str]) -> dict[str, list]:
+    """The values of each column named in `flags`, or an error naming the missing ones and those present."""
+    found = {column: lookup_column(frame, column) for column in flags}
+    missing = [c for c, values in found.items() if values is None]
+    if missing:
+        objects = [c for c in frame.columns if frame[c].dtype == object]
+        fields = [p for c in objects for p in field_paths(frame[c].tolist(), str(c))]
+        raise LlmclfError(
+            f"{source}: column(s) {missing} not found. Columns present: {list(frame.columns)}"
+            + (f" (fields inside them: {fields[:12]})" if fields else "")
+            + f". Choose {'it' if len(missing) == 1 else 'them'} with {' / '.join(flags[c] for c in missing)}."
+        )
+    return found
 
 
 def clean_frame(
@@ -269,25 +155,23 @@ def clean_frame(
     drop_invalid: bool = False,
     class_names: list[str] | None = None,
     notes: list[str] | None = None,
+    in_memory: bool = False,
 ) -> pd.DataFrame:
     """Check columns and values; return `text`, `label` (if asked) and `row` columns. A dotted column
-    name (`ticket.body`) reaches into nested JSON objects / structs."""
-    flags = {text_column: "--text-column"}
+    name (`ticket.body`) reaches into nested JSON objects / structs. `in_memory`: a frame given to
+    `llmclf.train`, whose errors name its index and the keyword arguments to fix them with."""
+    words = MEMORY_WORDS if in_memory else FILE_WORDS
+    flags = {text_column: words["text"]}
     if label_column:
-        flags[label_column] = "--label-column"
-    found = {column: _lookup(frame, column) for column in flags}
-    missing = [c for c, values in found.items() if values is None]
-    if missing:
-        objects = [c for c in frame.columns if frame[c].dtype == object]
-        fields = [p for c in objects for p in _field_paths(frame[c].tolist(), str(c))]
-        raise LlmclfError(
-            f"{source}: column(s) {missing} not found. Columns present: {list(frame.columns)}"
-            + (f" (fields inside them: {fields[:12]})" if fields else "")
-            + f". Choose {'it' if len(missing) == 1 else 'them'} with {' / '.join(flags[c] for c in missing)}."
-        )
-    _refuse_nested(found[text_column], source, text_column, "--text-column", "text")
+        flags[label_column] = words["label"]
+    found = _find_columns(frame, source, flags)
+
+    def where(rows: list[int]) -> str:
+        return _where(rows, words, frame.index)
+
+    _refuse_nested(found[text_column], source, text_column, words["text"], "text", where)
     if label_column:
-        _refuse_nested(found[label_column], source, label_column, "--label-column", "labels")
+        _refuse_nested(found[label_column], source, label_column, words["label"], "labels", where)
     rows = np.arange(1, len(frame) + 1)
     texts = found[text_column]
     bad_text = [int(r) for r, t in zip(rows, texts) if _is_missing(t)]
@@ -297,24 +181,21 @@ def clean_frame(
     problems = []
     if bad_text:
         problems.append(
-            f"{len(bad_text)} empty or missing text(s) in column '{text_column}' at row(s) "
-            f"{_rows_text(bad_text)}"
+            f"{len(bad_text)} empty or missing text(s) in column '{text_column}' at {where(bad_text)}"
         )
     if bad_label:
-        problems.append(
-            f"{len(bad_label)} missing label(s) in column '{label_column}' at row(s) {_rows_text(bad_label)}"
-        )
+        problems.append(f"{len(bad_label)} missing label(s) in column '{label_column}' at {where(bad_label)}")
     if problems and not drop_invalid:
         raise LlmclfError(
-            f"{source}: " + "; ".join(problems) + " (data rows counted from 1, header excluded). "
-            "Fix those rows, or pass --drop-invalid to leave them out."
+            f"{source}: " + "; ".join(problems) + f" ({words['counted']}). "
+            f"Fix those rows, or pass {words['drop']} to leave them out."
         )
     keep = np.ones(len(frame), dtype=bool)
     for r in set(bad_text) | set(bad_label):
         keep[r - 1] = False
     if problems and notes is not None:
         notes.append(
-            f"{source}: dropped {int((~keep).sum())} invalid row(s) (--drop-invalid): " + "; ".join(problems)
+            f"{source}: dropped {int((~keep).sum())} invalid row(s) ({words['drop']}): " + "; ".join(problems)
         )
     out = pd.DataFrame({"text": [str(t) for t, k in zip(texts, keep) if k], "row": rows[keep]})
     if label_column:
@@ -528,11 +409,11 @@ def to_dataset(input_ids: list[list[int]], label_ids: list[int], rows: list[int]
 
 # ----------------------------------------------------------------------------------------- top level
 def load_splits(
-    path: str,
+    path: str | Table,
     text_column: str,
     label_column: str,
     *,
-    eval_data: str | None = None,
+    eval_data: str | Table | None = None,
     train_per_class: int | None = None,
     val_per_class: int | None = None,
     test_per_class: int | None = None,
@@ -541,43 +422,39 @@ def load_splits(
     drop_invalid: bool = False,
     seed: int = 42,
 ) -> Splits:
-    """Read, validate and split. A source with its own `train`/`test` splits uses them for test."""
+    """Read, validate and split. A source with its own `train`/`test` splits uses them for test.
+
+    `path` / `eval_data`: what `read_table` reads, or a `Table` already read (data given in memory)."""
     notes: list[str] = []
-    table = read_table(path)
+    table = path if isinstance(path, Table) else read_table(path)
     names = table.class_names.get(label_column)
 
-    def clean(frame: pd.DataFrame, source: str) -> pd.DataFrame:
+    def clean(frame: pd.DataFrame, source: str, of: Table, class_names: list[str] | None) -> pd.DataFrame:
         return clean_frame(
             frame,
             source,
             text_column,
             label_column,
             drop_invalid=drop_invalid,
-            class_names=names,
+            class_names=class_names,
             notes=notes,
+            in_memory=of.in_memory,
         )
 
     frames = table.frames
     test_pool = None
     if eval_data is not None:
-        evaluation = read_table(eval_data)
+        evaluation = eval_data if isinstance(eval_data, Table) else read_table(eval_data)
         eval_frames = evaluation.frames
         eval_frame = eval_frames.get("test", next(iter(eval_frames.values())))
-        test_pool = clean_frame(
-            eval_frame,
-            evaluation.source,
-            text_column,
-            label_column,
-            drop_invalid=drop_invalid,
-            class_names=evaluation.class_names.get(label_column) or names,
-            notes=notes,
-        )
+        eval_names = evaluation.class_names.get(label_column) or names
+        test_pool = clean(eval_frame, evaluation.source, evaluation, eval_names)
     elif "train" in frames and "test" in frames:
-        test_pool = clean(frames["test"], f"{table.source} [test]")
+        test_pool = clean(frames["test"], f"{table.source} [test]", table, names)
         notes.append(f"{table.source}: using its own 'test' split for testing.")
     pool_frame = frames.get("train", next(iter(frames.values())))
     pool_source = table.source + (" [train]" if "train" in frames and len(frames) > 1 else "")
-    pool = clean(pool_frame, pool_source)
+    pool = clean(pool_frame, pool_source, table, names)
     labels = order_labels(set(pool["label"]), names)
     return split_data(
         pool,

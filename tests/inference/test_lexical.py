@@ -228,7 +228,7 @@ def test_report_and_model_card_show_each_part(keyword_run, tmp_path):
 
     assert main(["--quiet", "report", str(keyword_run)]) == 0
     report = (keyword_run / "report.md").read_text()
-    assert "TF-IDF + logistic regression alone" in report and "the two mixed" in report
+    assert "TF-IDF + logistic regression alone" in report and "with the TF-IDF part (weight 0.5)" in report
     out = tmp_path / "export"
     assert main(["--quiet", "export", str(keyword_run), "--output", str(out)]) == 0
     card = (out / "README.md").read_text()

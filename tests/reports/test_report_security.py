@@ -391,8 +391,10 @@ def test_model_card_shows_hostile_values_as_text(tmp_path, monkeypatch):
     check_markdown(body, headings, fences=2, own=own)
     assert split_fences(body)[1][1] == HOSTILE_CONFIG.rstrip()
     front = yaml.safe_load(head)  # valid YAML, holding only llmclf's keys; the licence on one line
-    assert set(front) == {"library_name", "pipeline_tag", "tags", "license"}
+    assert set(front) == {"library_name", "pipeline_tag", "tags", "license", "widget", "model-index"}
     assert front["license"] == shown(licence)
+    # the example text comes from the run's own data: a plain YAML string, whatever it holds
+    assert all(set(item) == {"text"} and isinstance(item["text"], str) for item in front["widget"])
     texts = "\n".join(rendered(body))
     for value in [*HOSTILE, HOSTILE_BASE, licence]:
         assert shown(value) in texts, value

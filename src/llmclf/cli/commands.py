@@ -7,6 +7,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -184,18 +185,27 @@ def evaluate(args: argparse.Namespace) -> int:
 
 def export(args: argparse.Namespace) -> int:
     from llmclf.inference.classifier import Classifier
-    from llmclf.reports.modelcard import write_model_card
+    from llmclf.reports.modelcard import exported_name, write_model_card
 
     out = Path(args.output).expanduser()
+    repo = getattr(args, "push_to_hub", None)
+    if repo:
+        _check_repo_id(repo)
     if out.exists() and any(out.iterdir()):
         raise LlmclfError(f"Export folder {out} is not empty. Choose an empty or new folder.")
     clf = Classifier.load(args.run_dir, full_precision=True, **loading_options(args))
     merged = clf.merged_model()
+    # A GGUF-converted base carries its file's internal name ("Smollm2 135M 8k Lc100K Mix1 Ep2") in the
+    # config; the export is named after the base model's hub id, or the run folder where there is none.
+    name = exported_name(args.run_dir)
+    vars(merged.config).pop("_model_name_or_path", None)
+    merged.config.name_or_path = name
     merged.save_pretrained(str(out))  # safetensors
+    _name_config(out / "config.json", name)
     # Plain users who pass truncation=True then truncate where training did.
     clf.tokenizer.model_max_length = clf.max_length
     clf.tokenizer.save_pretrained(str(out))
-    write_model_card(args.run_dir, out)  # README.md: labels, data, metrics, intended use, base licence
+    write_model_card(args.run_dir, out, repo)  # README.md: labels, data, metrics, intended use, base licence
     if not args.quiet:
         print(f"Exported a merged model ({len(clf.labels)} labels) to {out}")
         if clf.lexical is not None:
@@ -204,7 +214,76 @@ def export(args: argparse.Namespace) -> int:
                 "export is the model part alone (README.md there gives both figures). `llmclf predict` on the "
                 "run folder uses both."
             )
+    if repo:
+        url = push_to_hub(out, repo, private=args.private)
+        if not args.quiet:
+            print(f"Uploaded to {url}")
     return 0
+
+
+def _name_config(path: Path, name: str) -> None:
+    """Write `_name_or_path` into an exported config.json (transformers 5 leaves it out)."""
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    saved.pop("_name_or_path", None)
+    config = {"_name_or_path": name, **saved}
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8"))
+
+
+def _check_repo_id(repo: str) -> None:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo)
+    except HFValidationError as exc:
+        raise LlmclfError(
+            f"--push-to-hub {repo!r} is not a Hugging Face repository id ({exc}). Give NAME or USER/NAME, "
+            "e.g. my-name/news-classifier."
+        ) from None
+
+
+def push_to_hub(folder: Path, repo: str, private: bool = False) -> str:
+    """Upload `folder` to the hub model repository `repo` (created if missing); its URL. Without a
+    token, offline, or with the hub out of reach, an LlmclfError saying so within seconds."""
+    from urllib.parse import urlparse
+
+    from huggingface_hub import HfApi, constants, get_token
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from llmclf.model.sources import HUB_PROBE_S, _answers, _proxied
+
+    host = urlparse(constants.ENDPOINT)
+    port = host.port or (443 if host.scheme == "https" else 80)
+    login = "set HF_TOKEN to a token with write access, or run `hf auth login` (`huggingface-cli login` in older versions)"
+    problem = None
+    if constants.HF_HUB_OFFLINE:
+        problem = "HF_HUB_OFFLINE is set; unset it"
+    elif not get_token():
+        problem = f"no Hugging Face token was found; {login}"
+    elif host.hostname and not _proxied() and not _answers(host.hostname, port, HUB_PROBE_S):
+        problem = f"{host.hostname} cannot be reached from here; check the network (and HF_ENDPOINT)"
+    if problem is None:
+        try:
+            api = HfApi()
+            url = api.create_repo(repo, private=private or None, exist_ok=True)
+            api.upload_folder(
+                repo_id=url.repo_id,
+                folder_path=str(folder),
+                commit_message="Upload a model exported by llmclf",
+            )
+            return str(url)
+        except HfHubHTTPError as exc:
+            status = getattr(exc.response, "status_code", None)
+            problem = {
+                401: f"the hub refused the token (401); {login}",
+                403: f"the token may not write to {repo} (403); use one with write access, or a repository "
+                "of your own",
+            }.get(status, f"the hub answered: {console.one_line(str(exc))[:300]}")
+        except Exception as exc:  # network errors (httpx), file errors
+            problem = f"the upload failed ({type(exc).__name__}: {console.one_line(str(exc))[:300]})"
+    raise LlmclfError(
+        f"Could not push to the hub repository {repo}: {problem}. The exported model is kept in {folder}; "
+        f"once that is fixed, upload it with `hf upload {repo} {shlex.quote(str(folder))} .`"
+    )
 
 
 def report(args: argparse.Namespace) -> int:

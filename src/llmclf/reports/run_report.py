@@ -12,7 +12,6 @@ through a link (`RunFolder`), and a malformed file is an error naming it, not a 
 
 from __future__ import annotations
 
-import base64
 import html
 import re
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ import pandas as pd
 
 from llmclf.config import parse_yaml
 from llmclf.errors import LlmclfError
-from llmclf.reports import plots
+from llmclf.reports import html_page, plots, stages
 from llmclf.reports.console import one_line
 from llmclf.runfolder import (
     CONFIG,
@@ -53,6 +52,7 @@ REPORT_SECTIONS = (
     "Most confidently wrong",
     "Configuration",
 )
+HALF_MAX = 8  # confusion matrices of up to this many classes are shown two in a row (HTML)
 TEXT_CHARS = 400  # a wrong example's text is cut here in the report (the CSV has it whole)
 CONFIG_VALUES = 100_000  # YAML aliases can make a small config.yaml expand to billions of values
 
@@ -165,7 +165,8 @@ def confidently_wrong(run: RunFiles, top: int = 10) -> pd.DataFrame:
 # ------------------------------------------------------------------------------------ blocks
 @dataclass
 class Block:
-    """One piece of the report: kind is heading, para, table, image or pre."""
+    """One piece of the report: kind is verdict (the line under the title), heading, para, table, image
+    or pre."""
 
     kind: str
     text: str = ""
@@ -221,25 +222,28 @@ def _data_blocks(run: RunFiles) -> list[Block]:
 
 
 def _metric_blocks(run: RunFiles) -> list[Block]:
+    """The after-training metrics beside the baseline's, then what each stage of the run scored."""
     before, after = run.metrics.get("before"), run.metrics["after"]
     names = (("accuracy", "accuracy"), ("balanced accuracy", "balanced_accuracy"), ("macro F1", "macro_f1"))
     if before:
-        rows = [[n, before[k], after[k], f"{after[k] - before[k]:+.4f}"] for n, k in names]
-        headers = ["metric", "before training", "after training", "change"]
+        rows = [[n, after[k], before[k], f"{after[k] - before[k]:+.4f}"] for n, k in names]
+        headers = ["metric", "after training", "before training (baseline)", "change"]
     else:
         rows, headers = [[n, after[k]] for n, k in names], ["metric", "after training"]
     rows.append(
-        ["test texts", *([before.get("n")] if before else []), after.get("n"), *([""] if before else [])]
+        ["test texts", after.get("n"), *([before.get("n")] if before else []), *([""] if before else [])]
     )
-    blocks = [
-        Block("para", "On the test split; before training the classification head is random (chance level)."),
+    info, config = run.run_info, run.config
+    return [
+        Block("para", stages.metrics_caption(run.metrics, info, config)),
         Block("table", headers=headers, rows=rows),
+        Block("para", "What each stage of the run scores on the test split, in the order they ran:"),
+        Block(
+            "table",
+            headers=["stage", "test accuracy", "test macro F1", "accuracy change"],
+            rows=stages.stage_rows(run.metrics, info, config),
+        ),
     ]
-    parts = classifier_parts(run.run_info)
-    if parts:
-        blocks.append(Block("para", "What each part of the classifier scores alone on the test split:"))
-        blocks.append(Block("table", headers=["part", "test accuracy"], rows=parts))
-    return blocks
 
 
 def _fraction(value: Any) -> float | None:
@@ -277,16 +281,18 @@ def _per_class_blocks(run: RunFiles) -> list[Block]:
 def _confusion_caption(key: str, classes: int) -> str:
     """'confusion_after_normalised' -> 'Confusion matrix after training, row-normalised'."""
     parts = key.split("_")
-    caption = f"Confusion matrix {parts[1]} training, " + (
-        "row-normalised" if "normalised" in parts else "counts"
-    )
+    stage = "after training" if parts[1] == "after" else "before training (the baseline)"
+    caption = f"Confusion matrix {stage}, " + ("row-normalised" if "normalised" in parts else "counts")
     if classes > plots.ANNOTATE_MAX:
         caption += f" ({classes} classes: cell values and class names left out; they are in metrics.json)"
     return caption
 
 
 def _confusion_note(classes: int) -> str:
-    note = "Rows: true label; columns: predicted. Counts, and each row divided by its total."
+    note = (
+        "After training first, then before (the baseline). Rows: true label; columns: predicted. Counts, "
+        "and each row divided by its total."
+    )
     if classes > plots.ANNOTATE_MAX:
         note += (
             f" With {classes} classes the cells carry no values and the axes no class names (unreadable at "
@@ -295,69 +301,84 @@ def _confusion_note(classes: int) -> str:
     return note
 
 
-def build_blocks(
-    run: RunFiles, images: dict[str, plots.Png], cal: plots.Calibration | None, top: int
-) -> list[Block]:
+def _summary_blocks(run: RunFiles) -> list[Block]:
     info = run.run_info
-    after = run.metrics["after"]
-    summary_rows = [
+    rows = [
         ["run folder", str(run.path)],
         ["base model", base_model_name(run)],
         ["labels", ", ".join(run.labels)],
         ["quantized (4-bit)", info.get("quantized")],
         ["training time (s)", info.get("train_runtime_s")],
-        ["final training loss", info.get("train_loss")],
-        ["test accuracy after training", after["accuracy"]],
+        *stages.loss_rows(info),
+        ["test accuracy after training", run.metrics["after"]["accuracy"]],
         ["llmclf / torch", f"{info.get('llmclf_version')} / {info.get('torch_version')}"],
     ]
-    blocks = [Block("heading", "Summary"), Block("table", headers=["", "value"], rows=summary_rows)]
-    blocks += [Block("heading", "Data"), *_data_blocks(run)]
-    blocks += [Block("heading", "Metrics"), *_metric_blocks(run)]
-    blocks += [Block("heading", "Per class"), *_per_class_blocks(run)]
+    return [Block("heading", "Summary"), Block("table", headers=["", "value"], rows=rows)]
+
+
+def _figure_blocks(run: RunFiles, images: dict[str, plots.Png]) -> list[Block]:
+    """The confusion matrices (after training first), the training curves and their validations."""
+    k = len(run.labels)
+    blocks = [Block("heading", "Confusion matrices"), Block("para", _confusion_note(k))]
     blocks += [
-        Block("heading", "Confusion matrices"),
-        Block("para", _confusion_note(len(run.labels))),
-    ]
-    blocks += [
-        Block("image", text=_confusion_caption(key, len(run.labels)), image=png, half=True)
+        Block("image", text=_confusion_caption(key, k), image=png, half=k <= HALF_MAX)
         for key, png in images.items()
         if key.startswith("confusion")
     ]
     blocks.append(Block("heading", "Training curves"))
     if "training" in images:
-        blocks.append(
-            Block("image", text="Training and validation loss, validation accuracy", image=images["training"])
-        )
+        caption = "Training and validation loss, validation accuracy"
+        blocks.append(Block("image", text=caption, image=images["training"]))
     else:
         blocks.append(Block("para", "No training log in run_info.json."))
-    blocks.append(Block("heading", "Calibration"))
-    if cal is not None:
-        blocks.append(
-            Block(
-                "para",
-                f"Expected calibration error (10 equal-width bins of the top-class "
-                f"probability, test split after training): {cal.ece:.4f}.",
-            )
-        )
-        blocks.append(Block("image", text="Reliability diagram", image=images["calibration"]))
-    else:
-        blocks.append(Block("para", "predictions_test.csv is missing: no calibration."))
-    blocks.append(Block("heading", "Most confidently wrong"))
+    validations = stages.validation_rows(run.run_info)
+    if validations:
+        n = len(validations)
+        blocks.append(Block("para", f"The {n} validation{'s' * (n > 1)} of the run, as numbers:"))
+        headers = ["step", "epoch", "validation loss", "validation accuracy", "validation balanced accuracy"]
+        blocks.append(Block("table", headers=headers, rows=validations))
+    return blocks
+
+
+def _calibration_blocks(images: dict[str, plots.Png], cal: plots.Calibration | None) -> list[Block]:
+    blocks = [Block("heading", "Calibration")]
+    if cal is None:
+        return blocks + [Block("para", "predictions_test.csv is missing: no calibration.")]
+    text = (
+        "Expected calibration error (10 equal-width bins of the top-class probability, test split after "
+        f"training): {cal.ece:.4f}."
+    )
+    return blocks + [
+        Block("para", text),
+        Block("image", text="Reliability diagram", image=images["calibration"]),
+    ]
+
+
+def _wrong_blocks(run: RunFiles, top: int) -> list[Block]:
+    blocks = [Block("heading", "Most confidently wrong")]
     wrong = confidently_wrong(run, top)
-    if len(wrong):
-        blocks.append(Block("para", f"The {len(wrong)} wrong test predictions with the highest confidence."))
-        blocks.append(
-            Block(
-                "table",
-                headers=["#", "confidence", "true", "predicted", "text"],
-                rows=[
-                    [i + 1, float(r.confidence), r.label, r.predicted, _shorten(r.text)]
-                    for i, r in wrong.iterrows()
-                ],
-            )
-        )
-    else:
-        blocks.append(Block("para", "No wrong predictions on the test split."))
+    if not len(wrong):
+        return blocks + [Block("para", "No wrong predictions on the test split.")]
+    # the text first: on a narrow page it is what shows, the rest of the row scrolls in the table's box
+    rows = [[i + 1, _shorten(r.text), r.label, r.predicted, float(r.confidence)] for i, r in wrong.iterrows()]
+    return blocks + [
+        Block("para", f"The {len(wrong)} wrong test predictions with the highest confidence."),
+        Block("table", headers=["#", "text", "true", "predicted", "confidence"], rows=rows),
+    ]
+
+
+def build_blocks(
+    run: RunFiles, images: dict[str, plots.Png], cal: plots.Calibration | None, top: int
+) -> list[Block]:
+    """The report, first the verdict, then each section in REPORT_SECTIONS' order."""
+    blocks = [Block("verdict", stages.verdict(run.metrics, run.run_info, run.config))]
+    blocks += _summary_blocks(run)
+    blocks += [Block("heading", "Data"), *_data_blocks(run)]
+    blocks += [Block("heading", "Metrics"), *_metric_blocks(run)]
+    blocks += [Block("heading", "Per class"), *_per_class_blocks(run)]
+    blocks += _figure_blocks(run, images)
+    blocks += _calibration_blocks(images, cal)
+    blocks += _wrong_blocks(run, top)
     blocks += [Block("heading", "Configuration"), Block("pre", run.config_text.rstrip())]
     return blocks
 
@@ -408,7 +429,7 @@ def render_markdown(blocks: list[Block], title: str) -> str:
     for b in blocks:
         if b.kind == "heading":
             out += [f"## {md_text(b.text)}", ""]
-        elif b.kind == "para":
+        elif b.kind in ("para", "verdict"):
             out += [md_line(b.text), ""]
         elif b.kind == "table":
             out += md_table(b.headers, b.rows)
@@ -419,65 +440,16 @@ def render_markdown(blocks: list[Block], title: str) -> str:
     return "\n".join(out)
 
 
-CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1050px;margin:2em auto;
-padding:0 1em;color:#222;line-height:1.45}
-h1{border-bottom:2px solid #ddd;padding-bottom:.3em}h2{margin-top:1.8em;border-bottom:1px solid #eee}
-table{border-collapse:collapse;margin:.6em 0}th,td{border:1px solid #ccc;padding:.3em .6em;vertical-align:top}
-th{background:#f4f4f4}td.num{text-align:right;font-variant-numeric:tabular-nums}
-td.text{max-width:560px;word-wrap:break-word}img{max-width:100%;display:block;margin:.6em 0}
-img.half{display:inline-block;width:49%;vertical-align:top}
-pre{background:#f7f7f7;padding:1em;overflow-x:auto}nav a{margin-right:1em}
-"""
-
-
-def _html_cell(value: Any) -> str:
-    numeric = isinstance(value, int | float) and not isinstance(value, bool)
-    kind = "num" if numeric else ("text" if isinstance(value, str) and len(value) > 60 else "")
-    text = html.escape(one_line(_cell(value)))
-    return f'<td class="{kind}">{text}</td>' if kind else f"<td>{text}</td>"
-
-
-def _anchor(title: str) -> str:
-    return title.lower().replace(" ", "-")
-
-
 def render_html(blocks: list[Block], title: str) -> str:
     """One file: CSS inline, images as base64 data URIs, no reference to anything outside it."""
-    headings = [b.text for b in blocks if b.kind == "heading"]
-    nav = " ".join(f'<a href="#{_anchor(h)}">{html.escape(h)}</a>' for h in headings)
-    out = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>{html.escape(one_line(title))}</title><style>{CSS}</style></head><body>",
-        f"<h1>{html.escape(one_line(title))}</h1>",
-        f"<nav>{nav}</nav>",
-    ]
-    for b in blocks:
-        if b.kind == "heading":
-            out.append(f'<h2 id="{_anchor(b.text)}">{html.escape(b.text)}</h2>')
-        elif b.kind == "para":
-            out.append(f"<p>{html.escape(one_line(b.text))}</p>")
-        elif b.kind == "table":
-            head = "".join(f"<th>{html.escape(one_line(str(h)))}</th>" for h in b.headers)
-            body = "".join("<tr>" + "".join(_html_cell(c) for c in row) + "</tr>" for row in b.rows)
-            out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
-        elif b.kind == "image" and b.image is not None:
-            data = base64.b64encode(b.image.data).decode("ascii")  # the bytes written, not read back
-            half = ' class="half"' if b.half else ""
-            out.append(f'<img{half} alt="{html.escape(b.text)}" src="data:image/png;base64,{data}">')
-        elif b.kind == "pre":
-            out.append(f"<pre>{html.escape(b.text)}</pre>")
-    out.append("</body></html>")
-    return "\n".join(out) + "\n"
+    return html_page.render_html(blocks, title, _cell)
 
 
 # ------------------------------------------------------------------------------------ the report
 def write_figures(run: RunFiles) -> tuple[dict[str, plots.Png], plots.Calibration | None]:
     """Every PNG of the report, written into the run folder."""
     images: dict[str, plots.Png] = {}
-    for stage in ("before", "after"):
+    for stage in ("after", "before"):  # the after-training views first
         m = run.metrics.get(stage)
         if not m:
             continue

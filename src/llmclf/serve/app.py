@@ -5,7 +5,9 @@
         -d '{"texts": ["Stocks rallied after the rate cut"]}'
 
 Endpoints: POST /classify, GET /labels, GET /health (503 until a warm-up forward pass has answered),
-GET /metrics, and with --docs the generated OpenAPI page at /docs (/openapi.json). Every error is JSON
+GET /metrics, and with --docs the generated OpenAPI page at /docs (/openapi.json). POST /predict and
+POST / answer Hugging Face's text-classification API (text-embeddings-inference's route and the Inference
+API's, serve/tei.py) with the same limits and batching. Every error is JSON
 `{"error": code, "message": text}` (plus `"index"` for per-text errors):
 
 - 400: body is not JSON, empty `texts`, an empty or blank text, or a text that is not valid Unicode
@@ -13,10 +15,12 @@ GET /metrics, and with --docs the generated OpenAPI page at /docs (/openapi.json
 - 401: --api-key (or LLMCLF_API_KEY) is set and the request lacks `Authorization: Bearer KEY`
   (every endpoint but /health);
 - 408: the request head or body did not arrive within --header-timeout-s / --body-timeout-s;
-- 413: more texts than --max-texts, or a body over --max-body-bytes (Content-Length and bytes read);
+- 413: more texts than --max-texts, or a body over --max-body-bytes (Content-Length and bytes read),
+  or (POST /predict and /, `"truncate": false`) a text over the maximum length;
 - 415: a POST whose Content-Type is not application/json (a web page cannot send that cross-origin
   without the browser asking first, and this server never says yes);
-- 422: JSON of the wrong shape or types (`texts` must be a list of strings, no other fields);
+- 422: JSON of the wrong shape or types (`texts` must be a list of strings, no other fields), or a
+  request for what this server does not do (raw scores, sentence pairs: serve/tei.py);
 - 500: the forward pass failed for this request (details in the server log only);
 - 503: more rows waiting than --max-queue (with Retry-After), more connections than --max-connections
   (uvicorn's plain-text 503), or the server is shutting down.
@@ -31,7 +35,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import math
 import os
@@ -39,14 +42,14 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmclf.errors import LlmclfError
@@ -59,8 +62,17 @@ from llmclf.serve.batcher import (
     ServingMetrics,
     ShuttingDown,
 )
-from llmclf.serve.limits import MAX_JSON_DEPTH, ApiError, guarded_h11_protocol, read_limited_body, too_deep
+from llmclf.serve.limits import (  # noqa: F401  (MAX_JSON_DEPTH, too_deep: importable from here too)
+    MAX_JSON_DEPTH,
+    ApiError,
+    check_texts,
+    guarded_h11_protocol,
+    load_json,
+    read_limited_body,
+    too_deep,
+)
 from llmclf.serve.security import Guard, HostPolicy, host_name, is_loopback
+from llmclf.serve.tei import PredictCall, inference_api_answer, parse_predict, predict_schema, tei_answer
 
 logger = logging.getLogger("llmclf.serve")
 WARMUP_TEXT = "llmclf warm-up"
@@ -190,59 +202,7 @@ class ErrorBody(BaseModel):
 def parse_texts(body: bytes, options: ServeOptions) -> list[str]:
     """Validated texts of a /classify body, or an ApiError naming the problem."""
     example = 'Send {"texts": ["first text", "second text"]}.'
-    if too_deep(body):
-        raise ApiError(
-            400,
-            "invalid_json",
-            f"The body is not valid JSON for this API (nested over {MAX_JSON_DEPTH} levels). {example}",
-        )
-    try:
-        payload = json.loads(body)
-    except (ValueError, RecursionError) as exc:  # JSONDecodeError, bad UTF-8, absurd nesting
-        raise ApiError(400, "invalid_json", f"The body is not valid JSON ({exc}). {example}") from None
-    try:
-        texts = ClassifyRequest.model_validate(payload).texts
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}" for err in exc.errors()[:10]
-        )
-        raise ApiError(422, "invalid_request", f"{problems}. {example}") from None
-    if not texts:
-        raise ApiError(400, "empty_texts", f"'texts' is an empty list. {example}")
-    if len(texts) > options.max_texts:
-        raise ApiError(
-            413,
-            "too_many_texts",
-            f"{len(texts)} texts in one request; this server accepts at most {options.max_texts} "
-            "(--max-texts). Split them over several requests.",
-        )
-    blank = [i for i, text in enumerate(texts) if not text.strip()]
-    if blank:
-        raise ApiError(
-            400,
-            "empty_text",
-            f"Text(s) at index {blank[:20]} are empty or only whitespace; remove them or give them content.",
-            index=blank,
-        )
-    invalid = [i for i, text in enumerate(texts) if not _is_unicode(text)]
-    if invalid:
-        raise ApiError(
-            400,
-            "invalid_text",
-            f"Text(s) at index {invalid[:20]} hold an unpaired surrogate escape (such as \\ud800), which is "
-            "not a character; send them as valid UTF-8 (encode the whole text, not half a pair).",
-            index=invalid,
-        )
-    return texts
-
-
-def _is_unicode(text: str) -> bool:
-    """False for a text holding a lone surrogate (JSON's `\\ud800`), which no tokenizer encodes."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
+    return check_texts(load_json(body, ClassifyRequest, example).texts, options.max_texts, example)
 
 
 def require_json(request: Request) -> None:
@@ -357,12 +317,13 @@ def create_app(labels: list[str], predictor: Predictor, options: ServeOptions | 
     )
     app.state.service = service
     app.add_middleware(Guard, hosts=HostPolicy(options.host, options.allowed_hosts), api_key=options.api_key)
-    _add_classify(app, service, options)
+    _add_classify(app, service)
+    _add_tei(app, service)
     _add_status_routes(app, service, options)
     return app
 
 
-def _add_classify(app: FastAPI, service: Service, options: ServeOptions) -> None:
+def _add_classify(app: FastAPI, service: Service) -> None:
     """POST /classify, and the JSON shape of unknown paths and wrong methods."""
 
     @app.exception_handler(StarletteHTTPException)
@@ -388,33 +349,73 @@ def _add_classify(app: FastAPI, service: Service, options: ServeOptions) -> None
     )
     async def classify(request: Request) -> JSONResponse:
         """Label each text; predictions come back in request order."""
-        # The body is read and validated here rather than by FastAPI so that the size limit applies to
-        # the bytes as they arrive and every malformed body gets one JSON error shape.
-        started = time.perf_counter()
-        service.in_flight += 1
-        try:
-            require_json(request)
-            body = await read_limited_body(request, options.max_body_bytes, options.body_timeout_s)
-            # Parsing a large body takes milliseconds of CPU: not on the event loop, which serves everyone.
-            texts = await asyncio.to_thread(parse_texts, body, options)
-            probs, truncated = await _classify_or_refuse(service, texts)
-        except ApiError as exc:
-            service.metrics.record_rejected(exc.code)
-            return exc.response()
-        except Exception:
-            incident = uuid.uuid4().hex[:12]
-            logger.exception("classify failed (id %s)", incident)
-            service.metrics.record_failed()
-            return ApiError(
-                500,
-                "internal_error",
-                f"Internal error while classifying (id {incident}); the server log has the details under "
-                "this id. Retry; if it fails again, tell the server's operator the id.",
-            ).response()
-        finally:
-            service.in_flight -= 1
-        service.metrics.record_ok(len(texts), sum(truncated), time.perf_counter() - started)
-        return JSONResponse({"predictions": service.predictions(probs, truncated)})
+        return await answer(
+            request,
+            service,
+            lambda body, options: (parse_texts(body, options), None),
+            lambda _, predictions: {"predictions": predictions},
+        )
+
+
+Parse = Callable[[bytes, ServeOptions], tuple[list[str], Any]]
+"""A request body -> (its texts, what else the endpoint needs to answer), or an ApiError."""
+Respond = Callable[[Any, list[dict[str, Any]]], Any]
+"""(what `Parse` returned beside the texts, `Service.predictions` of the texts) -> the JSON answer."""
+
+
+async def answer(request: Request, service: Service, parse: Parse, respond: Respond) -> JSONResponse:
+    """What every classifying endpoint does: the body declared JSON, read within its size and time,
+    parsed off the event loop, its texts through the batcher, every outcome counted in /metrics."""
+    # The body is read and validated here rather than by FastAPI so that the size limit applies to
+    # the bytes as they arrive and every malformed body gets one JSON error shape.
+    options = service.options
+    started = time.perf_counter()
+    service.in_flight += 1
+    try:
+        require_json(request)
+        body = await read_limited_body(request, options.max_body_bytes, options.body_timeout_s)
+        # Parsing a large body takes milliseconds of CPU: not on the event loop, which serves everyone.
+        texts, call = await asyncio.to_thread(parse, body, options)
+        probs, truncated = await _classify_or_refuse(service, texts)
+        payload = respond(call, service.predictions(probs, truncated))
+    except ApiError as exc:
+        service.metrics.record_rejected(exc.code)
+        return exc.response()
+    except Exception:
+        incident = uuid.uuid4().hex[:12]
+        logger.exception("classify failed (id %s)", incident)
+        service.metrics.record_failed()
+        return ApiError(
+            500,
+            "internal_error",
+            f"Internal error while classifying (id {incident}); the server log has the details under "
+            "this id. Retry; if it fails again, tell the server's operator the id.",
+        ).response()
+    finally:
+        service.in_flight -= 1
+    service.metrics.record_ok(len(texts), sum(truncated), time.perf_counter() - started)
+    return JSONResponse(payload)
+
+
+def _add_tei(app: FastAPI, service: Service) -> None:
+    """POST /predict (text-embeddings-inference's classification route) and POST / (Hugging Face's
+    Inference API, what `huggingface_hub.InferenceClient(base_url=...).text_classification` calls)."""
+    extra = {"requestBody": {"required": True, "content": {"application/json": {"schema": predict_schema()}}}}
+
+    def parse(body: bytes, options: ServeOptions) -> tuple[list[str], PredictCall]:
+        return parse_predict(body, options.max_texts, options.max_length)
+
+    @app.post("/predict", responses=ERRORS, openapi_extra=extra)
+    async def predict(request: Request) -> JSONResponse:
+        """text-embeddings-inference's route: `{"inputs": "text"}` gets `[{"label", "score"}, ...]`,
+        most probable first; `{"inputs": ["a", "b"]}` one such list per text, in request order."""
+        return await answer(request, service, parse, tei_answer)
+
+    @app.post("/", responses=ERRORS, openapi_extra=extra)
+    async def inference_api(request: Request) -> JSONResponse:
+        """Hugging Face's Inference API: as /predict, but one list per text for a single text too
+        (`[[{"label", "score"}, ...]]`), as `InferenceClient.text_classification` reads it."""
+        return await answer(request, service, parse, inference_api_answer)
 
 
 async def _classify_or_refuse(service: Service, texts: list[str]) -> tuple[Any, list[bool]]:

@@ -1,5 +1,6 @@
 """What one connection or request may cost `llmclf serve`: the request head and body must arrive in
-time, the body within a size, its JSON within a nesting depth. Errors are `ApiError`s, answered as JSON
+time, the body within a size, its JSON within a nesting depth and the request's shape, its texts within a
+count, each non-blank valid Unicode. Errors are `ApiError`s, answered as JSON
 `{"error": code, "message": text}`.
 
 uvicorn bounds the size of a request head (h11: 16 KiB) but not the time it takes to arrive, and waits
@@ -10,11 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from fastapi import Request
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ValidationError
+
+Body = TypeVar("Body", bound=BaseModel)
 
 
 class ApiError(Exception):
@@ -115,6 +119,71 @@ def too_deep(body: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
     outside = np.searchsorted(quotes, brackets) % 2 == 0  # an even number of quotes before it
     steps = np.where(opens[brackets], 1, -1)[outside]
     return bool(steps.size) and int(np.cumsum(steps).max()) > limit
+
+
+def load_json(body: bytes, model: type[Body], example: str) -> Body:
+    """The body as JSON validated by `model`: 400 `invalid_json` for a body that is not JSON (or nests
+    deeper than MAX_JSON_DEPTH), 422 `invalid_request` for JSON of the wrong shape; `example` ends each
+    message (what to send instead)."""
+    if too_deep(body):
+        raise ApiError(
+            400,
+            "invalid_json",
+            f"The body is not valid JSON for this API (nested over {MAX_JSON_DEPTH} levels). {example}",
+        )
+    try:
+        payload = json.loads(body)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, bad UTF-8, absurd nesting
+        raise ApiError(400, "invalid_json", f"The body is not valid JSON ({exc}). {example}") from None
+    try:
+        return model.model_validate(payload)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}" for err in exc.errors()[:10]
+        )
+        raise ApiError(422, "invalid_request", f"{problems}. {example}") from None
+
+
+def check_texts(texts: list[str], max_texts: int, example: str, field: str = "texts") -> list[str]:
+    """`texts` if there are 1 to `max_texts` of them (else 400 `empty_texts`, 413 `too_many_texts`),
+    none blank (400 `empty_text`) and each valid Unicode (400 `invalid_text`), the offenders' indexes
+    named; `field`: what the request calls them."""
+    if not texts:
+        raise ApiError(400, "empty_texts", f"'{field}' is an empty list. {example}")
+    if len(texts) > max_texts:
+        raise ApiError(
+            413,
+            "too_many_texts",
+            f"{len(texts)} texts in one request; this server accepts at most {max_texts} "
+            "(--max-texts). Split them over several requests.",
+        )
+    blank = [i for i, text in enumerate(texts) if not text.strip()]
+    if blank:
+        raise ApiError(
+            400,
+            "empty_text",
+            f"Text(s) at index {blank[:20]} are empty or only whitespace; remove them or give them content.",
+            index=blank,
+        )
+    invalid = [i for i, text in enumerate(texts) if not _is_unicode(text)]
+    if invalid:
+        raise ApiError(
+            400,
+            "invalid_text",
+            f"Text(s) at index {invalid[:20]} hold an unpaired surrogate escape (such as \\ud800), which is "
+            "not a character; send them as valid UTF-8 (encode the whole text, not half a pair).",
+            index=invalid,
+        )
+    return texts
+
+
+def _is_unicode(text: str) -> bool:
+    """False for a text holding a lone surrogate (JSON's `\\ud800`), which no tokenizer encodes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def guarded_h11_protocol(header_timeout_s: float) -> type:

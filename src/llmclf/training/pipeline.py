@@ -21,6 +21,7 @@ import torch
 from llmclf import distributed, runfolder, runtime
 from llmclf.config import RunConfig
 from llmclf.data import Splits, class_weights, load_splits, to_dataset, tokenize_texts
+from llmclf.datafiles import MEMORY_COPIES, InMemory
 from llmclf.errors import LlmclfError
 from llmclf.inference.lexical import MIX_WEIGHT, LexicalHead, choose_weight, fit_lexical
 from llmclf.inference.metrics import compute_metrics
@@ -52,6 +53,7 @@ MANIFESTED = (
     runfolder.METRICS,
     runfolder.DATA_SUMMARY,
     runfolder.PREDICTIONS,
+    *MEMORY_COPIES.values(),
 )
 """The files training writes for reuse and reporting, listed in the run folder's manifest."""
 
@@ -80,24 +82,33 @@ class ModelChoice:
 
 
 def run_training(
-    config: RunConfig, *, overwrite: bool = False, quiet: bool = False, resume: str | None = None
+    config: RunConfig,
+    *,
+    overwrite: bool = False,
+    quiet: bool = False,
+    resume: str | None = None,
+    memory: dict[str, InMemory] | None = None,
 ) -> RunResult:
     """Train, evaluate before and after, and write the run folder. Returns the metrics.
 
     `resume`: `last` or a checkpoint folder, to continue an interrupted run in `config.output`;
-    `quiet`: no progress bars (the notes go to the `llmclf` logger in any case).
+    `quiet`: no progress bars (the notes go to the `llmclf` logger in any case); `memory`: data given in
+    memory (`llmclf.train(data=frame)`) by keyword, `data` / `eval_data`, each named in `config` by its
+    marker (data.path / data.eval_data); the run folder keeps a copy of each.
     """
     fsdp.check_launch()  # an FSDP version llmclf does not run is refused before anything is written
     with distributed.session():  # under torchrun / accelerate launch: join the process group, then leave
-        return _run(config, overwrite=overwrite, quiet=quiet or not distributed.is_main(), resume=resume)
+        return _run(config, overwrite, quiet or not distributed.is_main(), resume, memory or {})
 
 
-def _run(config: RunConfig, *, overwrite: bool, quiet: bool, resume: str | None) -> RunResult:
+def _run(
+    config: RunConfig, overwrite: bool, quiet: bool, resume: str | None, memory: dict[str, InMemory]
+) -> RunResult:
     started, timings = time.perf_counter(), Timings()
     tc = config.train
     out = prepare_output(config.output, overwrite, resume)
     seed_everything(tc.seed)
-    splits, weights = load_data(config)
+    splits, weights = load_data(config, memory)
     require_validation(len(splits.val) > 0, tc.eval_steps, tc.early_stopping_patience)  # before the slow load
     with timings("load_model"):
         choice = resolve_model(config)
@@ -148,6 +159,7 @@ def _run(config: RunConfig, *, overwrite: bool, quiet: bool, resume: str | None)
         timings.seconds["total"] = time.perf_counter() - started
         info = run_info(config, choice, identity, trainer, train_output, backend, probe, timings)
         info["lexical"] = None if lexical is None else {"weight": lexical.weight, **lexical.info}
+        info["data_in_memory"] = save_memory_copies(out, memory)
         if lexical is not None and lexical.weight > 0:
             lexical.save(out / runfolder.LEXICAL)
         save_run(out, config, trainer, tokenizer, state, splits, weights, encoded, metrics, probs, info)
@@ -191,14 +203,19 @@ def prepare_output(output: str, overwrite: bool, resume: str | None = None) -> P
     return path
 
 
-def load_data(config: RunConfig) -> tuple[Splits, list[float] | None]:
-    """Read, validate and split the data per class; weigh the classes. Shows the class balance."""
+def load_data(
+    config: RunConfig, memory: dict[str, InMemory] | None = None
+) -> tuple[Splits, list[float] | None]:
+    """Read, validate and split the data per class; weigh the classes. Shows the class balance.
+
+    `memory`: data given in memory, found by the marker that stands for it in data.path / data.eval_data."""
     dc = config.data
+    tables = {data.marker: data.table for data in (memory or {}).values()}
     splits = load_splits(
-        dc.path,
+        tables.get(dc.path, dc.path),
         dc.text_column,
         dc.label_column,
-        eval_data=dc.eval_data,
+        eval_data=tables.get(dc.eval_data, dc.eval_data) if dc.eval_data is not None else None,
         train_per_class=dc.train_per_class,
         val_per_class=dc.val_per_class,
         test_per_class=dc.test_per_class,
@@ -215,6 +232,23 @@ def load_data(config: RunConfig) -> tuple[Splits, list[float] | None]:
         log.info("note: %s", note)
     log.info("%s\n", console.class_balance(splits.counts(), splits.labels, weights))
     return splits, weights
+
+
+def save_memory_copies(out: Path, memory: dict[str, InMemory]) -> dict | None:
+    """Write data given in memory into the run folder (the columns the run used, as JSON Lines: a run
+    from the file splits it alike), so that the folder alone reproduces and reports the run. Returns
+    what was written, by keyword, for run_info.json; None for data read from files."""
+    run = runfolder.RunFolder(out)
+    written = {}
+    for key, data in memory.items():
+        run.write_text(MEMORY_COPIES[key], data.copy)
+        written[key] = {
+            "kind": data.kind,
+            "rows": data.rows,
+            "sha256": data.sha256,
+            "file": MEMORY_COPIES[key],
+        }
+    return written or None
 
 
 def resolve_model(config: RunConfig) -> ModelChoice:
@@ -365,7 +399,7 @@ def fit_probe(backend: Backend, encoded: Encoded, weights: list[float] | None, s
     probs = backend.probe_probs(encoded.rows["test"])  # what LoRA adds on top, where nearly free
     if probs is not None:
         probe["test_accuracy"] = float((probs.argmax(axis=1) == np.asarray(encoded.labels["test"])).mean())
-    log.info("Head initialised from a linear probe: %s", probe)
+    log.info("%s", console.probe_line(probe))
     return probe
 
 
