@@ -27,8 +27,11 @@ import numpy as np
 import pandas as pd
 
 
-def layer_features(model, tokenizer, texts: list[str], max_length: int, batch_size: int = 32) -> np.ndarray:
-    """(layers, n, hidden) float32: each layer's normed last-token state, layers 1..L."""
+def layer_features(
+    model, tokenizer, texts: list[str], max_length: int, batch_size: int = 32, pooling: str = "last"
+) -> np.ndarray:
+    """(layers, n, hidden) float32: each layer's normed state, layers 1..L, of the last real token
+    (`last`) or averaged over the text's tokens (`mean`)."""
     import torch
 
     from llmclf.batches import length_batches
@@ -41,9 +44,17 @@ def layer_features(model, tokenizer, texts: list[str], max_length: int, batch_si
         for idx in length_batches([len(i) for i in ids], batch_size, torch.device("cpu")):
             batch = tokenizer.pad({"input_ids": [ids[i] for i in idx]}, return_tensors="pt")
             hidden = decoder(**batch, output_hidden_states=True, use_cache=False).hidden_states
-            last = batch["attention_mask"].sum(dim=1) - 1  # right padding: the last real token
-            rows = torch.arange(len(idx))
-            states = [decoder.norm(h[rows, last]) for h in hidden[1:-1]] + [hidden[-1][rows, last]]
+            mask = batch["attention_mask"]
+            if (
+                pooling == "mean"
+            ):  # each token normed as the head would see it, then averaged: (batch, hidden)
+                weights = (mask / mask.sum(dim=1, keepdim=True)).unsqueeze(-1)
+                normed = [decoder.norm(h) for h in hidden[1:-1]] + [hidden[-1]]
+                states = [(h.float() * weights).sum(dim=1) for h in normed]
+            else:
+                last = mask.sum(dim=1) - 1  # right padding: the last real token
+                rows = torch.arange(len(idx))
+                states = [decoder.norm(h[rows, last]) for h in hidden[1:-1]] + [hidden[-1][rows, last]]
             stacked = torch.stack(states).float().numpy()  # (layers, batch, hidden)
             if out is None:
                 out = np.zeros((stacked.shape[0], len(texts), stacked.shape[2]), dtype=np.float32)
@@ -81,7 +92,8 @@ def tfidf_scores(train: list[str], y_train, test: list[str], seed: int = 0):
     best = None
     for c in (1.0, 10.0, 100.0):
         model = make_pipeline(
-            TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=1), LogisticRegression(C=c, max_iter=3000)
+            TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=1),
+            LogisticRegression(C=c, max_iter=3000),
         )
         oof = cross_val_predict(model, train, y_train, cv=folds, method="predict_log_proba")
         score = float((oof.argmax(1) == y_train).mean())
@@ -89,7 +101,8 @@ def tfidf_scores(train: list[str], y_train, test: list[str], seed: int = 0):
             best = (score, c, oof)
     score, c, oof = best
     model = make_pipeline(
-        TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=1), LogisticRegression(C=c, max_iter=3000)
+        TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=1),
+        LogisticRegression(C=c, max_iter=3000),
     ).fit(train, y_train)
     return score, model.predict_log_proba(test), oof
 
@@ -97,10 +110,14 @@ def tfidf_scores(train: list[str], y_train, test: list[str], seed: int = 0):
 def metric(name: str, y_true, y_pred) -> float:
     from sklearn.metrics import accuracy_score, f1_score
 
-    return float(f1_score(y_true, y_pred, average="macro") if name == "macro_f1" else accuracy_score(y_true, y_pred))
+    return float(
+        f1_score(y_true, y_pred, average="macro") if name == "macro_f1" else accuracy_score(y_true, y_pred)
+    )
 
 
-def study(name: str, spec: dict, folder: Path, model, tokenizer, max_length: int, step: int) -> dict:
+def study(
+    name: str, spec: dict, folder: Path, model, tokenizer, max_length: int, step: int, pooling: str = "last"
+) -> dict:
     train = pd.read_csv(folder / "train.csv", keep_default_na=False)
     test = pd.read_csv(folder / "test.csv", keep_default_na=False)
     labels = sorted(set(train["label"].astype(str)))
@@ -109,7 +126,8 @@ def study(name: str, spec: dict, folder: Path, model, tokenizer, max_length: int
     y_train = np.array([index[str(v)] for v in train["label"]])
     y_test = np.array([index[str(v)] for v in test["label"]])
     started = time.perf_counter()
-    feats = layer_features(model, tokenizer, train["text"].tolist() + test["text"].tolist(), max_length)
+    texts = train["text"].tolist() + test["text"].tolist()
+    feats = layer_features(model, tokenizer, texts, max_length, pooling=pooling)
     seconds = time.perf_counter() - started
     n = len(train)
     total = feats.shape[0]
@@ -123,10 +141,13 @@ def study(name: str, spec: dict, folder: Path, model, tokenizer, max_length: int
     # stacking weight w in [0, 1] on log-probabilities, chosen on the out-of-fold predictions
     weights = np.linspace(0, 1, 11)
     oof = per_layer[chosen_at][3]
-    w = weights[int(np.argmax([((1 - a) * oof + a * t_oof).argmax(1).__eq__(y_train).mean() for a in weights]))]
+    w = weights[
+        int(np.argmax([((1 - a) * oof + a * t_oof).argmax(1).__eq__(y_train).mean() for a in weights]))
+    ]
     stacked = (1 - w) * per_layer[chosen_at][2] + w * t_lp
     return {
         "dataset": name,
+        "pooling": pooling,
         "metric": spec["metric"],
         "classes": len(labels),
         "train": n,
@@ -152,6 +173,9 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--only", nargs="*", help="dataset names (default: all)")
     parser.add_argument("--step", type=int, default=2, help="probe every STEP-th layer of the top two thirds")
+    parser.add_argument(
+        "--pooling", choices=["last", "mean"], default="last", help="the text's state: last token or mean"
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
@@ -172,7 +196,16 @@ def main() -> None:
         if args.only and name not in args.only:
             continue
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            row = study(name, spec, args.data_dir / name, loaded.model, loaded.tokenizer, args.max_length, args.step)
+            row = study(
+                name,
+                spec,
+                args.data_dir / name,
+                loaded.model,
+                loaded.tokenizer,
+                args.max_length,
+                args.step,
+                args.pooling,
+            )
         rows.append(row)
         print(
             f"{name:24s} last {row['last_layer']:.3f}  chosen L{row['chosen_layer']:>2} {row['chosen']:.3f}  "

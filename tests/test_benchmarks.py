@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -162,3 +163,28 @@ def test_suite_refuses_a_set_of_what_it_sets_itself(tmp_path):
     cmd = [sys.executable, str(ROOT / "benchmarks" / "suite.py"), "--data-dir", str(data)]
     done = subprocess.run([*cmd, "--set", "data.path=x.csv"], capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and "the suite sets data.path itself" in done.stderr
+
+
+def test_feature_study_pools_the_last_token_or_the_mean_of_each_texts_tokens(tiny_model_dir):
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from feature_study import layer_features
+
+    from llmclf.model.anatomy import decoder_of
+    from llmclf.model.loading import load_classifier
+
+    loaded = load_classifier(str(tiny_model_dir), ["a", "b"], for_training=False)
+    texts = ["stocks fell sharply today", "the match ended in a draw after extra time was played"]
+    last = layer_features(loaded.model, loaded.tokenizer, texts, 32, pooling="last")
+    mean = layer_features(loaded.model, loaded.tokenizer, texts, 32, pooling="mean")
+    decoder = decoder_of(loaded.model)
+    with torch.inference_mode():
+        for i, text in enumerate(texts):  # each text alone: no padding, every position is the text's
+            ids = loaded.tokenizer(text, return_tensors="pt")
+            hidden = decoder(**ids, output_hidden_states=True).hidden_states
+            normed = [decoder.norm(h) for h in hidden[1:-1]] + [hidden[-1]]
+            for layer, h in enumerate(normed):
+                assert np.allclose(last[layer, i], h[0, -1].numpy(), atol=1e-4)
+                assert np.allclose(mean[layer, i], h[0].mean(dim=0).numpy(), atol=1e-4)
+    assert not np.allclose(last, mean)

@@ -367,3 +367,17 @@ def test_serve_help_defaults_are_the_servers_own():
             shown = {True: "on", False: "off"}.get(value) if isinstance(value, bool) else value
             shown = f"{shown:g}" if isinstance(shown, float) else str(shown)
             assert found.group(1) == shown, (action.dest, action.help)
+
+
+def test_train_without_data_says_that_it_trains_the_demo(tmp_path):
+    # no --data: the bundled demo is trained, and the command says so before the model loads
+    done = subprocess.run(
+        [sys.executable, "-m", "llmclf", "train", "--model", str(tmp_path / "no-such-model")]
+        + ["--output", str(tmp_path / "run")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "training on the bundled demo data (demo_news.csv" in done.stderr
+    assert "give --data FILE" in done.stderr

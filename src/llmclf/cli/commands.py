@@ -17,6 +17,7 @@ from llmclf import runtime
 from llmclf.cli.parser import name_flags, train_overrides
 from llmclf.config import load_config
 from llmclf.data import clean_frame, read_table
+from llmclf.datafiles import DEMO_NAME, demo_data_path
 from llmclf.errors import LlmclfError
 from llmclf.reports import console
 from llmclf.runfolder import RunFolder, atomic_write, prob_column, tidy_if_failed, write_csv, write_json
@@ -41,6 +42,12 @@ def train(args: argparse.Namespace) -> int:
         config = load_config(args.config, train_overrides(args))
     except LlmclfError as exc:
         raise LlmclfError(name_flags(str(exc))) from None
+    if config.data.path == DEMO_NAME:  # the default: say so, a newcomer may have forgotten --data
+        log.info(
+            "note: training on the bundled demo data (%s, news topics): give --data FILE to train on "
+            "your own.",
+            demo_data_path().name,
+        )
     with tidy_if_failed(config.output):  # a run that fails before writing anything reusable can be rerun
         result = run_training(config, overwrite=args.overwrite, quiet=args.quiet, resume=args.resume)
     if result.written:  # the result, printed even with --quiet (under a launcher by rank 0 alone)

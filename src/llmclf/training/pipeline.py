@@ -7,6 +7,7 @@ Each step takes plain arguments from the config; the config object stops here.
 from __future__ import annotations
 
 import logging
+import math
 import random
 import shutil
 import time
@@ -26,7 +27,7 @@ from llmclf.errors import LlmclfError
 from llmclf.inference.lexical import MIX_WEIGHT, LexicalHead, choose_weight, fit_lexical
 from llmclf.inference.metrics import compute_metrics
 from llmclf.manifest import write_manifest
-from llmclf.model.anatomy import resolve_top_layers
+from llmclf.model.anatomy import num_layers, resolve_top_layers
 from llmclf.model.loading import add_lora, load_classifier, resolve_quantize
 from llmclf.model.provenance import identify
 from llmclf.model.sources import resolve_model_source
@@ -34,7 +35,7 @@ from llmclf.progress import Timings
 from llmclf.reports import console
 from llmclf.reports.run_report import build_report
 from llmclf.training import backend as backends
-from llmclf.training import checkpoints, fsdp
+from llmclf.training import checkpoints, estimate, fsdp
 from llmclf.training.backend import Backend, Encoded
 from llmclf.training.callbacks import TENSORBOARD_DIR, send_tensorboard_to
 from llmclf.training.probe import init_head_from_probe
@@ -120,6 +121,8 @@ def _run(
     runtime.release_memory()  # the loading's transient copies
     with timings("tokenise"):
         encoded = tokenise(tokenizer, splits, config.data.max_length)
+    if distributed.is_main():
+        estimate.announce(planned_work(model, encoded, top_layers, tc.epochs), choice.precision)
     backend = backends.choose(
         model,
         tokenizer,
@@ -294,6 +297,20 @@ def load_model(config: RunConfig, labels: list[str], choice: ModelChoice) -> tup
         top_layers=top_layers,
     )
     return model, loaded.tokenizer, top_layers
+
+
+def planned_work(model: Any, encoded: Encoded, top_layers: int | None, epochs: float) -> estimate.Work:
+    """What the run will compute, for the time estimate: base parameters (4-bit ones count as two,
+    being packed in pairs), tokens per split, the adapted share of the layers."""
+    parameters = sum(
+        p.numel() * (2 if hasattr(p, "quant_state") else 1)
+        for name, p in model.named_parameters()
+        if "lora_" not in name
+    )
+    tokens = {name: sum(len(ids) for ids in encoded.ids[name]) for name in SPLITS}
+    share = 1.0 if top_layers is None else top_layers / num_layers(model)
+    validations = (math.ceil(epochs) + 1) if tokens["val"] else 0  # each epoch, and the lexical check
+    return estimate.Work(parameters, tokens, epochs, share, validations)
 
 
 def tokenise(tokenizer: Any, splits: Splits, max_length: int) -> Encoded:
