@@ -105,6 +105,15 @@ class DataConfig:
             )
 
 
+PROMPT_PLACEHOLDER = "{text}"
+PROMPT_TEMPLATES: dict[str, str | None] = {
+    "none": None,
+    "sentence": 'This sentence : "{text}" means in one word:"',
+}
+"""Named prompt templates: `sentence` is PromptEOL's (Jiang et al. 2023, "Scaling Sentence Embeddings
+with Large Language Models"); `none` feeds the text as it is."""
+
+
 @dataclass
 class ModelConfig:
     """Which model to fine-tune and how to load it."""
@@ -122,6 +131,10 @@ class ModelConfig:
     attn_implementation: str = "auto"
     """Attention kernel: `auto` = flash_attention_2 on CUDA when flash-attn is installed (bf16/fp16),
     else sdpa; or `sdpa`, `flash_attention_2`, `eager`."""
+    prompt_template: str = "none"
+    """Frame every text in a prompt before the model reads it: `sentence` (`This sentence : "{text}" means
+    in one word:"`, whose last token sums the text up), `none`, or your own template holding {text} once.
+    Written into the saved tokenizer, so the exported model frames texts alike."""
     allow_pickle: bool = False
     """Allow a base model with pickle weights only (`pytorch_model.bin`), read with
     `torch.load(weights_only=True)`; otherwise safetensors only."""
@@ -136,6 +149,16 @@ class ModelConfig:
             "model.precision",
             self.precision,
             ", ".join(PRECISION_CHOICES),
+        )
+        _require(
+            isinstance(self.prompt_template, str)
+            and (
+                self.prompt_template in PROMPT_TEMPLATES
+                or self.prompt_template.count(PROMPT_PLACEHOLDER) == 1
+            ),
+            "model.prompt_template",
+            self.prompt_template,
+            f"{', '.join(PROMPT_TEMPLATES)}, or a template holding {PROMPT_PLACEHOLDER} exactly once",
         )
         _require(
             self.attn_implementation in ATTN_CHOICES,
@@ -356,6 +379,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "head_init": "random",
             "lexical": "off",
         },
+        "model": {"prompt_template": "none"},
     },
 }
 """Named sets of values under the YAML file and flags. `recipe`: the hand-made recipe llmclf productises

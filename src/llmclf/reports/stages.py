@@ -76,6 +76,11 @@ def chance(counts: list[int]) -> dict[str, float]:
 
 
 # ------------------------------------------------------------------------------------ the stages
+def zero_shot(info: dict) -> bool:
+    """Was the evaluation before training zero-shot (the label words' scores under a prompt template)?"""
+    return info.get("before_training") == "zero-shot"
+
+
 def probe_used(info: dict, config: dict) -> bool:
     """Did fine-tuning start from the linear-probe head (train.head_init: probe)?"""
     if isinstance(info.get("probe"), dict):
@@ -116,7 +121,11 @@ def stage_rows(metrics: dict, info: dict, config: dict) -> list[list[Any]]:
         rows.append(["chance: always the largest class", levels["largest"], levels["largest_f1"], ""])
     if before:
         rows.append(
-            ["1. baseline before training: random head"]
+            [
+                "1. zero-shot before training: the model's next-word scores for the label names"
+                if zero_shot(info)
+                else "1. baseline before training: random head"
+            ]
             + [fraction(before.get("accuracy")), fraction(before.get("macro_f1")), ""]
         )
     if probe_used(info, config):
@@ -154,6 +163,17 @@ def metrics_caption(metrics: dict, info: dict, config: dict) -> str:
     n = metrics["after"].get("n")
     start = f"On the test split ({n} texts)." if number(n) is not None else "On the test split."
     baseline = " Before training is the baseline: the base model with a randomly initialised head."
+    if zero_shot(info):
+        baseline = (
+            " Before training is zero-shot: the base model's own scores for each label name as the next word"
+            " after the prompt template (model.prompt_template), with no training at all."
+        )
+        head = (
+            " Fine-tuning started from a linear-probe head (train.head_init: probe)."
+            if probe_used(info, config)
+            else " Fine-tuning started from a random head (train.head_init: random)."
+        )
+        return start + (baseline + head if metrics.get("before") else "")
     if probe_used(info, config):
         head = (
             " Fine-tuning did not start from that random head but from a linear-probe head (train.head_init:"
@@ -190,6 +210,9 @@ def verdict(metrics: dict, info: dict, config: dict) -> str:
                 f"1 in {k} classes" if levels["largest"] <= levels["uniform"] + 1e-9 else "the largest class"
             )
             parts.append(f"chance level {levels['largest']:.4f} ({how})")
+    before = fraction(_dict(metrics.get("before")).get("accuracy"))
+    if zero_shot(info) and before is not None:
+        parts.append(f"zero-shot before training: accuracy {before:.4f}")
     probe = fraction(_dict(info.get("probe")).get("test_accuracy"))
     if probe is not None:
         parts.append(f"the linear-probe head alone (before fine-tuning): accuracy {probe:.4f}")

@@ -28,7 +28,9 @@ from llmclf.inference.lexical import MIX_WEIGHT, LexicalHead, choose_weight, fit
 from llmclf.inference.metrics import compute_metrics
 from llmclf.manifest import write_manifest
 from llmclf.model.anatomy import num_layers, resolve_top_layers
+from llmclf.model.label_words import set_head, zero_shot_head
 from llmclf.model.loading import add_lora, load_classifier, resolve_quantize
+from llmclf.model.prompt import apply_template, resolve_template
 from llmclf.model.provenance import identify
 from llmclf.model.sources import resolve_model_source
 from llmclf.progress import Timings
@@ -137,8 +139,13 @@ def _run(
     )
     trainer = new_trainer(backend, encoded, weights, config, choice.precision, out, fingerprint, quiet)
     backend.adopt(trainer)  # under FSDP the Trainer shards the model here, before anything runs it
+    zero_shot = (
+        None
+        if backend.sharded or config.model.prompt_template == "none"
+        else (zero_shot_head(model, tokenizer, splits.labels, choice.source))
+    )
     with timings("eval_before"):
-        before = evaluate_before(backend, encoded, splits.labels, start, out)
+        before = evaluate_before(backend, encoded, splits.labels, start, out, zero_shot)
     probe = None
     if tc.head_init == "probe":
         with timings("probe"):
@@ -163,6 +170,7 @@ def _run(
         info = run_info(config, choice, identity, trainer, train_output, backend, probe, timings)
         info["lexical"] = None if lexical is None else {"weight": lexical.weight, **lexical.info}
         info["data_in_memory"] = save_memory_copies(out, memory)
+        info["before_training"] = "zero-shot" if zero_shot is not None else "random head"
         if lexical is not None and lexical.weight > 0:
             lexical.save(out / runfolder.LEXICAL)
         save_run(out, config, trainer, tokenizer, state, splits, weights, encoded, metrics, probs, info)
@@ -286,6 +294,8 @@ def load_model(config: RunConfig, labels: list[str], choice: ModelChoice) -> tup
         gradient_checkpointing=config.train.gradient_checkpointing,
         allow_pickle=mc.allow_pickle,
     )
+    # framed texts everywhere the tokenizer runs, the saved and exported tokenizer included
+    apply_template(loaded.tokenizer, resolve_template(mc.prompt_template))
     top_layers = resolve_top_layers(loaded.model, lc.layers)
     model = add_lora(
         loaded.model,
@@ -390,14 +400,25 @@ def new_trainer(
 
 
 def evaluate_before(
-    backend: Backend, encoded: Encoded, labels: list[str], start: checkpoints.ResumePoint, out: Path
+    backend: Backend,
+    encoded: Encoded,
+    labels: list[str],
+    start: checkpoints.ResumePoint,
+    out: Path,
+    zero_shot: torch.Tensor | None = None,
 ) -> dict:
-    """Test metrics before training (the head is random, or chance level), or those an interrupted run saved."""
+    """Test metrics before training, or those an interrupted run saved: zero-shot where the labels are
+    words under a prompt template (`zero_shot`: the label words' output embeddings, put into the head
+    for this pass only), else the random head's (chance level)."""
     if start.before is not None:  # the same model and test split
         log.info("Reusing the metrics before training saved by the interrupted run.")
         before = start.before
     else:
+        kept = None if zero_shot is None else set_head(backend.model, zero_shot)
         probs = backend.score_frozen(encoded.ids["test"], encoded.rows["test"], "evaluating before training")
+        if kept is not None:
+            set_head(backend.model, kept)  # training starts from the head the config asks for
+            log.info("Before training: zero-shot, the model's next-word scores for the label names.")
         before = compute_metrics(encoded.labels["test"], probs.argmax(axis=1), labels)
         if distributed.is_main():
             checkpoints.save_before(out, before)
