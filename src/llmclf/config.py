@@ -131,10 +131,11 @@ class ModelConfig:
     attn_implementation: str = "auto"
     """Attention kernel: `auto` = flash_attention_2 on CUDA when flash-attn is installed (bf16/fp16),
     else sdpa; or `sdpa`, `flash_attention_2`, `eager`."""
-    prompt_template: str = "none"
+    prompt_template: str = "auto"
     """Frame every text in a prompt before the model reads it: `sentence` (`This sentence : "{text}" means
-    in one word:"`, whose last token sums the text up), `none`, or your own template holding {text} once.
-    Written into the saved tokenizer, so the exported model frames texts alike."""
+    in one word:"`, whose last token sums the text up), `none`, or your own template holding {text} once;
+    `auto`: `sentence` for decoders, `none` for encoders (which pool their own first token). Written into
+    the saved tokenizer, so the exported model frames texts alike."""
     allow_pickle: bool = False
     """Allow a base model with pickle weights only (`pytorch_model.bin`), read with
     `torch.load(weights_only=True)`; otherwise safetensors only."""
@@ -153,12 +154,12 @@ class ModelConfig:
         _require(
             isinstance(self.prompt_template, str)
             and (
-                self.prompt_template in PROMPT_TEMPLATES
+                self.prompt_template in (*PROMPT_TEMPLATES, "auto")
                 or self.prompt_template.count(PROMPT_PLACEHOLDER) == 1
             ),
             "model.prompt_template",
             self.prompt_template,
-            f"{', '.join(PROMPT_TEMPLATES)}, or a template holding {PROMPT_PLACEHOLDER} exactly once",
+            f"auto, {', '.join(PROMPT_TEMPLATES)}, or a template holding {PROMPT_PLACEHOLDER} exactly once",
         )
         _require(
             self.attn_implementation in ATTN_CHOICES,

@@ -135,3 +135,17 @@ def test_the_export_frames_texts_in_plain_transformers(framed_run, tmp_path):
     clf = Classifier.load(framed_run)
     assert got["ids"] == clf.tokenizer(texts[0])["input_ids"]
     np.testing.assert_allclose(got["probs"], clf.model_proba(texts), atol=1e-5)
+
+
+def test_auto_frames_a_decoders_texts_and_leaves_an_encoders_alone(tiny_model_dir):
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from llmclf.model.loading import load_classifier
+
+    decoder = load_classifier(str(tiny_model_dir), ["a", "b"], for_training=False).model
+    encoder = SimpleNamespace(score=None, classifier=nn.Linear(4, 2))  # what anatomy.is_encoder looks at
+    assert resolve_template("auto", decoder) == SENTENCE
+    assert resolve_template("auto", encoder) is None
+    assert load_config().model.prompt_template == "auto"

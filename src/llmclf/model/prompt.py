@@ -16,14 +16,18 @@ from typing import Any
 from llmclf.config import PROMPT_PLACEHOLDER as PLACEHOLDER
 from llmclf.config import PROMPT_TEMPLATES as TEMPLATES
 from llmclf.errors import LlmclfError
+from llmclf.model.anatomy import is_encoder
 
 PIECES = ("llmclf_prefix", "llmclf_suffix")
 """Names of the template's two parts among the post-processor's special tokens."""
 
 
-def resolve_template(value: str) -> str | None:
-    """The template string a config value names: a name of TEMPLATES, or the template itself (with
-    {text} once, checked by the config)."""
+def resolve_template(value: str, model: Any = None) -> str | None:
+    """The template string a config value names: `auto` (sentence for a decoder, none for an encoder,
+    which pools its own first token), a name of TEMPLATES, or the template itself (with {text} once,
+    checked by the config)."""
+    if value == "auto":
+        return None if model is not None and is_encoder(model) else TEMPLATES["sentence"]
     return TEMPLATES[value] if value in TEMPLATES else value
 
 

@@ -141,7 +141,7 @@ def _run(
     backend.adopt(trainer)  # under FSDP the Trainer shards the model here, before anything runs it
     zero_shot = (
         None
-        if backend.sharded or config.model.prompt_template == "none"
+        if backend.sharded or resolve_template(config.model.prompt_template, model) is None
         else (zero_shot_head(model, tokenizer, splits.labels, choice.source))
     )
     with timings("eval_before"):
@@ -295,7 +295,7 @@ def load_model(config: RunConfig, labels: list[str], choice: ModelChoice) -> tup
         allow_pickle=mc.allow_pickle,
     )
     # framed texts everywhere the tokenizer runs, the saved and exported tokenizer included
-    apply_template(loaded.tokenizer, resolve_template(mc.prompt_template))
+    apply_template(loaded.tokenizer, resolve_template(mc.prompt_template, loaded.model))
     top_layers = resolve_top_layers(loaded.model, lc.layers)
     model = add_lora(
         loaded.model,
