@@ -14,7 +14,9 @@ import ctypes
 import functools
 import gc
 import importlib.util
+import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,12 +44,18 @@ def set_threads() -> None:
     torch.set_num_threads(n)
 
 
+LIBRARY_LOGGERS = ("transformers", "peft", "bitsandbytes", "accelerate", "huggingface_hub")
+"""Loggers whose records `library_output_to_log` routes to llmclf's log while a model loads."""
+_verbose_libraries = False  # set by quiet_libraries(verbose=True): the command line's --verbose
+
+
 def quiet_libraries(verbose: bool = False) -> None:
     """What every command runs first: no library chatter unless --verbose (also used by benchmarks)."""
+    global _verbose_libraries
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _verbose_libraries = verbose
     if verbose:
         return
-    import logging
     import warnings
 
     # bitsandbytes warns at import that an optional CPU kernel package is absent; it works without it.
@@ -58,6 +66,63 @@ def quiet_libraries(verbose: bool = False) -> None:
     transformers.utils.logging.disable_progress_bar()  # weight-loading bars; training keeps its own
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+class _ToLlmclfLog(logging.Handler):
+    """Re-emits a library's log record on the `llmclf` logger at DEBUG, named after its source."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        logging.getLogger("llmclf").debug("%s (%s): %s", record.name, record.levelname, record.getMessage())
+
+
+@contextlib.contextmanager
+def library_output_to_log(verbose: bool | None = None) -> Iterator[None]:
+    """While a model loads, what the libraries would print (transformers' load report and weight-loading
+    bars, bitsandbytes' note on an optional CPU kernel, deprecation warnings) goes to the `llmclf` logger
+    at DEBUG instead of stderr: `logging.getLogger("llmclf").setLevel(logging.DEBUG)` shows it. Everything
+    is put back on exit (the warning filters, the loggers' handlers, the progress-bar setting); the
+    library loggers' levels are left alone. `verbose` (default: the command line's --verbose) changes
+    nothing. Not thread-safe, as `warnings.catch_warnings` is not: a warning another thread raises
+    meanwhile is logged here too."""
+    if _verbose_libraries if verbose is None else verbose:
+        yield
+        return
+    import warnings
+
+    bars = _progress_bars(False)  # (first: transformers sets up its logger's own handler when first used)
+    saved = {}
+    for name in LIBRARY_LOGGERS:
+        logger = logging.getLogger(name)
+        saved[name] = (logger.handlers[:], logger.propagate)
+        logger.handlers, logger.propagate = [_ToLlmclfLog()], False
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                yield
+            finally:
+                for w in caught:
+                    logging.getLogger("llmclf").debug(
+                        "%s: %s (%s:%s)", w.category.__name__, w.message, w.filename, w.lineno
+                    )
+    finally:
+        _progress_bars(bars)
+        for name, (handlers, propagate) in saved.items():
+            logger = logging.getLogger(name)
+            logger.handlers, logger.propagate = handlers, propagate
+
+
+def _progress_bars(enabled: bool) -> bool:
+    """Turn transformers' progress bars on or off; returns whether they were on."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.get_verbosity()  # configures the library's logger where nothing has yet
+    before = hf_logging.is_progress_bar_enabled()
+    if enabled:
+        hf_logging.enable_progress_bar()
+    else:
+        hf_logging.disable_progress_bar()
+    return before
 
 
 @functools.cache
@@ -142,7 +207,9 @@ def _machine_key() -> dict[str, Any]:
     model = platform.processor()
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+            model = next(
+                (line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model
+            )
     except OSError:
         pass
     return {"cpu": model, "torch": torch.__version__, "threads": torch.get_num_threads()}

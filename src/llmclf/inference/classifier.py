@@ -24,9 +24,9 @@ from llmclf.inference.lexical import LexicalHead
 from llmclf.inference.metrics import compute_metrics
 from llmclf.inference.predict import predict_proba
 from llmclf.manifest import MANIFEST, manifest_problem, read_manifest
-from llmclf.model.adapter import ADAPTER_WEIGHTS, load_adapter
+from llmclf.model.adapter import ADAPTER_WEIGHTS, drop_lora_dropout, load_adapter, merge_lora
 from llmclf.model.anatomy import upcast_head
-from llmclf.model.loading import load_classifier
+from llmclf.model.loading import can_pack, load_classifier, pack_linears, unpack_linears
 from llmclf.model.provenance import resolve_recorded
 from llmclf.runfolder import ADAPTER, CONFIG, LABELS, LEXICAL, RUN_INFO, TOKENIZER, RunFolder
 
@@ -86,6 +86,27 @@ def inference_settings(info: dict, attn_mode: str, requested: str | None = None)
     return precision, runtime.resolve_attn_implementation(attn_mode, precision)
 
 
+def prepare_for_inference(model: Any, precision: str, *, quantized: bool, merge: bool | None) -> Any:
+    """A loaded peft model made ready to predict, computing as at the end of training unless `merge`:
+
+    - LoRA folded into the base weights (`adapter.merge_lora`) where that keeps the outputs, fp32 (to float
+      rounding), or where asked (`merge=True`: bf16/fp16 weights too, rounded once). Otherwise the LoRA
+      layers stay, without their eval-time dropout modules.
+    - On a CPU, the bf16 weights reordered once for oneDNN (`loading.PackedLinear`): bit-identical
+      outputs at about half the cost of a short pass (docs/performance.md#per-pass-overhead).
+    """
+    if merge is None:
+        merge = not quantized and precision not in ("bf16", "fp16")
+    if merge:
+        model = merge_lora(model)
+    else:
+        drop_lora_dropout(model)
+    if precision == "bf16" and not quantized and can_pack(model):
+        pack_linears(model)
+        runtime.release_memory()  # the plain weights' pages (200 MiB for SmolLM2-135M), else kept by malloc
+    return model
+
+
 class Classifier:
     """A fine-tuned text classifier: base model + LoRA adapter + head, with its label names."""
 
@@ -119,6 +140,8 @@ class Classifier:
         trust_remote_code: bool = False,
         allow_pickle: bool = False,
         precision: str | None = None,
+        merge_lora: bool | None = None,
+        verbose: bool | None = None,
     ) -> Classifier:
         """Load a run folder written by `llmclf train`.
 
@@ -127,16 +150,46 @@ class Classifier:
         code (`trust_remote_code`) or reading pickle weights (`allow_pickle`) is the caller's choice,
         never the folder's. `precision` (bf16, fp16, fp32, auto) overrides the precision the run
         recorded (default: as trained, where this machine can run it). `full_precision` ignores 4-bit
-        training (export)."""
-        run = open_verified(run_dir)
+        training (export). `merge_lora` folds LoRA into the base weights (default: in fp32 only, where
+        the probabilities stay those of training; True: into bf16/fp16 weights too, a little faster per
+        pass, the probabilities then a little different, see docs/performance.md). What the libraries
+        print while loading goes to the `llmclf` logger at DEBUG; `verbose=True` lets them print."""
+        with runtime.library_output_to_log(verbose):
+            return cls._load(
+                open_verified(run_dir),
+                full_precision=full_precision,
+                base_model=base_model,
+                trust_remote_code=trust_remote_code,
+                allow_pickle=allow_pickle,
+                precision=precision,
+                merge_lora=merge_lora,
+            )
+
+    @classmethod
+    def _load(
+        cls,
+        run: RunFolder,
+        *,
+        full_precision: bool,
+        base_model: str | None,
+        trust_remote_code: bool,
+        allow_pickle: bool,
+        precision: str | None,
+        merge_lora: bool | None,
+    ) -> Classifier:
         config, labels, info = run.config(), run.labels(), run.run_info()
         source, revision = resolve_recorded(info.get("base_model_identity"), base_model, run.path(RUN_INFO))
         precision, attn = inference_settings(info, config.model.attn_implementation, precision)
+        quantize = bool(info.get("quantized")) and not full_precision
+        if quantize and merge_lora:
+            raise LlmclfError(
+                "merge_lora: merging LoRA into a 4-bit base is lossy; load the run with full_precision=True."
+            )
         # Same precision as in training, so probabilities match those written at the end of training.
         loaded = load_classifier(
             source,
             labels,
-            quantize=bool(info.get("quantized")) and not full_precision,
+            quantize=quantize,
             trust_remote_code=trust_remote_code,
             for_training=False,
             tokenizer_source=str(run.path(TOKENIZER)),
@@ -145,25 +198,19 @@ class Classifier:
             allow_pickle=allow_pickle,
             revision=revision,
         )
-        half = precision in ("bf16", "fp16")
-        if half and not loaded.quantized:
+        if precision in ("bf16", "fp16") and not loaded.quantized:
             # Training kept the head in fp32 over the half-precision base (model.loading.add_lora): load the
             # saved fp32 head into an fp32 copy, not a rounded one.
             upcast_head(loaded.model)
         model = load_adapter(loaded.model, run.path(ADAPTER), labels)
-        lexical = load_lexical(run, info, len(labels))
-        if not loaded.quantized and not half:
-            # Fold LoRA into the base weights: same outputs (to float rounding), no adapter matmuls per
-            # layer. Not into bf16/fp16 weights: the sum would be rounded, and differ from training's.
-            model = model.merge_and_unload()
         return cls(
-            model,
+            prepare_for_inference(model, precision, quantized=loaded.quantized, merge=merge_lora),
             loaded.tokenizer,
             labels,
             max_length=config.data.max_length,
             batch_size=config.train.eval_batch_size,
             precision=precision,
-            lexical=lexical,
+            lexical=load_lexical(run, info, len(labels)),
         )
 
     def predict_proba(
@@ -227,8 +274,9 @@ class Classifier:
         merged = self.model
         if getattr(merged.config, "quantization_config", None):
             raise LlmclfError("Merging into a 4-bit base is lossy; load the run in full precision to export.")
+        unpack_linears(merged)  # plain bf16 weights again (loaded for inference on a CPU: packed)
         if isinstance(merged, PeftModel):
-            merged = merged.merge_and_unload()
+            merged = merge_lora(merged)
         merged.config.id2label = dict(enumerate(self.labels))
         merged.config.label2id = {label: i for i, label in enumerate(self.labels)}
         merged.config.pad_token_id = self.tokenizer.pad_token_id

@@ -44,8 +44,7 @@ def predict_proba(
         return out
     device = device_of(model)
     batches = length_batches([len(ids) for ids in input_ids], batch_size, device)
-    was_training = model.training
-    model.eval()
+    was_training = _to_eval(model)
     # a bar on a terminal, plain lines in a log (no carriage returns), nothing with progress=False
     bar = Progress(n, desc, "text", progress=progress)
     try:
@@ -58,8 +57,18 @@ def predict_proba(
                 bar.update(len(idx))
     finally:
         bar.close()
-        model.train(was_training)
+        if was_training:
+            model.train()
     return out
+
+
+def _to_eval(model: Any) -> bool:
+    """Put a model in eval mode; returns whether it was training. A model already in eval mode (a loaded
+    classifier) is left alone: `eval()` walks every module, 2 ms per call on an 800-module peft model."""
+    if not model.training:
+        return False
+    model.eval()
+    return True
 
 
 def head_inputs(
@@ -72,8 +81,7 @@ def head_inputs(
     hook = trainable_head(model).register_forward_hook(lambda mod, args, out: captured.append(args[0]))
     out = None
     device = device_of(model)
-    was_training = model.training
-    model.eval()
+    was_training = _to_eval(model)
     try:
         with torch.inference_mode():
             for idx in length_batches([len(ids) for ids in input_ids], batch_size, device):
@@ -86,7 +94,8 @@ def head_inputs(
                 out[idx] = pooled
     finally:
         hook.remove()
-        model.train(was_training)
+        if was_training:
+            model.train()
     return out if out is not None else np.zeros((0, 0), dtype=np.float32)
 
 

@@ -70,3 +70,27 @@ def _check_head_rows(saved: dict[str, tuple[int, ...]], weights: Path, labels: l
                 f"{weights}: the classification head has {shape[0]} outputs but labels.json lists "
                 f"{len(labels)} labels. The run folder is damaged or edited: copy it again, or train again."
             )
+
+
+def merge_lora(model: Any) -> Any:
+    """The base model with the LoRA update folded into its weights, peft's wrappers gone and the trained
+    head kept: no adapter matmuls per layer. The LoRA matrices are fp32, so over bf16/fp16 weights the
+    sum W + scale * B @ A is computed in fp32 and rounded once (tested): still rounded, so a merged
+    half-precision model's probabilities differ a little from the unmerged one's (docs/performance.md)."""
+    return model.merge_and_unload()
+
+
+def drop_lora_dropout(model: Any) -> int:
+    """Replace the LoRA layers' dropout (an identity in eval mode, still a module call per layer) by
+    `nn.Identity`, for a model that is only used for inference. Returns how many were replaced."""
+    from torch import nn
+
+    count = 0
+    for module in model.modules():
+        dropouts = getattr(module, "lora_dropout", None)
+        if isinstance(dropouts, nn.ModuleDict):
+            for name, dropout in dropouts.items():
+                if not isinstance(dropout, nn.Identity):
+                    dropouts[name] = nn.Identity()
+                    count += 1
+    return count

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 
 from llmclf import distributed
 from llmclf.errors import LlmclfError
@@ -210,3 +212,81 @@ def add_lora(
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()
     return peft_model
+
+
+class PackedLinear(nn.Module):
+    """A bf16 linear layer for inference on a CPU, its weight reordered once into oneDNN's blocked layout.
+
+    A plain bf16 `nn.Linear` on a CPU hands oneDNN the weight in PyTorch's row-major layout, and oneDNN
+    reorders it into its blocked one on every call: for a pass of a few tokens that copy, not the
+    arithmetic, is most of the cost (docs/performance.md#per-pass-overhead). The same kernel on the
+    pre-reordered weight gives bit-identical outputs (tested). `weight` is the packed tensor (a
+    Parameter, so the model's parameter list and memory stay as they were); `unpacked()` gives the plain
+    layer back (export, copies)."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None)
+        self.weight = nn.Parameter(packed, requires_grad=False)
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # bf16 in, as autocast casts a plain linear layer's input; the kernel takes rows (tokens, features).
+        shape = x.shape
+        rows = x.reshape(-1, shape[-1]).to(torch.bfloat16)
+        out = torch.ops.mkldnn._linear_pointwise(rows, self.weight, self.bias, "none", [], "")
+        return out.view(*shape[:-1], self.out_features)
+
+    def unpacked(self) -> nn.Linear:
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        linear.weight = nn.Parameter(self.weight.detach().to_dense(), requires_grad=False)
+        linear.bias = self.bias
+        return linear
+
+    def __deepcopy__(self, memo: dict) -> PackedLinear:
+        return PackedLinear(copy.deepcopy(self.unpacked(), memo))
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        )
+
+
+def can_pack(model: Any) -> bool:
+    """Whether `pack_linears` applies: bf16 weights on a CPU whose oneDNN runs bf16 (AVX512-BF16 / AMX
+    or an emulation of them that PyTorch's own bf16 matmuls use too)."""
+    return (
+        torch.backends.mkldnn.is_available()
+        and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        and all(p.device.type == "cpu" for p in model.parameters())
+        and any(_packable(m) for m in model.modules())
+    )
+
+
+def pack_linears(model: Any) -> int:
+    """Replace every bf16 `nn.Linear` of an inference model on a CPU by a `PackedLinear`, in place (inside
+    peft's LoRA layers too: their base layer); fp32 layers (head, LoRA matrices) stay as they are.
+    Returns how many were packed."""
+    return _swap(model, _packable, PackedLinear)
+
+
+def unpack_linears(model: Any) -> int:
+    """Undo `pack_linears`, in place: plain `nn.Linear` layers with the same weights."""
+    return _swap(model, lambda m: isinstance(m, PackedLinear), lambda m: m.unpacked())
+
+
+def _packable(module: nn.Module) -> bool:
+    return type(module) is nn.Linear and module.weight.dtype == torch.bfloat16
+
+
+def _swap(model: nn.Module, match: Any, replace: Any) -> int:
+    targets = [
+        (parent, name, child)
+        for parent in model.modules()
+        for name, child in parent.named_children()
+        if match(child)
+    ]
+    for parent, name, child in targets:
+        setattr(parent, name, replace(child))
+    return len(targets)
