@@ -173,3 +173,27 @@ def propagating(name: str):
         yield
     finally:
         logger.propagate = before
+
+
+def plain_transformers(export_dir: Path, texts: list[str], work: Path) -> dict:
+    """An exported folder run by plain transformers in a fresh process with llmclf made unimportable:
+    {"probs": softmax of the logits, "id2label": the config's labels, "ids": the first text's token ids}."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import json, sys
+        sys.modules["llmclf"] = None
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        model = AutoModelForSequenceClassification.from_pretrained({str(export_dir)!r}).eval()
+        tok = AutoTokenizer.from_pretrained({str(export_dir)!r})
+        texts = json.loads(sys.argv[1])
+        with torch.inference_mode():
+            logits = model(**tok(texts, padding=True, truncation=True, return_tensors="pt")).logits
+        json.dump({{"probs": torch.softmax(logits, -1).tolist(), "id2label": model.config.id2label,
+                    "ids": tok(texts[0])["input_ids"]}}, open({str(work / "e.json")!r}, "w"))
+    """)
+    subprocess.run([sys.executable, "-c", script, json.dumps(texts)], check=True, timeout=300)
+    return json.loads((work / "e.json").read_text())

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import read_demo_rows, saved_probs, train_tiny, write_csv
+from conftest import plain_transformers, read_demo_rows, saved_probs, train_tiny, write_csv
 from llmclf import Classifier
 from llmclf.cli import main
 from llmclf.errors import LlmclfError
@@ -64,22 +64,7 @@ def test_export_loads_with_plain_transformers(trained_run, tmp_path, clf):
     assert main(["--quiet", "export", str(trained_run), "--output", str(out)]) == 0
     assert (out / "model.safetensors").is_file() and not list(out.glob("*.bin"))
     texts = [r["text"] for r in read_demo_rows()[:16]]
-    # Plain transformers in a fresh process, with llmclf made unimportable.
-    script = textwrap.dedent(f"""
-        import json, sys
-        sys.modules["llmclf"] = None
-        import torch
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-        model = AutoModelForSequenceClassification.from_pretrained({str(out)!r}).eval()
-        tok = AutoTokenizer.from_pretrained({str(out)!r})
-        texts = json.loads(sys.argv[1])
-        with torch.inference_mode():
-            logits = model(**tok(texts, padding=True, truncation=True, return_tensors="pt")).logits
-        json.dump({{"probs": torch.softmax(logits, -1).tolist(), "id2label": model.config.id2label}},
-                  open({str(tmp_path / "e.json")!r}, "w"))
-    """)
-    subprocess.run([sys.executable, "-c", script, json.dumps(texts)], check=True, timeout=300)
-    got = json.loads((tmp_path / "e.json").read_text())
+    got = plain_transformers(out, texts, tmp_path)  # a fresh process, llmclf unimportable
     assert [got["id2label"][str(i)] for i in range(4)] == clf.labels
     # The export is the model part; the run's lexical part (TF-IDF + LR) stays with llmclf.
     np.testing.assert_allclose(got["probs"], clf.model_proba(texts), atol=1e-5)

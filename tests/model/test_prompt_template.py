@@ -3,15 +3,10 @@ template survives truncation, saving and export, and a plain transformers load f
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-import textwrap
-
 import numpy as np
 import pytest
 
-from conftest import read_demo_rows, train_tiny
+from conftest import plain_transformers, read_demo_rows, train_tiny
 from llmclf.cli import main
 from llmclf.config import load_config
 from llmclf.errors import LlmclfError
@@ -117,21 +112,7 @@ def test_the_export_frames_texts_in_plain_transformers(framed_run, tmp_path):
     out = tmp_path / "export"
     assert main(["--quiet", "export", str(framed_run), "--output", str(out)]) == 0
     texts = [r["text"] for r in read_demo_rows()[:12]]
-    script = textwrap.dedent(f"""
-        import json, sys
-        sys.modules["llmclf"] = None
-        import torch
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-        model = AutoModelForSequenceClassification.from_pretrained({str(out)!r}).eval()
-        tok = AutoTokenizer.from_pretrained({str(out)!r})
-        texts = json.loads(sys.argv[1])
-        with torch.inference_mode():
-            logits = model(**tok(texts, padding=True, truncation=True, return_tensors="pt")).logits
-        json.dump({{"probs": torch.softmax(logits, -1).tolist(), "ids": tok(texts[0])["input_ids"]}},
-                  open({str(tmp_path / "e.json")!r}, "w"))
-    """)
-    subprocess.run([sys.executable, "-c", script, json.dumps(texts)], check=True, timeout=300)
-    got = json.loads((tmp_path / "e.json").read_text())
+    got = plain_transformers(out, texts, tmp_path)
     clf = Classifier.load(framed_run)
     assert got["ids"] == clf.tokenizer(texts[0])["input_ids"]
     np.testing.assert_allclose(got["probs"], clf.model_proba(texts), atol=1e-5)
