@@ -84,14 +84,11 @@ def apply_template(tokenizer: Any, template: str | None) -> None:
     state = json.loads(backend.to_str())
     if any(name in json.dumps(state.get("post_processor")) for name in PIECES):
         raise LlmclfError("This tokenizer already holds a prompt template (a run folder's copy).")
-    named = [(name, part) for name, part in zip(PIECES, ids, strict=True) if part]
-    processor = _with_template(
-        state.get("post_processor"),
-        [name for name, _ in named if name == PIECES[0]],
-        [name for name, _ in named if name == PIECES[1]],
+    prefix, suffix = ([name] if part else [] for name, part in zip(PIECES, ids, strict=True))
+    processor = _with_template(state.get("post_processor"), prefix, suffix)
+    _specials(processor).update(
+        {name: _template_piece(name, part, tokenizer) for name, part in zip(PIECES, ids, strict=True) if part}
     )
-    specials = _specials(processor)
-    specials.update({name: _template_piece(name, part, tokenizer) for name, part in named})
     state["post_processor"] = processor
     backend.post_processor = Tokenizer.from_str(json.dumps(state)).post_processor
 
@@ -99,8 +96,7 @@ def apply_template(tokenizer: Any, template: str | None) -> None:
 def _specials(processor: dict) -> dict:
     """The special-token table of the TemplateProcessing that holds the template pieces."""
     if processor.get("type") == "Sequence":
-        holder = next(p for p in processor["processors"] if p.get("type") == "TemplateProcessing")
-        return _specials(holder) if holder is not processor else {}
+        return _specials(next(p for p in processor["processors"] if p.get("type") == "TemplateProcessing"))
     return processor.setdefault("special_tokens", {})
 
 
