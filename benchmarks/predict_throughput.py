@@ -70,11 +70,19 @@ def main() -> None:
     parser.add_argument("--fit-overhead", action="store_true", help="fit a pass's fixed and per-token cost")
     parser.add_argument("--rounds", type=int, default=5, help="--fit-overhead: interleaved rounds")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument(
+        "--versus",
+        help="a second run folder (e.g. the same data trained with --feature-layer last): both classifiers "
+        "timed on the same texts in this process, interleaved, best of --rounds",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.fit_overhead:
         fit_overhead(args.run, args.rounds)
+        return
+    if args.versus:
+        versus(args)
         return
     from llmclf.runfolder import RunFolder
 
@@ -87,7 +95,13 @@ def main() -> None:
 
     # Same weights both ways: llmclf's Classifier, and the recipe's PeftModel (base + adapter, unmerged).
     clf = Classifier.load(args.run)
-    base = load_classifier(resolve_model_source(args.run_config_model), clf.labels, for_training=False)
+    # a run cut at its feature layer: the recipe's model is cut there too (plain transformers, as exported)
+    base = load_classifier(
+        resolve_model_source(args.run_config_model),
+        clf.labels,
+        for_training=False,
+        layers=clf.model.config.num_hidden_layers,
+    )
     recipe_model = PeftModel.from_pretrained(base.model, f"{args.run}/adapter").eval()
     model, tokenizer = clf.model, clf.tokenizer
     lengths = [len(ids) for ids in tokenizer(texts)["input_ids"]]
@@ -119,6 +133,29 @@ def main() -> None:
         f"ratio llmclf / recipe: {recipe_s / ours_s:.2f}x   same predicted label: {agree:.4f}   "
         f"max |prob diff|: {np.abs(ours - recipe).max():.2e}"
     )
+
+
+def versus(args: argparse.Namespace) -> None:
+    """Two run folders' classifiers (the model alone, no lexical part) on the same texts, interleaved."""
+    from llmclf import Classifier
+
+    texts = pd.read_csv(args.data, dtype=str, keep_default_na=False)[args.text_column].tolist()[: args.rows]
+    runs = {"run": Classifier.load(args.run), "versus": Classifier.load(args.versus)}
+    best = dict.fromkeys(runs, float("inf"))
+    probs = {}
+    print(machine())
+    for name, clf in runs.items():
+        layers = clf.model.config.num_hidden_layers
+        print(f"{name}: {args.run if name == 'run' else args.versus}  ({layers} layers, {clf.precision})")
+        clf.model_proba(texts[:64], batch_size=args.batch_size)  # warm-up
+    for _ in range(args.rounds):
+        for name, clf in runs.items():
+            start = time.perf_counter()
+            probs[name] = clf.model_proba(texts, batch_size=args.batch_size)
+            best[name] = min(best[name], time.perf_counter() - start)
+    for name in runs:
+        print(f"{name}: {len(texts) / best[name]:7.1f} texts/s  (best of {args.rounds}: {best[name]:.1f} s)")
+    print(f"ratio run / versus: {best['versus'] / best['run']:.2f}x  on {len(texts)} texts")
 
 
 def machine() -> str:

@@ -253,6 +253,8 @@ def run_llmclf(entry: dict, overlay: dict[str, Any], runs_dir: Path) -> dict:
         "timings_s": {k: round(v, 2) for k, v in info.get("timings_s", {}).items()},
         "split_counts": {k: sum(v.values()) for k, v in summary["counts"].items()},
         "precision": info.get("precision"),
+        "feature_layer": info.get("feature_layer"),
+        "lexical_weight": (info.get("lexical") or {}).get("weight"),
         "output": str(result.output),
     }
 

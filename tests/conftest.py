@@ -38,8 +38,8 @@ def write_csv(path: Path, rows: list[dict], fields: list[str] | None = None) -> 
     return path
 
 
-def build_tiny_model(out: Path) -> Path:
-    """A 2-layer Llama (hidden 64) with a BPE tokenizer trained on the demo texts, without a pad token
+def build_tiny_model(out: Path, layers: int = 2) -> Path:
+    """A 2-layer (or `layers`-layer) Llama (hidden 64) with a BPE tokenizer trained on the demo texts, without a pad token
     (like Llama's), saved in `out`. Also used by tools/same_run.py."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -64,7 +64,7 @@ def build_tiny_model(out: Path) -> Path:
         vocab_size=len(tokenizer),
         hidden_size=64,
         intermediate_size=128,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=256,

@@ -136,6 +136,11 @@ class ModelConfig:
     in one word:"`, whose last token sums the text up), `none`, or your own template holding {text} once;
     `auto`: `sentence` for decoders, `none` for encoders (which pool their own first token). Written into
     the saved tokenizer, so the exported model frames texts alike."""
+    feature_layer: int | str = "auto"
+    """The decoder layer whose output the head reads: `auto` = the layer whose state a cross-validated
+    probe on the training texts scores best (every second layer of the top two thirds), `last`, or a
+    layer number (1 = the first). The layers above it are not trained, run, saved or exported. Encoders
+    read their own pooling of the last layer."""
     allow_pickle: bool = False
     """Allow a base model with pickle weights only (`pytorch_model.bin`), read with
     `torch.load(weights_only=True)`; otherwise safetensors only."""
@@ -160,6 +165,16 @@ class ModelConfig:
             "model.prompt_template",
             self.prompt_template,
             f"auto, {', '.join(PROMPT_TEMPLATES)}, or a template holding {PROMPT_PLACEHOLDER} exactly once",
+        )
+        if isinstance(self.feature_layer, str) and self.feature_layer.strip().isdigit():
+            self.feature_layer = int(self.feature_layer)
+        _require(
+            self.feature_layer in ("auto", "last")
+            or (isinstance(self.feature_layer, int) and not isinstance(self.feature_layer, bool))
+            and self.feature_layer > 0,
+            "model.feature_layer",
+            self.feature_layer,
+            "auto, last, or a layer number from 1",
         )
         _require(
             self.attn_implementation in ATTN_CHOICES,
@@ -380,7 +395,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "head_init": "random",
             "lexical": "off",
         },
-        "model": {"prompt_template": "none"},
+        "model": {"prompt_template": "none", "feature_layer": "last"},
     },
 }
 """Named sets of values under the YAML file and flags. `recipe`: the hand-made recipe llmclf productises

@@ -127,7 +127,7 @@ def test_the_probe_head_fits_balanced_weights_as_no_weights():
     heads, scores = [], []
     for weights in (None, [0.2] * 5):
         model = LlamaForSequenceClassification(config)
-        scores.append(init_head_from_probe(model, features, y.tolist(), weights, seed=0))
+        scores.append(init_head_from_probe(model, features, y.tolist(), weights, seed=0).train_accuracy)
         heads.append(model.score.weight.detach().clone())
     assert scores[0] == scores[1]
     torch.testing.assert_close(heads[0], heads[1], atol=1e-5, rtol=1e-4)

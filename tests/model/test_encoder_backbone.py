@@ -129,7 +129,7 @@ def test_probe_head_computes_the_probe(family, labels, tmp_path, tiny_model_dir,
     real_fit = probes._fit
     monkeypatch.setattr(probes, "_fit", spy)
     index = {label: i for i, label in enumerate(label_set)}
-    probes.init_head_from_probe(model, features, [index[n] for n in names], None, seed=0)
+    probes.init_head_from_probe(model, features, [index[n] for n in names], None, seed=0, soften=False)
     head = trainable_head(model)
     assert (head.bias is not None) == (family != "llama")
     expected = fitted["probe"].predict_proba(fitted["x"])

@@ -74,7 +74,9 @@ def test_probe_head_reproduces_the_probe_on_raw_features_with_outlier_dimensions
     hidden = trainable_head(model).weight.shape[1]
     features = rng.normal(size=(len(y), hidden)) + 1.5 * np.eye(classes, hidden)[y]  # separable-ish
     features[:, :3] *= 80.0  # outlier dimensions, as decoders have, carrying no label signal
-    accuracy = init_head_from_probe(model, features.astype(np.float32), y.tolist(), None, seed=0)
+    accuracy = init_head_from_probe(
+        model, features.astype(np.float32), y.tolist(), None, seed=0, soften=False
+    ).train_accuracy
     head = trainable_head(model)
     with torch.no_grad():
         logits = head(torch.as_tensor(features, dtype=head.weight.dtype, device=head.weight.device))
@@ -141,3 +143,38 @@ def test_step_tokens_takes_auto_a_positive_count_or_empty(monkeypatch):
     assert resolve_step_tokens("auto") == CPU_STEP_TOKENS
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert resolve_step_tokens("auto") == 16_384 and resolve_step_tokens(300) == 300
+
+
+@pytest.mark.parametrize("classes", [2, 5])
+def test_a_probe_that_separates_its_training_texts_is_softened_to_its_held_out_loss(tiny_model_dir, classes):
+    """Few texts per class in many dimensions: the probe separates them (training loss near 0), which
+    would leave fine-tuning nothing to learn from. The head starts with the same predictions, but its
+    logits divided by a temperature at which the training loss equals the cross-validated loss."""
+    from llmclf.model.anatomy import trainable_head
+    from llmclf.training.probe import init_head_from_probe
+
+    labels = [str(i) for i in range(classes)]
+    model = add_lora(
+        load_classifier(str(tiny_model_dir), labels).model, r=4, alpha=8, dropout=0.0, targets="auto", seed=0
+    )
+    head = trainable_head(model)
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(classes), 12)
+    features = (rng.normal(size=(len(y), head.weight.shape[1])) + 1.5 * np.eye(classes, 64)[y]).astype(
+        np.float32
+    )
+
+    def train_loss() -> tuple[float, np.ndarray]:
+        with torch.no_grad():
+            logits = head(torch.as_tensor(features, dtype=head.weight.dtype)).float()
+        return float(torch.nn.functional.cross_entropy(logits, torch.as_tensor(y))), logits.argmax(-1).numpy()
+
+    hard = init_head_from_probe(model, features, y.tolist(), None, seed=0, soften=False)
+    hard_loss, hard_pred = train_loss()
+    soft = init_head_from_probe(model, features, y.tolist(), None, seed=0)
+    soft_loss, soft_pred = train_loss()
+    assert hard.train_accuracy == 1.0 and hard.temperature == 1.0
+    assert hard_loss < 0.5 * soft.cv_log_loss  # the fitted probe: far more confident on its own texts
+    assert soft.temperature > 1.5
+    assert soft_loss == pytest.approx(soft.cv_log_loss, rel=1e-3)
+    np.testing.assert_array_equal(soft_pred, hard_pred)

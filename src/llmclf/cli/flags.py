@@ -54,6 +54,16 @@ def layers_value(value: str) -> int | str:
         raise argparse.ArgumentTypeError(f"expected a whole number, auto or all, found {value!r}") from None
 
 
+def layer_number(value: str) -> int | str:
+    """argparse type of --feature-layer: a layer number, `auto` or `last`."""
+    if value in ("auto", "last"):
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a layer number, auto or last, found {value!r}") from None
+
+
 FLAG_NAMES = {
     "data.path": "--data",
     "model.name": "--model",
@@ -68,6 +78,7 @@ FLAG_NAMES = {
 CONVERTERS: dict[str, Any] = {
     "lora.targets": str,  # comma-separated; the config splits it
     "lora.layers": layers_value,
+    "model.feature_layer": layer_number,
     "train.eval_batch_size": int_or_auto,
     "train.step_tokens": int_or_auto,
 }

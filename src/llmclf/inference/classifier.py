@@ -71,6 +71,20 @@ def load_lexical(run: RunFolder, info: dict, num_labels: int) -> LexicalHead | N
     return LexicalHead.load(run.path(LEXICAL), num_labels)
 
 
+def recorded_layer(info: dict, where: Path) -> int | None:
+    """The layer the run cut its model after (run_info's feature_layer), None where it kept every layer."""
+    entry = info.get("feature_layer")
+    if entry is None:
+        return None
+    layer = entry.get("layer") if isinstance(entry, dict) else None
+    if not isinstance(layer, int) or isinstance(layer, bool) or layer < 1:
+        raise LlmclfError(
+            f"{where}: feature_layer is {entry!r}, expected {{'layer': N, ...}} with N >= 1. The file was "
+            "changed after training: restore it, or train again."
+        )
+    return layer
+
+
 def inference_settings(info: dict, attn_mode: str, requested: str | None = None) -> tuple[str, str]:
     """Precision and attention kernel for loading a run: the caller's `requested` precision (auto:
     measured on this machine), else as in training where this machine can run it (a bf16 run loaded on
@@ -197,6 +211,7 @@ class Classifier:
             attn_implementation=attn,
             allow_pickle=allow_pickle,
             revision=revision,
+            layers=recorded_layer(info, run.path(RUN_INFO)),
         )
         if precision in ("bf16", "fp16") and not loaded.quantized:
             # Training kept the head in fp32 over the half-precision base (model.loading.add_lora): load the

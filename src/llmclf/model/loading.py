@@ -78,11 +78,13 @@ def load_classifier(
     gradient_checkpointing: bool = False,
     allow_pickle: bool = False,
     revision: str | None = None,
+    layers: int | None = None,
 ) -> LoadedModel:
     """Base model with a `num_labels` classification head, pad token set in tokenizer and config.
 
     `tokenizer_source`: where the tokenizer lives when not beside the weights (a run folder's copy).
     `revision`: the hub commit to load (a reloaded run's recorded one).
+    `layers`: build and load only the first `layers` decoder layers (a run cut at its feature layer).
     `precision` (resolved: bf16/fp16/fp32) is the 4-bit compute dtype,
     and the weight dtype of a non-quantised model; `attn_implementation` is passed to transformers.
     """
@@ -103,6 +105,8 @@ def load_classifier(
         kwargs["revision"] = revision
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
+    if layers is not None:
+        kwargs["num_hidden_layers"] = check_layer_count(source, layers, kwargs)
     if quantize:
         kwargs["quantization_config"] = bnb_config(HEAD_NAMES, dtype)
         # One whole model per process: under DDP each rank loads onto its own GPU (LOCAL_RANK).
@@ -131,6 +135,24 @@ def load_classifier(
     if not quantize and torch.cuda.is_available() and not distributed.fsdp_launch():
         model = model.to(distributed.cuda_device())  # (under FSDP the Trainer moves each shard to its GPU)
     return LoadedModel(model, tokenizer, quantize)
+
+
+def check_layer_count(source: str, layers: int, kwargs: dict[str, Any]) -> int:
+    """`layers` when the base model has at least that many decoder layers: more would be new, random
+    layers, so a run folder asking for them is refused."""
+    from transformers import AutoConfig
+
+    keys = ("trust_remote_code", "revision")
+    with hub_errors(source):
+        total = AutoConfig.from_pretrained(
+            source, **{k: kwargs[k] for k in keys if k in kwargs}
+        ).num_hidden_layers
+    if not (isinstance(layers, int) and not isinstance(layers, bool) and 1 <= layers <= total):
+        raise LlmclfError(
+            f"The run reads layer {layers!r} of {source}, which has {total} decoder layers: the run folder "
+            "does not belong to this base model. Give the base model it was trained on (--base-model)."
+        )
+    return layers
 
 
 def lora_targets(model: Any, targets: list[str] | str) -> list[str] | str | None:

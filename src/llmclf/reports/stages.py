@@ -130,7 +130,7 @@ def stage_rows(metrics: dict, info: dict, config: dict) -> list[list[Any]]:
         )
     if probe_used(info, config):
         probe = fraction(_dict(info.get("probe")).get("test_accuracy"))
-        name = "2. linear-probe head, frozen model: where training started"
+        name = f"2. linear-probe head{layer_words(info)}, frozen model: where training started"
         rows.append([name, probe if probe is not None else "not measured on this run", None, ""])
     model = model_alone(metrics, info)
     saved = "" if lexical_used(info) else " = the saved classifier"
@@ -159,9 +159,38 @@ def _changes(rows: list[list[Any]]) -> None:
         last = row[1]
 
 
+def layer_words(info: dict) -> str:
+    """` on layer L of N` where the run cut its model after a feature layer (model.feature_layer)."""
+    chosen = _dict(info.get("feature_layer"))
+    layer, total = chosen.get("layer"), chosen.get("of")
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (layer, total)) or layer >= total:
+        return ""
+    return f" on layer {layer} of {total}"
+
+
+def layer_sentence(info: dict) -> str:
+    """Which layer the head reads and why, where the run chose or was given one."""
+    chosen = _dict(info.get("feature_layer"))
+    layer, total = chosen.get("layer"), chosen.get("of")
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (layer, total)):
+        return ""
+    why = (
+        "the layer whose state a cross-validated probe on the training texts scored best"
+        if chosen.get("chosen_by") == "cross-validation"
+        else "as configured"
+    )
+    if layer >= total:
+        return f" The head reads the last layer ({total}), {why} (model.feature_layer)."
+    return (
+        f" The head reads layer {layer} of {total}, {why} (model.feature_layer); the {total - layer} layers"
+        " above it were cut away: they are not trained, run or saved."
+    )
+
+
 def metrics_caption(metrics: dict, info: dict, config: dict) -> str:
     n = metrics["after"].get("n")
     start = f"On the test split ({n} texts)." if number(n) is not None else "On the test split."
+    start += layer_sentence(info)
     baseline = " Before training is the baseline: the base model with a randomly initialised head."
     if zero_shot(info):
         baseline = (

@@ -40,7 +40,7 @@ CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 # The validation interval and the patience do: they choose the kept checkpoint and when training stops.
 RESULT_SETTINGS = {
     "data": ["max_length"],
-    "model": ["precision", "prompt_template"],
+    "model": ["precision", "prompt_template", "feature_layer"],
     "lora": ["r", "alpha", "dropout", "targets", "layers"],
     "train": [
         "epochs",

@@ -29,6 +29,7 @@ class Work:
     epochs: float
     adapted_share: float  # 1.0: every layer runs every step; less: the frozen part ran once (cache)
     validations: int  # passes over the validation split during and after training
+    scored_tokens: int = 0  # tokens run once through the whole model to choose the feature layer
 
 
 def flops(work: Work) -> float:
@@ -39,7 +40,7 @@ def flops(work: Work) -> float:
     training = 3 * 2 * p * a * t["train"] * work.epochs
     validation = 2 * p * a * t["val"] * work.validations
     after = 2 * p * t["test"]  # the whole model, as the saved classifier runs
-    return once + before + training + validation + after
+    return once + before + training + validation + after + 2 * p * work.scored_tokens
 
 
 def matmul_rate(precision: str) -> float:

@@ -24,11 +24,10 @@ from llmclf.config import RunConfig
 from llmclf.data import Splits, class_weights, load_splits, to_dataset, tokenize_texts
 from llmclf.datafiles import MEMORY_COPIES, InMemory
 from llmclf.errors import LlmclfError
-from llmclf.inference.lexical import MIX_WEIGHT, LexicalHead, choose_weight, fit_lexical
 from llmclf.inference.metrics import compute_metrics
 from llmclf.manifest import write_manifest
 from llmclf.model.anatomy import num_layers, resolve_top_layers
-from llmclf.model.label_words import set_head, zero_shot_head
+from llmclf.model.label_words import zero_shot_head
 from llmclf.model.loading import add_lora, load_classifier, resolve_quantize
 from llmclf.model.prompt import apply_template, resolve_template
 from llmclf.model.provenance import identify
@@ -40,12 +39,12 @@ from llmclf.training import backend as backends
 from llmclf.training import checkpoints, estimate, fsdp
 from llmclf.training.backend import Backend, Encoded
 from llmclf.training.callbacks import TENSORBOARD_DIR, send_tensorboard_to
-from llmclf.training.probe import init_head_from_probe
+from llmclf.training.feature_layer import FeatureLayer, pick_feature_layer
+from llmclf.training.heads import SPLITS, add_lexical, evaluate_before, fit_probe
 from llmclf.training.trainer import WeightedLossTrainer, build_trainer, require_validation, training_arguments
 from llmclf.version import __version__
 
 log = logging.getLogger("llmclf")
-SPLITS = ("train", "val", "test")
 MANIFESTED = (
     runfolder.CONFIG,
     runfolder.LABELS,
@@ -117,14 +116,17 @@ def _run(
         choice = resolve_model(config)
         fingerprint = checkpoints.run_fingerprint(config, splits, choice.source, choice.quantized)
         start = checkpoints.begin_run(out, fingerprint, resume)
-        model, tokenizer, top_layers = load_model(config, splits.labels, choice)
+        model, tokenizer = load_model(config, splits.labels, choice)
         # what a later load checks the base model against (hub: the exact revision downloaded)
         identity = identify(config.model.name, revision=getattr(model.config, "_commit_hash", None))
     runtime.release_memory()  # the loading's transient copies
     with timings("tokenise"):
         encoded = tokenise(tokenizer, splits, config.data.max_length)
     if distributed.is_main():
-        estimate.announce(planned_work(model, encoded, top_layers, tc.epochs), choice.precision)
+        estimate.announce(planned_work(model, encoded, config), choice.precision)
+    with timings("feature_layer"):
+        zero_shot, layer = cut_at_feature_layer(config, model, tokenizer, encoded, splits.labels, choice)
+    model, top_layers = adapt(model, config)
     backend = backends.choose(
         model,
         tokenizer,
@@ -139,13 +141,10 @@ def _run(
     )
     trainer = new_trainer(backend, encoded, weights, config, choice.precision, out, fingerprint, quiet)
     backend.adopt(trainer)  # under FSDP the Trainer shards the model here, before anything runs it
-    zero_shot = (
-        None
-        if backend.sharded or resolve_template(config.model.prompt_template, model) is None
-        else (zero_shot_head(model, tokenizer, splits.labels, choice.source))
-    )
     with timings("eval_before"):
-        before = evaluate_before(backend, encoded, splits.labels, start, out, zero_shot)
+        before = evaluate_before(
+            backend, encoded, splits.labels, start, out, zero_shot, layer.zero_shot_probs
+        )
     probe = None
     if tc.head_init == "probe":
         with timings("probe"):
@@ -171,6 +170,7 @@ def _run(
         info["lexical"] = None if lexical is None else {"weight": lexical.weight, **lexical.info}
         info["data_in_memory"] = save_memory_copies(out, memory)
         info["before_training"] = "zero-shot" if zero_shot is not None else "random head"
+        info["feature_layer"] = None if layer.choice is None else layer.choice.info()
         if lexical is not None and lexical.weight > 0:
             lexical.save(out / runfolder.LEXICAL)
         save_run(out, config, trainer, tokenizer, state, splits, weights, encoded, metrics, probs, info)
@@ -273,10 +273,10 @@ def resolve_model(config: RunConfig) -> ModelChoice:
     return ModelChoice(source, quantized, precision, attn, runtime.precision_evidence(mc.precision))
 
 
-def load_model(config: RunConfig, labels: list[str], choice: ModelChoice) -> tuple[Any, Any, int | None]:
-    """Base model + classification head (4-bit where chosen), then LoRA. Returns the model, the
-    tokenizer and how many top layers LoRA adapts (None: all)."""
-    mc, lc = config.model, config.lora
+def load_model(config: RunConfig, labels: list[str], choice: ModelChoice) -> tuple[Any, Any]:
+    """Base model + classification head (4-bit where chosen), its tokenizer framing texts in the prompt
+    template."""
+    mc = config.model
     log.info(
         "Loading %s (%s, %s, %s) ...",
         mc.name,
@@ -296,9 +296,38 @@ def load_model(config: RunConfig, labels: list[str], choice: ModelChoice) -> tup
     )
     # framed texts everywhere the tokenizer runs, the saved and exported tokenizer included
     apply_template(loaded.tokenizer, resolve_template(mc.prompt_template, loaded.model))
-    top_layers = resolve_top_layers(loaded.model, lc.layers)
+    return loaded.model, loaded.tokenizer
+
+
+def cut_at_feature_layer(
+    config: RunConfig, model: Any, tokenizer: Any, encoded: Encoded, labels: list[str], choice: ModelChoice
+) -> tuple[torch.Tensor | None, FeatureLayer]:
+    """The label words' zero-shot head (None where it does not apply), then the model cut after its
+    feature layer (model.feature_layer), which scores that head on the whole model first."""
+    zero_shot = (
+        None
+        if fsdp.requested() or resolve_template(config.model.prompt_template, model) is None
+        else zero_shot_head(model, tokenizer, labels, choice.source)
+    )
+    layer = pick_feature_layer(
+        config.model.feature_layer,
+        model,
+        encoded,
+        pad_id=tokenizer.pad_token_id,
+        zero_shot=zero_shot,
+        precision=choice.precision,
+        batch_size=config.train.eval_batch_size,
+        seed=config.train.seed,
+    )
+    return zero_shot, layer
+
+
+def adapt(model: Any, config: RunConfig) -> tuple[Any, int | None]:
+    """LoRA on the (possibly cut) model. Returns it and how many top layers LoRA adapts (None: all)."""
+    lc = config.lora
+    top_layers = resolve_top_layers(model, lc.layers)
     model = add_lora(
-        loaded.model,
+        model,
         r=lc.r,
         alpha=lc.alpha,
         dropout=lc.dropout,
@@ -306,12 +335,15 @@ def load_model(config: RunConfig, labels: list[str], choice: ModelChoice) -> tup
         seed=config.train.seed,
         top_layers=top_layers,
     )
-    return model, loaded.tokenizer, top_layers
+    return model, top_layers
 
 
-def planned_work(model: Any, encoded: Encoded, top_layers: int | None, epochs: float) -> estimate.Work:
+def planned_work(model: Any, encoded: Encoded, config: RunConfig) -> estimate.Work:
     """What the run will compute, for the time estimate: base parameters (4-bit ones count as two,
-    being packed in pairs), tokens per split, the adapted share of the layers."""
+    being packed in pairs), tokens per split, the adapted share of the layers, the layer choice's pass
+    (the whole model left uncut: an upper bound)."""
+    top_layers = resolve_top_layers(model, config.lora.layers)
+    epochs = config.train.epochs
     parameters = sum(
         p.numel() * (2 if hasattr(p, "quant_state") else 1)
         for name, p in model.named_parameters()
@@ -320,7 +352,8 @@ def planned_work(model: Any, encoded: Encoded, top_layers: int | None, epochs: f
     tokens = {name: sum(len(ids) for ids in encoded.ids[name]) for name in SPLITS}
     share = 1.0 if top_layers is None else top_layers / num_layers(model)
     validations = (math.ceil(epochs) + 1) if tokens["val"] else 0  # each epoch, and the lexical check
-    return estimate.Work(parameters, tokens, epochs, share, validations)
+    scored = tokens["train"] + tokens["test"] if config.model.feature_layer == "auto" else 0
+    return estimate.Work(parameters, tokens, epochs, share, validations, scored)
 
 
 def tokenise(tokenizer: Any, splits: Splits, max_length: int) -> Encoded:
@@ -397,87 +430,6 @@ def new_trainer(
     send_tensorboard_to(trainer, str(out / TENSORBOARD_DIR))
     trainer.fingerprint_sha = checkpoints.fingerprint_sha(fingerprint)
     return trainer
-
-
-def evaluate_before(
-    backend: Backend,
-    encoded: Encoded,
-    labels: list[str],
-    start: checkpoints.ResumePoint,
-    out: Path,
-    zero_shot: torch.Tensor | None = None,
-) -> dict:
-    """Test metrics before training, or those an interrupted run saved: zero-shot where the labels are
-    words under a prompt template (`zero_shot`: the label words' output embeddings, put into the head
-    for this pass only), else the random head's (chance level)."""
-    if start.before is not None:  # the same model and test split
-        log.info("Reusing the metrics before training saved by the interrupted run.")
-        before = start.before
-    else:
-        kept = None if zero_shot is None else set_head(backend.model, zero_shot)
-        probs = backend.score_frozen(encoded.ids["test"], encoded.rows["test"], "evaluating before training")
-        if kept is not None:
-            set_head(backend.model, kept)  # training starts from the head the config asks for
-            log.info("Before training: zero-shot, the model's next-word scores for the label names.")
-        before = compute_metrics(encoded.labels["test"], probs.argmax(axis=1), labels)
-        if distributed.is_main():
-            checkpoints.save_before(out, before)
-    log.info("%s\n", console.compare(None, before, title="Test metrics before training"))
-    return before
-
-
-def fit_probe(backend: Backend, encoded: Encoded, weights: list[float] | None, seed: int) -> dict:
-    """Start the head from a linear probe on the frozen features instead of from random weights."""
-    features = backend.features(encoded.ids["train"], encoded.rows["train"])
-    probe = {
-        "train_accuracy": init_head_from_probe(
-            backend.model, features, encoded.labels["train"], weights, seed
-        )
-    }
-    probs = backend.probe_probs(encoded.rows["test"])  # what LoRA adds on top, where nearly free
-    if probs is not None:
-        probe["test_accuracy"] = float((probs.argmax(axis=1) == np.asarray(encoded.labels["test"])).mean())
-    log.info("%s", console.probe_line(probe))
-    return probe
-
-
-def add_lexical(
-    backend: Backend,
-    splits: Splits,
-    encoded: Encoded,
-    weights: list[float] | None,
-    seed: int,
-    test_probs: np.ndarray,
-) -> tuple[LexicalHead | None, np.ndarray]:
-    """Fit TF-IDF + LR on the training split and mix it in, unless the validation split shows the mix
-    clearly worse than the model. Returns the lexical part and the test probabilities of the mix."""
-    texts = {name: getattr(splits, name)["text"].tolist() for name in SPLITS}
-    head = fit_lexical(texts["train"], encoded.labels["train"], len(splits.labels), weights, seed)
-    if encoded.ids["val"]:
-        val_probs = backend.score(encoded.ids["val"], "scoring the validation split")
-        choose_weight(head, val_probs, head.log_proba(texts["val"]), encoded.labels["val"])
-    else:
-        head.weight = MIX_WEIGHT
-        log.info(
-            "note: no validation split to check the lexical mix on; mixed in with weight %.1f", MIX_WEIGHT
-        )
-    test_log = head.log_proba(texts["test"])
-    mixed = head.combine(test_probs, test_log)
-    scored = {"model": test_probs, "lexical": test_log, "mixed": mixed}
-    tested = {
-        name: compute_metrics(encoded.labels["test"], p.argmax(axis=1), splits.labels)
-        for name, p in scored.items()
-    }
-    test = {name: m["accuracy"] if m["n"] else None for name, m in tested.items()}
-    head.info["test_accuracy"] = test
-    head.info["test_macro_f1"] = {name: m["macro_f1"] if m["n"] else None for name, m in tested.items()}
-    log.info(
-        "Lexical part (TF-IDF + LR, C=%g): weight %.1f; test accuracy: model %s, TF-IDF %s, mixed %s",
-        head.info["C"],
-        head.weight,
-        *(f"{v:.3f}" if v is not None else "-" for v in test.values()),
-    )
-    return head, mixed
 
 
 def fine_tune(backend: Backend, trainer: WeightedLossTrainer, checkpoint: str | None) -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -14,17 +15,37 @@ from llmclf.training import fsdp
 
 PROBE_CS = [1e-4, 1e-3, 1e-2, 1e-1]
 """Inverse regularisation strengths the probe's cross-validation chooses from (on standardised features)."""
+MAX_TEMPERATURE = 100.0
+
+
+@dataclass
+class ProbeHead:
+    """What the probe head starts from: its training accuracy, the cross-validated log loss of its
+    regularisation (None where no class had enough rows to fold) and the temperature its logits were
+    divided by so that its training loss is no lower than that (1.0: left as fitted)."""
+
+    train_accuracy: float
+    cv_log_loss: float | None = None
+    temperature: float = 1.0
 
 
 def init_head_from_probe(
-    model: Any, features: np.ndarray, label_ids: list[int], class_weights: list[float] | None, seed: int
-) -> float:
+    model: Any,
+    features: np.ndarray,
+    label_ids: list[int],
+    class_weights: list[float] | None,
+    seed: int,
+    *,
+    soften: bool = True,
+) -> ProbeHead:
     """Fit a logistic regression on the frozen features (n, hidden) and copy it into the head.
 
     The head is the linear layer that outputs the logits (`anatomy.trainable_head`) and `features` are
     its input. A decoder's `score` has no bias, so the probe is fitted without an intercept; an encoder's
-    `classifier` has one, and the probe's intercept goes there. Either way the probe's softmax logits
-    are exactly the head's. Returns the probe's training accuracy.
+    `classifier` has one, and the probe's intercept goes there. The probe's softmax logits are exactly
+    the head's, divided by a temperature where `soften`: a probe that separates its training texts
+    (many classes, few texts each) leaves fine-tuning almost no loss to learn from, so its logits are
+    scaled down until its training loss equals its cross-validated loss (the predicted classes stay).
     """
     y = np.asarray(label_ids)
     head = trainable_head(model)
@@ -37,9 +58,15 @@ def init_head_from_probe(
     shift = features.mean(axis=0).astype(np.float64) if intercept else np.zeros_like(scale)
     scaled = (features - shift) / scale
     probe = _fit(scaled, y, class_weights, intercept, seed)
+    fitted = ProbeHead(float((probe.predict(scaled) == y).mean()), cv_log_loss(probe))  # score(): its scoring
+    if soften and fitted.cv_log_loss is not None:
+        fitted.temperature = matching_temperature(
+            probe.decision_function(scaled), y, probe, fitted.cv_log_loss
+        )
     num_labels, hidden = head.weight.shape
-    unscaled = probe.coef_ / scale  # (classes or 1, hidden): weights on the raw features
-    offset = (probe.intercept_ if intercept else np.zeros(len(unscaled))) - unscaled @ shift
+    unscaled = probe.coef_ / scale / fitted.temperature  # (classes or 1, hidden): weights on the raw features
+    bias = (probe.intercept_ if intercept else np.zeros(len(unscaled))) / fitted.temperature
+    offset = bias - unscaled @ shift
     coef, bias = np.zeros((num_labels, hidden)), np.zeros(num_labels)
     if unscaled.shape[0] == 1:  # binary: sklearn keeps one vector w for p(class 1) = sigmoid(w.x + b)
         first, second = probe.classes_
@@ -50,7 +77,38 @@ def init_head_from_probe(
     fsdp.assign(head.weight, torch.as_tensor(coef))  # under FSDP the weight is a shard
     if intercept:
         fsdp.assign(head.bias, torch.as_tensor(bias))
-    return float(probe.score(scaled, y))
+    return fitted
+
+
+def cv_log_loss(probe: Any) -> float | None:
+    """The cross-validated log loss at the chosen regularisation (folds' mean), where it was scored."""
+    scores = getattr(probe, "scores_", None)
+    if not scores:
+        return None
+    per_c = np.mean(next(iter(scores.values())), axis=0)  # (Cs,): neg_log_loss, the same for every class
+    return float(-per_c[list(probe.Cs_).index(probe.C_[0])])
+
+
+def matching_temperature(decision: np.ndarray, y: np.ndarray, probe: Any, target: float) -> float:
+    """The temperature T >= 1 at which the mean training log loss of softmax(logits / T) reaches
+    `target` (bisection on log T: the loss grows with T while most texts are predicted right)."""
+    logits = np.stack([-decision / 2, decision / 2], axis=1) if decision.ndim == 1 else decision
+    rows = np.searchsorted(probe.classes_, y)
+
+    def loss(t: float) -> float:
+        z = logits / t
+        z = z - z.max(axis=1, keepdims=True)
+        return float(np.mean(np.log(np.exp(z).sum(axis=1)) - z[np.arange(len(y)), rows]))
+
+    if loss(1.0) >= target:
+        return 1.0
+    if loss(MAX_TEMPERATURE) <= target:
+        return MAX_TEMPERATURE
+    low, high = 0.0, float(np.log(MAX_TEMPERATURE))
+    for _ in range(40):
+        middle = (low + high) / 2
+        low, high = (middle, high) if loss(float(np.exp(middle))) < target else (low, middle)
+    return float(np.exp((low + high) / 2))
 
 
 def _fit(x: np.ndarray, y: np.ndarray, class_weights: list[float] | None, intercept: bool, seed: int) -> Any:
@@ -65,6 +123,7 @@ def _fit(x: np.ndarray, y: np.ndarray, class_weights: list[float] | None, interc
         probe = LogisticRegressionCV(
             Cs=PROBE_CS,
             cv=folds,
+            scoring="neg_log_loss",  # a proper score: its value at the chosen C is the held-out loss
             max_iter=2000,
             fit_intercept=intercept,
             class_weight=weight,

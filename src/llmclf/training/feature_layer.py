@@ -1,0 +1,112 @@
+"""The training step that decides which layer the head reads (model.feature_layer) and cuts the model
+there, before LoRA is added: the layers above are then never trained, cached, run or saved."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from llmclf import runtime
+from llmclf.errors import LlmclfError
+from llmclf.model.anatomy import decoder_of, is_encoder, num_layers
+from llmclf.model.layer_choice import LayerChoice, candidate_layers, choose, layer_states, truncate
+from llmclf.training import fsdp
+from llmclf.training.backend import Encoded
+
+log = logging.getLogger("llmclf")
+
+
+@dataclass
+class FeatureLayer:
+    """The outcome of the step: the layer (None where the model was left whole and nothing was chosen)
+    and, where the model was cut, the whole model's zero-shot test probabilities (test rows, labels)."""
+
+    choice: LayerChoice | None
+    zero_shot_probs: np.ndarray | None = None
+
+
+def pick_feature_layer(
+    setting: int | str,
+    model: Any,
+    encoded: Encoded,
+    *,
+    pad_id: int,
+    zero_shot: torch.Tensor | None,
+    precision: str,
+    batch_size: int | str,
+    seed: int,
+) -> FeatureLayer:
+    """Resolve `setting` (auto, last, a layer number) on this model and cut the model after the layer.
+
+    `zero_shot`: the label words' head (labels, hidden), scored on the whole model's last-layer test
+    states while they are at hand, since the cut model no longer computes them."""
+    if not _applies(setting, model):
+        return FeatureLayer(None)
+    total = num_layers(model)
+    if setting == "auto":
+        candidates = candidate_layers(total)
+        if len(candidates) == 1:  # nothing to choose between
+            return FeatureLayer(None)
+        train_ids = encoded.ids["train"]
+        log.info("Scoring %d layers' states on %d training texts ...", len(candidates), len(train_ids))
+        with runtime.autocast(precision):
+            states = layer_states(model, train_ids, candidates, pad_id, batch_size)
+        choice = choose(states, np.asarray(encoded.labels["train"]), candidates, total, seed)
+    elif 1 <= int(setting) <= total:
+        choice = LayerChoice(int(setting), total, chosen_by="config")
+    else:
+        raise LlmclfError(
+            f"--feature-layer {setting}: this model has {total} decoder layers; give 1 .. {total}, last or auto."
+        )
+    probs = None
+    if zero_shot is not None and choice.layer < total:  # the whole model's last states, before the cut
+        with runtime.autocast(precision):
+            last = layer_states(model, encoded.ids["test"], [total], pad_id, batch_size)[0]
+        logits = torch.from_numpy(last) @ zero_shot.float().T  # (test, labels)
+        probs = torch.softmax(logits, dim=-1).double().numpy()
+    removed = truncate(model, choice.layer)
+    log.info("%s", describe(choice, removed))
+    return FeatureLayer(choice, probs)
+
+
+def _applies(setting: int | str, model: Any) -> bool:
+    """Whether the setting changes anything here: not `last`, a decoder the cache supports, one process
+    holding the whole model (under FSDP the model is sharded: the last layer, with a note)."""
+    if setting == "last":
+        return False
+    if is_encoder(model):
+        if setting != "auto":
+            raise LlmclfError(
+                f"--feature-layer {setting}: this model is an encoder, whose head reads its own pooling of the "
+                "last layer. Give --feature-layer auto or last."
+            )
+        return False
+    try:
+        decoder_of(model)
+    except LlmclfError:
+        if setting != "auto":
+            raise
+        return False
+    if fsdp.requested():
+        log.info("note: under FSDP the head reads the last layer (model.feature_layer is not applied)")
+        return False
+    return True
+
+
+def describe(choice: LayerChoice, removed: int) -> str:
+    """One line for the log: which layer, why, and what it saves."""
+    why = ""
+    if choice.chosen_by == "cross-validation":
+        best = max(choice.scores)
+        last = choice.scores[choice.candidates.index(choice.total)]
+        why = f" (cross-validated probe: {best:.3f}, last layer {last:.3f})"
+    if removed:
+        return (
+            f"Features from layer {choice.layer} of {choice.total}{why}: the {removed} layers above are "
+            "not trained, run or saved."
+        )
+    return f"Features from the last layer ({choice.total}){why}."

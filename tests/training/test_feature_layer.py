@@ -1,0 +1,133 @@
+"""model.feature_layer: the head reads a chosen decoder layer and the layers above it are cut away, in
+training, in the reloaded classifier and in the exported model."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from conftest import build_tiny_model, plain_transformers, saved_probs, train_tiny
+from llmclf.errors import LlmclfError
+from llmclf.model.layer_choice import candidate_layers, choose, layer_states, truncate
+
+
+@pytest.fixture(scope="module")
+def four_layers(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-4"), layers=4)
+
+
+def test_choose_picks_the_planted_informative_layer():
+    """Five layers of noise, one of which also carries the class: that one is chosen, by a clear margin."""
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(4), 60)
+    states = rng.normal(size=(5, len(labels), 32)).astype(np.float32)
+    centres = rng.normal(size=(4, 32)) * 1.5
+    states[2] += centres[labels]  # layer candidates[2] knows the class
+    candidates = [10, 12, 14, 16, 18]
+    picked = choose(states, labels, candidates, total=18)
+    assert picked.layer == 14
+    others = [s for k, s in enumerate(picked.scores) if k != 2]
+    assert picked.scores[2] > 0.9 and max(others) < 0.5  # chance is 0.25
+
+
+def test_two_classes_of_noise_score_near_chance():
+    """scikit-learn's own leave-one-out score says 1.0 for two classes of pure noise; ours must not."""
+    from llmclf.model.layer_choice import score_layers
+
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 2, 400)
+    noise = rng.normal(size=(1, 400, 24)).astype(np.float32)
+    planted = noise + 2.0 * np.eye(24, dtype=np.float32)[labels * 3][None]
+    chance, informed = score_layers(np.concatenate([noise, planted]), labels)
+    assert chance < 0.62 and informed > 0.85
+
+
+def test_candidates_cover_the_top_two_thirds_and_the_last_layer():
+    assert candidate_layers(30) == [12, 14, 16, 18, 20, 22, 24, 26, 28, 30]
+    assert candidate_layers(7) == [3, 5, 7]
+    assert candidate_layers(2) == [2]
+
+
+def test_layer_states_are_what_a_cut_model_feeds_its_head(four_layers):
+    """Layer 2's normed state at the last real token equals the pooled output of the model cut after
+    layer 2 (and layer 4's that of the whole model), for texts of different lengths (right padding)."""
+    from transformers import AutoModelForSequenceClassification
+
+    whole = AutoModelForSequenceClassification.from_pretrained(four_layers, num_labels=2).eval()
+    ids = [[5, 9, 11, 40, 7], [8, 3], [100, 101, 102]]
+    states = layer_states(whole, ids, [2, 4], pad_id=0, batch_size=2)
+    cut = AutoModelForSequenceClassification.from_pretrained(four_layers, num_labels=2).eval()
+    assert truncate(cut, 2) == 2 and cut.config.num_hidden_layers == 2 and len(cut.model.layers) == 2
+    for k, model in enumerate((cut, whole)):
+        for i, row in enumerate(ids):
+            with torch.inference_mode():
+                hidden = model.model(input_ids=torch.tensor([row])).last_hidden_state[0, -1]
+            np.testing.assert_allclose(states[k, i], hidden.numpy(), atol=1e-5)
+
+
+def _run_info(run):
+    return json.loads((run / "run_info.json").read_text())
+
+
+def test_a_run_cut_at_layer_2_trains_reloads_and_exports_2_layers(four_layers, small_csv, tmp_path):
+    from llmclf import Classifier
+    from llmclf.cli import main
+
+    run = tmp_path / "run"
+    assert train_tiny(small_csv, four_layers, run, "--feature-layer", "2", "--lora-layers", "1") == 0
+    info = _run_info(run)
+    assert info["feature_layer"]["layer"] == 2 and info["feature_layer"]["of"] == 4
+    assert info["feature_layer"]["chosen_by"] == "config"
+    report = (run / "report.md").read_text()
+    assert "linear-probe head on layer 2 of 4" in report and "the 2 layers above it were cut away" in report
+    with safe_open(str(run / "adapter" / "adapter_model.safetensors"), "pt") as f:
+        layer_ids = {int(k.split("layers.")[1].split(".")[0]) for k in f.keys() if "layers." in k}
+    assert layer_ids == {1}  # LoRA on the top layer of the cut model: nothing of layers 3-4 is saved
+    preds, probs = saved_probs(run)
+    clf = Classifier.load(run)
+    assert clf.model.config.num_hidden_layers == 2
+    np.testing.assert_allclose(clf.predict_proba(preds["text"].tolist()), probs, atol=1e-4)
+    export = tmp_path / "export"
+    assert main(["--quiet", "export", str(run), "--output", str(export)]) == 0
+    assert json.loads((export / "config.json").read_text())["num_hidden_layers"] == 2
+    plain = plain_transformers(export, preds["text"].tolist()[:6], tmp_path)
+    np.testing.assert_allclose(plain["probs"], clf.model_proba(preds["text"].tolist()[:6]), atol=1e-4)
+
+
+def test_auto_scores_the_candidates_and_records_the_choice(small_csv, tmp_path):
+    model = build_tiny_model(tmp_path / "tiny-6", layers=6)
+    run = tmp_path / "run"
+    assert train_tiny(small_csv, model, run, "--lora-layers", "1") == 0
+    chosen = _run_info(run)["feature_layer"]
+    assert chosen["chosen_by"] == "cross-validation" and chosen["candidates"] == [4, 6]
+    assert len(chosen["scores"]) == 2 and all(0 <= s <= 1 for s in chosen["scores"])
+    best = chosen["candidates"][int(np.argmax(chosen["scores"]))]
+    assert chosen["layer"] == best
+
+
+def test_a_layer_beyond_the_model_is_refused_before_training(four_layers, small_csv, tmp_path, capsys):
+    assert train_tiny(small_csv, four_layers, tmp_path / "run", "--feature-layer", "9") != 0
+    err = capsys.readouterr().err
+    assert "--feature-layer 9" in err and "4 decoder layers" in err
+    assert not (tmp_path / "run" / "adapter").exists()
+
+
+def test_loading_more_layers_than_the_base_has_is_refused(four_layers):
+    from llmclf.model.loading import load_classifier
+
+    with pytest.raises(LlmclfError, match="has 4 decoder layers"):
+        load_classifier(str(four_layers), ["a", "b"], for_training=False, layers=7)
+    loaded = load_classifier(str(four_layers), ["a", "b"], for_training=False, layers=3)
+    assert len(loaded.model.model.layers) == 3
+
+
+def test_the_recipe_reads_the_last_layer():
+    from llmclf.config import build_config
+
+    assert build_config({"preset": "recipe"}).model.feature_layer == "last"
+    assert build_config({}).model.feature_layer == "auto"
+    assert build_config({"model": {"feature_layer": "14"}}).model.feature_layer == 14
