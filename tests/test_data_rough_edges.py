@@ -5,6 +5,7 @@ and evaluation labels that differ from the training labels only in case."""
 from __future__ import annotations
 
 import json
+import re
 
 import pandas as pd
 import pytest
@@ -131,3 +132,38 @@ def test_evaluation_labels_differing_only_in_case_say_so(tmp_path):
     msg = str(err.value)
     assert "never seen in training: ['business']" in msg
     assert "Only case or spaces differ ({'business': 'Business'})" in msg
+
+
+def _labelled(labels):
+    return pd.DataFrame({"text": [f"text number {i}" for i in range(len(labels))], "label": labels})
+
+
+@pytest.mark.parametrize(
+    "labels",
+    [
+        [f"{0.5 * (i % 10):.1f}" for i in range(200)],  # half-star ratings: 10 fractional classes
+        [i % 77 for i in range(300)],  # many integer class ids (banking77)
+        ["Science, Technology", "Sports", "World"] * 20,  # a comma inside a class name, parts not alone
+        ["a|b", "a", "c"] * 20,  # "b" never occurs alone
+    ],
+    ids=["few fractional classes", "77 integer ids", "comma in a name", "part not alone"],
+)
+def test_labels_that_are_classes_pass(labels):
+    out = clean_frame(_labelled(labels), "d.csv", "text", "label")
+    assert len(out) == len(labels) and out["label"].nunique() == len(set(labels))
+
+
+def test_scores_in_memory_name_the_frame_index():
+    frame = _labelled([i / 7 for i in range(60)])
+    frame.index = [f"r{i}" for i in range(60)]
+    with pytest.raises(LlmclfError, match=r"60 distinct numbers.*index r1, r2, r3.*label_column="):
+        clean_frame(frame, "frame", "text", "label", in_memory=True)
+
+
+@pytest.mark.parametrize("sep", [",", ";", "|"])
+def test_joined_labels_are_named_with_their_separator(sep):
+    frame = _labelled(["pos", "neg", f"pos{sep} neg", "neg"] * 5)
+    with pytest.raises(
+        LlmclfError, match=rf"1 label\(s\) such as 'pos{re.escape(sep)} neg' \(at row\(s\) 3\)"
+    ):
+        clean_frame(frame, "d.csv", "text", "label")

@@ -200,7 +200,61 @@ def clean_frame(
     out = pd.DataFrame({"text": [str(t) for t, k in zip(texts, keep) if k], "row": rows[keep]})
     if label_column:
         out["label"] = [normalise_label(v, class_names) for v, k in zip(found[label_column], keep) if k]
+        _refuse_scores(out, source, label_column, words, where)
+        _refuse_label_sets(out, source, label_column, where)
     return out
+
+
+MAX_FRACTIONAL_CLASSES = 20
+"""More distinct fractional numbers than this in a label column are scores, not classes."""
+LABEL_SEPARATORS = (",", ";", "|")
+
+
+def _first_rows(frame: pd.DataFrame, labels: list[str]) -> list[int]:
+    first = frame.drop_duplicates("label").set_index("label")["row"]
+    return [int(first[label]) for label in labels]
+
+
+def _refuse_scores(
+    frame: pd.DataFrame, source: str, column: str, words: dict[str, str], where: Callable[[list[int]], str]
+) -> None:
+    """A column of many fractional numbers (ratings, similarity scores) would train a class per value."""
+    values = list(dict.fromkeys(frame["label"]))
+    numbers = [_finite(v) for v in values]
+    if any(n is None for n in numbers) or all(float(n).is_integer() for n in numbers):
+        return
+    if len(values) <= MAX_FRACTIONAL_CLASSES:
+        return
+    shown = [v for v in values if "." in v][:3]
+    raise LlmclfError(
+        f"{source}: column '{column}' holds {len(values)} distinct numbers with fractions (e.g. "
+        f"{', '.join(shown)} at {where(_first_rows(frame, shown))}): these look like scores, not classes; "
+        "as classes most would have a text or two each. llmclf trains classifiers (regression is not "
+        "supported yet): bin the scores into a few classes first (e.g. pandas.cut), or choose the column "
+        f"of class names with {words['label']}."
+    )
+
+
+def _refuse_label_sets(
+    frame: pd.DataFrame, source: str, column: str, where: Callable[[list[int]], str]
+) -> None:
+    """Labels such as "sports,politics" beside "sports" and "politics" are several labels per text."""
+    present = set(frame["label"])
+    for sep in LABEL_SEPARATORS:
+        joined = {}
+        for label in present:
+            parts = [p.strip() for p in label.split(sep)]
+            if len(parts) > 1 and all(p in present for p in parts):
+                joined[label] = parts
+        if joined:
+            label, parts = sorted(joined.items())[0]
+            raise LlmclfError(
+                f"{source}: column '{column}' has {len(joined)} label(s) such as '{label}' (at "
+                f"{where(_first_rows(frame, [label]))}) that join labels also found alone ({parts}) with "
+                f"'{sep}': this looks like several labels per text (multi-label data), which llmclf does not "
+                "train yet. Give each text one label; or, if such a label is a class of its own, write it "
+                f"without '{sep}'."
+            )
 
 
 def case_only(unknown: list[str], known: list[str]) -> dict[str, str]:

@@ -68,6 +68,22 @@ LABEL_FILES = {
     "missing label column": ("nolabel.csv", csv_text(GOOD, ("text",)).encode(), ["['label'] not found"]),
     "missing label": ("nolab.csv", with_rows({7: {"label": ""}}), ["missing label", "row(s) 8"]),
     "short ragged row": ("short.csv", csv_text(GOOD[:20]).encode() + b'"only a text"\n', ["row(s) 21"]),
+    "scores as labels": (
+        "scores.csv",
+        csv_text([{**r, "label": f"{(i * 0.37) % 5:.2f}"} for i, r in enumerate(GOOD)]).encode(),
+        [
+            "column 'label' holds 1",
+            "distinct numbers with fractions",
+            "0.37, 0.74",
+            "row(s) 2, 3",
+            "bin the scores",
+        ],
+    ),
+    "several labels per text": (
+        "multi.csv",
+        with_rows({5: {"label": "World,Sports"}}),
+        ["'World,Sports'", "row(s) 6", "['World', 'Sports']", "multi-label", "one label"],
+    ),
 }
 
 
@@ -310,6 +326,19 @@ def test_texts_with_carriage_returns_survive_the_written_csv(tmp_path, trained_r
     frame = pd.DataFrame({"text": ["Stocks fell\rsharply", "A late goal\r\nwon it", "plain"]})
     frame.to_csv(tmp_path / "in.csv", index=False, lineterminator="\r\n")  # quoted: a valid CSV input
     out = tmp_path / "out.csv"
-    assert main(["--quiet", "predict", str(trained_run), "--input", str(tmp_path / "in.csv"), "--output", str(out)]) == 0
+    assert (
+        main(
+            [
+                "--quiet",
+                "predict",
+                str(trained_run),
+                "--input",
+                str(tmp_path / "in.csv"),
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
     back = pd.read_csv(out, keep_default_na=False)
     assert back["text"].tolist() == frame["text"].tolist()  # a bare \r used to split its row in two
