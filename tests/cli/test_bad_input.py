@@ -326,19 +326,6 @@ def test_texts_with_carriage_returns_survive_the_written_csv(tmp_path, trained_r
     frame = pd.DataFrame({"text": ["Stocks fell\rsharply", "A late goal\r\nwon it", "plain"]})
     frame.to_csv(tmp_path / "in.csv", index=False, lineterminator="\r\n")  # quoted: a valid CSV input
     out = tmp_path / "out.csv"
-    assert (
-        main(
-            [
-                "--quiet",
-                "predict",
-                str(trained_run),
-                "--input",
-                str(tmp_path / "in.csv"),
-                "--output",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    assert main(["--quiet", "predict", str(trained_run), "--input", str(tmp_path / "in.csv"), "--output", str(out)]) == 0
     back = pd.read_csv(out, keep_default_na=False)
     assert back["text"].tolist() == frame["text"].tolist()  # a bare \r used to split its row in two
