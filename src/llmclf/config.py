@@ -166,7 +166,7 @@ class ModelConfig:
             self.prompt_template,
             f"auto, {', '.join(PROMPT_TEMPLATES)}, or a template holding {PROMPT_PLACEHOLDER} exactly once",
         )
-        if isinstance(self.feature_layer, str) and self.feature_layer.strip().isdigit():
+        if isinstance(self.feature_layer, str) and self.feature_layer.strip().isdecimal():  # "²" is a digit
             self.feature_layer = int(self.feature_layer)
         _require(
             self.feature_layer in ("auto", "last")

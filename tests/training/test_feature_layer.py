@@ -73,12 +73,18 @@ def _run_info(run):
     return json.loads((run / "run_info.json").read_text())
 
 
-def test_a_run_cut_at_layer_2_trains_reloads_and_exports_2_layers(four_layers, small_csv, tmp_path):
+@pytest.fixture(scope="module")
+def cut_run(four_layers, small_csv, tmp_path_factory):
+    run = tmp_path_factory.mktemp("cut") / "run"
+    assert train_tiny(small_csv, four_layers, run, "--feature-layer", "2", "--lora-layers", "1") == 0
+    return run
+
+
+def test_a_run_cut_at_layer_2_trains_reloads_and_exports_2_layers(cut_run, tmp_path):
     from llmclf import Classifier
     from llmclf.cli import main
 
-    run = tmp_path / "run"
-    assert train_tiny(small_csv, four_layers, run, "--feature-layer", "2", "--lora-layers", "1") == 0
+    run = cut_run
     info = _run_info(run)
     assert info["feature_layer"]["layer"] == 2 and info["feature_layer"]["of"] == 4
     assert info["feature_layer"]["chosen_by"] == "config"
@@ -105,7 +111,7 @@ def test_auto_scores_the_candidates_and_records_the_choice(small_csv, tmp_path):
     chosen = _run_info(run)["feature_layer"]
     assert chosen["chosen_by"] == "cross-validation" and chosen["candidates"] == [4, 6]
     assert len(chosen["scores"]) == 2 and all(0 <= s <= 1 for s in chosen["scores"])
-    best = chosen["candidates"][int(np.argmax(chosen["scores"]))]
+    best = max(zip(chosen["scores"], chosen["candidates"]))[1]  # the deeper layer on a tie, as `choose`
     assert chosen["layer"] == best
 
 
@@ -131,3 +137,80 @@ def test_the_recipe_reads_the_last_layer():
     assert build_config({"preset": "recipe"}).model.feature_layer == "last"
     assert build_config({}).model.feature_layer == "auto"
     assert build_config({"model": {"feature_layer": "14"}}).model.feature_layer == 14
+    with pytest.raises(LlmclfError, match="model.feature_layer"):
+        build_config({"model": {"feature_layer": "²"}})  # a digit to str.isdigit, not a number to int()
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        {"layer": 3, "of": 4},  # the adapter sits on layer 2 of a 2-layer cut: a 3-layer model is not it
+        {"layer": 2, "of": 6},  # recorded for another base model
+        {"layer": 0, "of": 4},
+        {"layer": "2", "of": 4},
+        {"layer": 2},
+        [2, 4],
+        None,  # "not cut": the whole 4-layer model under an adapter made for the top of 2 layers
+    ],
+    ids=["layer raised", "other base", "zero", "string", "no of", "a list", "removed"],
+)
+def test_an_edited_feature_layer_is_refused_on_reload(cut_run, tmp_path, entry):
+    """run_info.json is untrusted: whatever it says about the cut, the model loaded must be the one the
+    adapter was trained on, or the load stops (the manifest is rewritten, as a crafted folder would)."""
+    import shutil
+
+    from llmclf import Classifier
+    from llmclf.manifest import write_manifest
+    from llmclf.training.pipeline import MANIFESTED
+
+    run = shutil.copytree(cut_run, tmp_path / "run")
+    info = _run_info(run)
+    info["feature_layer"] = entry
+    (run / "run_info.json").write_text(json.dumps(info))
+    write_manifest(run, names=MANIFESTED)
+    with pytest.raises(LlmclfError, match="feature_layer|layers"):
+        Classifier.load(run)
+
+
+def test_a_cut_model_with_per_layer_attention_kinds_reloads_and_saves(four_layers, tmp_path):
+    """Qwen3's config lists one attention kind per layer; the cut model's list must be cut too, or
+    transformers refuses to save it (the export)."""
+    from transformers import AutoModelForSequenceClassification, Qwen3Config, Qwen3ForSequenceClassification
+
+    from llmclf.model.loading import load_classifier
+
+    config = Qwen3Config(
+        vocab_size=600, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, layer_types=["full_attention"] * 4,
+    )  # fmt: skip
+    Qwen3ForSequenceClassification(config).save_pretrained(tmp_path / "qwen")
+    loaded = load_classifier(
+        str(tmp_path / "qwen"), ["a", "b"], for_training=False, tokenizer_source=str(four_layers), layers=2
+    )
+    assert loaded.model.config.layer_types == ["full_attention"] * 2
+    loaded.model.save_pretrained(tmp_path / "saved")
+    again = AutoModelForSequenceClassification.from_pretrained(tmp_path / "saved")
+    assert len(again.model.layers) == 2 and again.config.num_hidden_layers == 2
+
+
+def test_the_layer_sample_keeps_every_class_even_a_single_row():
+    from llmclf.model.layer_choice import sample_rows
+
+    labels = np.array([0] * 3000 + [1] * 1000 + [2])  # class 2 has one row: a stratified split would fail
+    rows = sample_rows(labels, 2000, seed=0)
+    assert len(rows) == 2000 and len(set(rows)) == 2000 and np.all(np.diff(rows) > 0)
+    counts = np.bincount(labels[rows])
+    assert counts[2] == 1 and abs(counts[0] - 1500) <= 2 and abs(counts[1] - 500) <= 2
+    assert np.array_equal(sample_rows(labels[:50], 2000, seed=0), np.arange(50))
+
+
+def test_an_explicit_layer_under_fsdp_is_refused(four_layers, monkeypatch):
+    from transformers import AutoModelForSequenceClassification
+
+    from llmclf.training import feature_layer, fsdp
+
+    model = AutoModelForSequenceClassification.from_pretrained(four_layers, num_labels=2)
+    monkeypatch.setattr(fsdp, "requested", lambda: True)
+    with pytest.raises(LlmclfError, match="--feature-layer 2: under FSDP"):
+        feature_layer._applies(2, model)
+    assert feature_layer._applies("auto", model) is False  # auto: the last layer, with a note

@@ -71,18 +71,19 @@ def load_lexical(run: RunFolder, info: dict, num_labels: int) -> LexicalHead | N
     return LexicalHead.load(run.path(LEXICAL), num_labels)
 
 
-def recorded_layer(info: dict, where: Path) -> int | None:
-    """The layer the run cut its model after (run_info's feature_layer), None where it kept every layer."""
+def recorded_layer(info: dict, where: Path) -> tuple[int, int] | None:
+    """(layer, of): the layer the run cut its model after and the base model's layer count (run_info's
+    feature_layer), None where it kept every layer."""
     entry = info.get("feature_layer")
     if entry is None:
         return None
-    layer = entry.get("layer") if isinstance(entry, dict) else None
-    if not isinstance(layer, int) or isinstance(layer, bool) or layer < 1:
+    layer, of = (entry.get("layer"), entry.get("of")) if isinstance(entry, dict) else (None, None)
+    if not all(isinstance(n, int) and not isinstance(n, bool) for n in (layer, of)) or not 1 <= layer <= of:
         raise LlmclfError(
-            f"{where}: feature_layer is {entry!r}, expected {{'layer': N, ...}} with N >= 1. The file was "
-            "changed after training: restore it, or train again."
+            f"{where}: feature_layer is {entry!r}, expected {{'layer': N, 'of': M, ...}} with 1 <= N <= M. "
+            "The file was changed after training: restore it, or train again."
         )
-    return layer
+    return layer, of
 
 
 def inference_settings(info: dict, attn_mode: str, requested: str | None = None) -> tuple[str, str]:
@@ -200,6 +201,7 @@ class Classifier:
                 "merge_lora: merging LoRA into a 4-bit base is lossy; load the run with full_precision=True."
             )
         # Same precision as in training, so probabilities match those written at the end of training.
+        cut = recorded_layer(info, run.path(RUN_INFO))
         loaded = load_classifier(
             source,
             labels,
@@ -211,7 +213,8 @@ class Classifier:
             attn_implementation=attn,
             allow_pickle=allow_pickle,
             revision=revision,
-            layers=recorded_layer(info, run.path(RUN_INFO)),
+            layers=cut[0] if cut else None,
+            base_layers=cut[1] if cut else None,
         )
         if precision in ("bf16", "fp16") and not loaded.quantized:
             # Training kept the head in fp32 over the half-precision base (model.loading.add_lora): load the

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from llmclf.errors import LlmclfError
-from llmclf.model.anatomy import HEAD_NAMES
+from llmclf.model.anatomy import HEAD_NAMES, num_layers
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
@@ -39,6 +39,7 @@ def load_adapter(model: Any, folder: Path, labels: list[str]) -> Any:
         for name in sorted(set(saved) & set(expected))
         if saved[name] != expected[name]
     ]
+    problems += _top_layer_problems(peft_model)
     if problems:
         raise LlmclfError(
             f"{weights} does not match the model it adapts: {'; '.join(problems[:5])}"
@@ -46,6 +47,24 @@ def load_adapter(model: Any, folder: Path, labels: list[str]) -> Any:
             + ". The run folder is damaged or edited: copy it again, or train again."
         )
     return peft_model
+
+
+def _top_layer_problems(peft_model: Any) -> list[str]:
+    """LoRA on the top k layers (`layers_to_transform`) ends at the model's last layer, as training put it:
+    a model built with more or fewer layers (an edited feature_layer) would load the adapter silently."""
+    wanted = getattr(peft_model.peft_config.get("default"), "layers_to_transform", None)
+    if not isinstance(wanted, list) or not wanted:
+        return []
+    try:
+        total = num_layers(peft_model)
+    except LlmclfError:
+        return []
+    if max(wanted) == total - 1:
+        return []
+    return [
+        f"it adapts layers {min(wanted)}..{max(wanted)} (0-based), the top of a {max(wanted) + 1}-layer model, "
+        f"but the model has {total} layers"
+    ]
 
 
 def _saved_shapes(weights: Path) -> dict[str, tuple[int, ...]]:

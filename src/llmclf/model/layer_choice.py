@@ -62,10 +62,13 @@ def layer_states(
     decoder = decoder_of(model)
     wanted = {layer - 1: k for k, layer in enumerate(layers)}  # 0-based module index -> row
     captured: dict[int, torch.Tensor] = {}
+    last = torch.zeros(0, dtype=torch.long)  # each text's last real position in the current batch
 
     def keep(index: int) -> Any:
         def hook(_module: Any, _args: Any, output: Any) -> None:
-            captured[index] = output[0] if isinstance(output, tuple) else output
+            states = output[0] if isinstance(output, tuple) else output  # (batch, seq, hidden)
+            # pooled at once, so a batch holds one (batch, hidden) row per candidate, not its whole output
+            captured[index] = states[torch.arange(len(last)), last.to(states.device)]
 
         return hook
 
@@ -82,12 +85,10 @@ def layer_states(
             mask = torch.zeros((len(idx), width), dtype=torch.long)
             for row, i in enumerate(idx):  # right padding, as the activation cache
                 batch[row, : len(ids[i])], mask[row, : len(ids[i])] = torch.tensor(ids[i]), 1
-            decoder(input_ids=batch.to(device), attention_mask=mask.to(device), use_cache=False)
             last = mask.sum(dim=1) - 1
-            rows = torch.arange(len(idx))
+            decoder(input_ids=batch.to(device), attention_mask=mask.to(device), use_cache=False)
             for index, k in wanted.items():
-                pooled = captured[index][rows, last.to(captured[index].device)]  # (batch, hidden)
-                out[k, idx] = kept_norm(pooled).float().cpu().numpy()
+                out[k, idx] = kept_norm(captured[index]).float().cpu().numpy()  # (batch, hidden)
     finally:
         decoder.layers = kept_layers
         for handle in handles:
@@ -95,16 +96,15 @@ def layer_states(
     return out
 
 
-def score_layers(states: np.ndarray, labels: np.ndarray, seed: int = 0) -> list[float]:
+def score_layers(states: np.ndarray, labels: np.ndarray) -> list[float]:
     """Leave-one-out balanced accuracy of a ridge classifier on each layer's standardised states
     (layers, n, hidden), the best over RIDGE_ALPHAS per layer."""
     from sklearn.linear_model import RidgeClassifierCV
     from sklearn.metrics import balanced_accuracy_score
 
-    index = _sample(labels, MAX_TEXTS, seed)
-    y = labels[index]
     scores = []
-    for x in states[:, index]:
+    y = labels
+    for x in states:
         x = (x - x.mean(axis=0)) / (x.std(axis=0) + 1e-6)
         # its own best_score_ is wrong for two classes (scikit-learn 1.9 scores 1.0 on noise): the
         # leave-one-out decision values (n, 1 or classes, alphas) are scored here instead
@@ -119,23 +119,28 @@ def score_layers(states: np.ndarray, labels: np.ndarray, seed: int = 0) -> list[
     return scores
 
 
-def choose(
-    states: np.ndarray, labels: np.ndarray, candidates: list[int], total: int, seed: int = 0
-) -> LayerChoice:
+def choose(states: np.ndarray, labels: np.ndarray, candidates: list[int], total: int) -> LayerChoice:
     """The candidate whose states score best (the deeper one on a tie)."""
-    scores = score_layers(states, labels, seed)
+    scores = score_layers(states, labels)
     best = max(range(len(candidates)), key=lambda k: (scores[k], candidates[k]))
     return LayerChoice(candidates[best], total, candidates, scores)
 
 
-def _sample(labels: np.ndarray, limit: int, seed: int) -> np.ndarray:
-    """Indices of at most `limit` rows, every class keeping its share (all rows when there are fewer)."""
-    if len(labels) <= limit:
-        return np.arange(len(labels))
-    from sklearn.model_selection import train_test_split
-
-    kept, _ = train_test_split(np.arange(len(labels)), train_size=limit, stratify=labels, random_state=seed)
-    return np.sort(kept)
+def sample_rows(labels: np.ndarray, limit: int, seed: int) -> np.ndarray:
+    """Sorted indices of `limit` rows (all rows when there are fewer), each class keeping its share and at
+    least one row, the rest drawn at random: a class with a single row is kept, not an error."""
+    n = len(labels)
+    if n <= limit:
+        return np.arange(n)
+    rng = np.random.default_rng(seed)
+    picked = [
+        rng.permutation(rows)[: max(1, len(rows) * limit // n)]
+        for rows in (np.flatnonzero(labels == c) for c in np.unique(labels))
+    ]
+    kept = np.concatenate(picked)
+    rest = np.setdiff1d(np.arange(n), kept)
+    extra = rng.choice(rest, size=max(0, limit - len(kept)), replace=False)
+    return np.sort(np.concatenate([kept, extra]))
 
 
 def truncate(model: Any, layer: int) -> int:

@@ -79,12 +79,14 @@ def load_classifier(
     allow_pickle: bool = False,
     revision: str | None = None,
     layers: int | None = None,
+    base_layers: int | None = None,
 ) -> LoadedModel:
     """Base model with a `num_labels` classification head, pad token set in tokenizer and config.
 
     `tokenizer_source`: where the tokenizer lives when not beside the weights (a run folder's copy).
     `revision`: the hub commit to load (a reloaded run's recorded one).
-    `layers`: build and load only the first `layers` decoder layers (a run cut at its feature layer).
+    `layers`: build and load only the first `layers` decoder layers (a run cut at its feature layer);
+    `base_layers`: the layer count the run recorded for the base model, checked.
     `precision` (resolved: bf16/fp16/fp32) is the 4-bit compute dtype,
     and the weight dtype of a non-quantised model; `attn_implementation` is passed to transformers.
     """
@@ -106,7 +108,7 @@ def load_classifier(
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     if layers is not None:
-        kwargs["num_hidden_layers"] = check_layer_count(source, layers, kwargs)
+        kwargs.update(cut_config(source, layers, kwargs, base_layers))
     if quantize:
         kwargs["quantization_config"] = bnb_config(HEAD_NAMES, dtype)
         # One whole model per process: under DDP each rank loads onto its own GPU (LOCAL_RANK).
@@ -137,22 +139,30 @@ def load_classifier(
     return LoadedModel(model, tokenizer, quantize)
 
 
-def check_layer_count(source: str, layers: int, kwargs: dict[str, Any]) -> int:
-    """`layers` when the base model has at least that many decoder layers: more would be new, random
-    layers, so a run folder asking for them is refused."""
+def cut_config(
+    source: str, layers: int, kwargs: dict[str, Any], base_layers: int | None = None
+) -> dict[str, Any]:
+    """The config overrides that load the base model cut after `layers` decoder layers, as training cut
+    it (`layer_choice.truncate`): the layer count, and the per-layer attention kinds where the config
+    lists them (Qwen2/3, Gemma; a count that disagrees with the list fails validation on save). A run
+    folder asking for more layers than the base model has (new, random layers) is refused."""
     from transformers import AutoConfig
 
     keys = ("trust_remote_code", "revision")
     with hub_errors(source):
-        total = AutoConfig.from_pretrained(
-            source, **{k: kwargs[k] for k in keys if k in kwargs}
-        ).num_hidden_layers
-    if not (isinstance(layers, int) and not isinstance(layers, bool) and 1 <= layers <= total):
+        config = AutoConfig.from_pretrained(source, **{k: kwargs[k] for k in keys if k in kwargs})
+    total = config.num_hidden_layers
+    fits = isinstance(layers, int) and not isinstance(layers, bool) and 1 <= layers <= total
+    if not fits or base_layers not in (None, total):
         raise LlmclfError(
-            f"The run reads layer {layers!r} of {source}, which has {total} decoder layers: the run folder "
+            f"The run reads layer {layers!r} of {base_layers or 'a model'}, and {source} has {total} decoder "
+            "layers: the run folder "
             "does not belong to this base model. Give the base model it was trained on (--base-model)."
         )
-    return layers
+    overrides: dict[str, Any] = {"num_hidden_layers": layers}
+    if isinstance(getattr(config, "layer_types", None), list):
+        overrides["layer_types"] = config.layer_types[:layers]
+    return overrides
 
 
 def lora_targets(model: Any, targets: list[str] | str) -> list[str] | str | None:

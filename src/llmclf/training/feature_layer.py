@@ -13,7 +13,15 @@ import torch
 from llmclf import runtime
 from llmclf.errors import LlmclfError
 from llmclf.model.anatomy import decoder_of, is_encoder, num_layers
-from llmclf.model.layer_choice import LayerChoice, candidate_layers, choose, layer_states, truncate
+from llmclf.model.layer_choice import (
+    MAX_TEXTS,
+    LayerChoice,
+    candidate_layers,
+    choose,
+    layer_states,
+    sample_rows,
+    truncate,
+)
 from llmclf.training import fsdp
 from llmclf.training.backend import Encoded
 
@@ -51,11 +59,14 @@ def pick_feature_layer(
         candidates = candidate_layers(total)
         if len(candidates) == 1:  # nothing to choose between
             return FeatureLayer(None)
-        train_ids = encoded.ids["train"]
-        log.info("Scoring %d layers' states on %d training texts ...", len(candidates), len(train_ids))
+        labels = np.asarray(encoded.labels["train"])
+        rows = sample_rows(labels, MAX_TEXTS, seed)  # enough to rank layers; the pass costs one per text
+        log.info("Scoring %d layers' states on %d training texts ...", len(candidates), len(rows))
         with runtime.autocast(precision):
-            states = layer_states(model, train_ids, candidates, pad_id, batch_size)
-        choice = choose(states, np.asarray(encoded.labels["train"]), candidates, total, seed)
+            states = layer_states(
+                model, [encoded.ids["train"][i] for i in rows], candidates, pad_id, batch_size
+            )
+        choice = choose(states, labels[rows], candidates, total)
     elif 1 <= int(setting) <= total:
         choice = LayerChoice(int(setting), total, chosen_by="config")
     else:
@@ -92,6 +103,11 @@ def _applies(setting: int | str, model: Any) -> bool:
             raise
         return False
     if fsdp.requested():
+        if setting != "auto":
+            raise LlmclfError(
+                f"--feature-layer {setting}: under FSDP the model is sharded across processes and the head "
+                "reads the last layer. Give --feature-layer auto or last, or train without FSDP."
+            )
         log.info("note: under FSDP the head reads the last layer (model.feature_layer is not applied)")
         return False
     return True

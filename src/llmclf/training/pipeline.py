@@ -28,6 +28,7 @@ from llmclf.inference.metrics import compute_metrics
 from llmclf.manifest import write_manifest
 from llmclf.model.anatomy import num_layers, resolve_top_layers
 from llmclf.model.label_words import zero_shot_head
+from llmclf.model.layer_choice import MAX_TEXTS
 from llmclf.model.loading import add_lora, load_classifier, resolve_quantize
 from llmclf.model.prompt import apply_template, resolve_template
 from llmclf.model.provenance import identify
@@ -352,7 +353,8 @@ def planned_work(model: Any, encoded: Encoded, config: RunConfig) -> estimate.Wo
     tokens = {name: sum(len(ids) for ids in encoded.ids[name]) for name in SPLITS}
     share = 1.0 if top_layers is None else top_layers / num_layers(model)
     validations = (math.ceil(epochs) + 1) if tokens["val"] else 0  # each epoch, and the lexical check
-    scored = tokens["train"] + tokens["test"] if config.model.feature_layer == "auto" else 0
+    sampled = min(1.0, MAX_TEXTS / max(1, len(encoded.ids["train"])))  # the layer pass's share of train
+    scored = round(tokens["train"] * sampled) + tokens["test"] if config.model.feature_layer == "auto" else 0
     return estimate.Work(parameters, tokens, epochs, share, validations, scored)
 
 
