@@ -225,7 +225,7 @@ def _refuse_scores(
         return
     if len(values) <= MAX_FRACTIONAL_CLASSES:
         return
-    shown = [v for v in values if "." in v][:3]
+    shown = [v for v, n in zip(values, numbers) if not float(n).is_integer()][:3]  # "2.5", "1e-3"
     raise LlmclfError(
         f"{source}: column '{column}' holds {len(values)} distinct numbers with fractions (e.g. "
         f"{', '.join(shown)} at {where(_first_rows(frame, shown))}): these look like scores, not classes; "

@@ -103,18 +103,18 @@ def score_layers(states: np.ndarray, labels: np.ndarray) -> list[float]:
     from sklearn.metrics import balanced_accuracy_score
 
     scores = []
-    y = labels
     for x in states:
         x = (x - x.mean(axis=0)) / (x.std(axis=0) + 1e-6)
         # its own best_score_ is wrong for two classes (scikit-learn 1.9 scores 1.0 on noise): the
         # leave-one-out decision values (n, 1 or classes, alphas) are scored here instead
-        fitted = RidgeClassifierCV(alphas=RIDGE_ALPHAS, scoring="accuracy", store_cv_results=True).fit(x, y)
+        ridge = RidgeClassifierCV(alphas=RIDGE_ALPHAS, scoring="accuracy", store_cv_results=True)
+        fitted = ridge.fit(x, labels)
         values = fitted.cv_results_
         best = 0.0
         for k in range(values.shape[2]):
             column = values[:, :, k]
             picked = (column[:, 0] > 0).astype(int) if column.shape[1] == 1 else column.argmax(axis=1)
-            best = max(best, float(balanced_accuracy_score(y, fitted.classes_[picked])))
+            best = max(best, float(balanced_accuracy_score(labels, fitted.classes_[picked])))
         scores.append(best)
     return scores
 
