@@ -234,3 +234,71 @@ def test_fsdp_two_cpu_processes_match_ddp(tmp_path, tiny_model_dir, small_csv, d
     ddp_probs = pd.read_csv(ddp_run["out"] / "predictions_test.csv")
     labels = json.loads((run["out"] / "labels.json").read_text())
     np.testing.assert_allclose(probs, ddp_probs[[f"prob_{label}" for label in labels]].to_numpy(), atol=1e-4)
+
+
+LAYER_PASS = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np
+    import torch
+    from transformers import AutoModelForSequenceClassification
+    from llmclf import distributed
+    from llmclf.training import feature_layer
+    from llmclf.training.backend import Encoded
+
+    model_dir, out = sys.argv[1], sys.argv[2]
+    seen, kept = [], {}
+    real_states, real_choose = feature_layer.layer_states, feature_layer.choose
+
+    def counted(model, ids, *args, **kwargs):
+        seen.append(len(ids))
+        return real_states(model, ids, *args, **kwargs)
+
+    def keep(states, labels, candidates, total):
+        kept["states"] = states
+        return real_choose(states, labels, candidates, total)
+
+    feature_layer.layer_states, feature_layer.choose = counted, keep
+    with distributed.session():
+        model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2).eval()
+        rng = np.random.default_rng(0)
+        ids = [rng.integers(5, 200, size=int(rng.integers(3, 12))).tolist() for _ in range(41)]
+        encoded = Encoded({"train": ids}, {"train": [i % 2 for i in range(41)]}, {}, {})
+        choice = feature_layer._choose_layer(model, encoded, [2, 4], 0, "fp32", 8, 7)
+        rank = distributed.rank()
+    np.save(f"{out}/states-{rank}.npy", kept["states"])
+    with open(f"{out}/choice-{rank}.json", "w") as f:
+        json.dump({"layer": choice.layer, "scores": choice.scores, "texts": seen}, f)
+    """
+)
+
+
+def test_the_layer_pass_is_shared_between_processes(tmp_path, tiny_model_dir):
+    """Under torchrun each process runs half of the sampled texts through the layers and all of them
+    score the gathered states: the same states and choice as one process, every text run once."""
+    from conftest import build_tiny_model
+
+    model = build_tiny_model(tmp_path / "tiny-4", layers=4)
+    script = tmp_path / "layer_pass.py"
+    script.write_text(LAYER_PASS, encoding="utf-8")
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    for name, launcher in (
+        ("two", [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]),
+        ("one", [sys.executable]),
+    ):
+        (tmp_path / name).mkdir()
+        done = subprocess.run(
+            [*launcher, str(script), str(model), str(tmp_path / name)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+    alone = json.loads((tmp_path / "one" / "choice-0.json").read_text())
+    ranks = [json.loads((tmp_path / "two" / f"choice-{r}.json").read_text()) for r in (0, 1)]
+    assert alone["texts"] == [41] and [r["texts"] for r in ranks] == [[21], [20]]
+    want = np.load(tmp_path / "one" / "states-0.npy")
+    for r in (0, 1):
+        np.testing.assert_allclose(np.load(tmp_path / "two" / f"states-{r}.npy"), want, atol=1e-5)
+        assert ranks[r]["layer"] == alone["layer"] and ranks[r]["scores"] == pytest.approx(alone["scores"])

@@ -4,6 +4,7 @@ training, in the reloaded classifier and in the exported model."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -104,15 +105,85 @@ def test_a_run_cut_at_layer_2_trains_reloads_and_exports_2_layers(cut_run, tmp_p
     np.testing.assert_allclose(plain["probs"], clf.model_proba(preds["text"].tolist()[:6]), atol=1e-4)
 
 
-def test_auto_scores_the_candidates_and_records_the_choice(small_csv, tmp_path):
-    model = build_tiny_model(tmp_path / "tiny-6", layers=6)
-    run = tmp_path / "run"
-    assert train_tiny(small_csv, model, run, "--lora-layers", "1") == 0
-    chosen = _run_info(run)["feature_layer"]
+@pytest.fixture(scope="module")
+def six_layers(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-6"), layers=6)
+
+
+@pytest.fixture(scope="module")
+def auto_run(six_layers, small_csv, tmp_path_factory):
+    run = tmp_path_factory.mktemp("auto") / "run"
+    assert train_tiny(small_csv, six_layers, run, "--lora-layers", "1") == 0
+    return run
+
+
+def test_auto_scores_the_candidates_and_records_the_choice(auto_run):
+    chosen = _run_info(auto_run)["feature_layer"]
     assert chosen["chosen_by"] == "cross-validation" and chosen["candidates"] == [4, 6]
     assert len(chosen["scores"]) == 2 and all(0 <= s <= 1 for s in chosen["scores"])
     best = max(zip(chosen["scores"], chosen["candidates"]))[1]  # the deeper layer on a tie, as `choose`
     assert chosen["layer"] == best
+    assert json.loads((auto_run / "feature_layer.json").read_text()) == chosen  # for a resumed run
+
+
+def _interrupted_copy(run, tmp_path, record):
+    """The finished run made to look interrupted (no metrics.json), its recorded layer replaced."""
+    out = tmp_path / "interrupted"
+    shutil.copytree(run, out)
+    (out / "metrics.json").unlink()
+    (out / "feature_layer.json").write_text(json.dumps(record))
+    return out
+
+
+def test_a_resumed_run_cuts_at_the_layer_the_interrupted_run_chose(
+    auto_run, six_layers, small_csv, tmp_path, monkeypatch
+):
+    """The recorded layer is taken, not chosen again (its checkpoints hold LoRA for that cut): shown by
+    recording the other candidate, which a new choice would not pick, with the layer pass disabled."""
+    from llmclf.training import feature_layer
+
+    chosen = _run_info(auto_run)["feature_layer"]
+    other = 4 if chosen["layer"] == 6 else 6
+    out = _interrupted_copy(auto_run, tmp_path, {**chosen, "layer": other})
+
+    def no_second_pass(*args, **kwargs):
+        raise AssertionError("the layers were scored again")
+
+    monkeypatch.setattr(feature_layer, "_choose_layer", no_second_pass)
+    assert train_tiny(small_csv, six_layers, out, "--lora-layers", "1", "--resume") == 0
+    assert _run_info(out)["feature_layer"]["layer"] == other
+    assert clf_layers(out) == other
+
+
+def clf_layers(run):
+    from llmclf.inference.classifier import Classifier
+
+    return Classifier.load(run).model.config.num_hidden_layers
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        {"layer": 5},  # not a candidate
+        {"layer": "6"},
+        {"of": 30},  # another model's record
+        {"scores": [0.5]},
+        {"candidates": [2, 4, 6]},
+    ],
+)
+def test_a_damaged_layer_record_stops_the_resume(auto_run, six_layers, small_csv, tmp_path, capsys, edit):
+    out = _interrupted_copy(auto_run, tmp_path, {**_run_info(auto_run)["feature_layer"], **edit})
+    assert train_tiny(small_csv, six_layers, out, "--lora-layers", "1", "--resume") != 0
+    err = capsys.readouterr().err
+    assert "feature_layer.json" in err and "Start a new run" in err
+
+
+def test_an_unreadable_layer_record_stops_the_resume(auto_run, six_layers, small_csv, tmp_path, capsys):
+    out = _interrupted_copy(auto_run, tmp_path, {})
+    (out / "feature_layer.json").write_text("[1, 2")
+    assert train_tiny(small_csv, six_layers, out, "--lora-layers", "1", "--resume") != 0
+    err = capsys.readouterr().err
+    assert "feature_layer.json" in err and "Start a new run" in err
 
 
 def test_a_layer_beyond_the_model_is_refused_before_training(four_layers, small_csv, tmp_path, capsys):

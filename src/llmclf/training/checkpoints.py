@@ -34,6 +34,7 @@ from llmclf.runfolder import CHECKPOINTS, FINGERPRINT, METRICS, read_json, write
 
 log = logging.getLogger("llmclf")
 BEFORE = "metrics_before.json"
+LAYER = "feature_layer.json"
 STAGING = ".staging"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 # Settings that change the trained weights; batch size for evaluation, logging and save interval do not.
@@ -217,6 +218,8 @@ class ResumePoint:
     """Checkpoint folder to resume from; None: train from the start."""
     before: dict | None
     """Metrics before training, saved by the interrupted run; None: compute them."""
+    layer: dict | None = None
+    """The feature layer the interrupted run chose (its `feature_layer.json`); None: choose it."""
 
 
 def fingerprint_sha(fingerprint: dict[str, Any]) -> str:
@@ -240,6 +243,23 @@ def _saved_fingerprint(out: Path) -> dict[str, Any]:
         raise LlmclfError(
             f"Cannot resume: {path} is not a fingerprint written by `llmclf train` (damaged or edited). "
             "Start a new run (another --output, or --overwrite)."
+        )
+    return saved
+
+
+def _saved_layer(out: Path) -> dict | None:
+    """The interrupted run's feature_layer.json (None where it chose none), read as untrusted data."""
+    path = out / LAYER
+    if not path.is_file():
+        return None
+    try:
+        saved = read_json(path)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        saved = None
+    if not isinstance(saved, dict):
+        raise LlmclfError(
+            f"Cannot resume: {path} is not the feature layer record written by `llmclf train` (damaged or "
+            "edited). Start a new run (another --output, or --overwrite)."
         )
     return saved
 
@@ -269,11 +289,12 @@ def begin_run(out: Path, fingerprint: dict[str, Any], resume: str | None) -> Res
     # fingerprint.json does not let the checkpoints of other inputs through: they record the original.
     accepted = {fingerprint_sha(fingerprint), fingerprint_sha(saved)}
     before = read_json(out / BEFORE) if (out / BEFORE).is_file() else None
+    layer = _saved_layer(out)
     if resume == "last":
         checkpoint = last_complete_checkpoint(out / CHECKPOINTS, fingerprints=accepted)
         if checkpoint is None:
             log.info("note: no complete checkpoint in %s: training from the start.", out / CHECKPOINTS)
-        return ResumePoint(str(checkpoint) if checkpoint else None, before)
+        return ResumePoint(str(checkpoint) if checkpoint else None, before, layer)
     folder = Path(resume).expanduser()
     if not folder.is_dir():
         raise LlmclfError(f"Checkpoint folder not found: {folder}. Give a checkpoints/checkpoint-N folder.")
@@ -287,11 +308,16 @@ def begin_run(out: Path, fingerprint: dict[str, Any], resume: str | None) -> Res
             f"Checkpoint {folder} was written by a run with other data, labels, model or settings than this "
             f"one (see {out / FINGERPRINT}). Give a checkpoint of this run."
         )
-    return ResumePoint(str(folder), before)
+    return ResumePoint(str(folder), before, layer)
 
 
 def save_before(out: Path, before: dict) -> None:
     write_json(out / BEFORE, before)
+
+
+def save_layer(out: Path, layer: dict) -> None:
+    """The chosen feature layer, for a resumed run: its checkpoints hold LoRA for the model cut there."""
+    write_json(out / LAYER, layer)
 
 
 def finish(out: Path, keep_last: bool) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from llmclf import runtime
+from llmclf import distributed, runtime
 from llmclf.errors import LlmclfError
 from llmclf.model.anatomy import decoder_of, is_encoder, num_layers
 from llmclf.model.layer_choice import (
@@ -47,11 +47,13 @@ def pick_feature_layer(
     precision: str,
     batch_size: int | str,
     seed: int,
+    recorded: dict | None = None,
 ) -> FeatureLayer:
     """Resolve `setting` (auto, last, a layer number) on this model and cut the model after the layer.
 
     `zero_shot`: the label words' head (labels, hidden), scored on the whole model's last-layer test
-    states while they are at hand, since the cut model no longer computes them."""
+    states while they are at hand, since the cut model no longer computes them (None: not needed).
+    `recorded`: the choice an interrupted run made (a resumed run takes it instead of choosing again)."""
     if not _applies(setting, model):
         return FeatureLayer(None)
     total = num_layers(model)
@@ -59,14 +61,11 @@ def pick_feature_layer(
         candidates = candidate_layers(total)
         if len(candidates) == 1:  # nothing to choose between
             return FeatureLayer(None)
-        labels = np.asarray(encoded.labels["train"])
-        rows = sample_rows(labels, MAX_TEXTS, seed)  # enough to rank layers; the pass costs one per text
-        log.info("Scoring %d layers' states on %d training texts ...", len(candidates), len(rows))
-        with runtime.autocast(precision):
-            states = layer_states(
-                model, [encoded.ids["train"][i] for i in rows], candidates, pad_id, batch_size
-            )
-        choice = choose(states, labels[rows], candidates, total)
+        if recorded is not None:
+            choice = recorded_choice(recorded, total, candidates)
+            log.info("Reusing the feature layer chosen by the interrupted run (layer %d).", choice.layer)
+        else:
+            choice = _choose_layer(model, encoded, candidates, pad_id, precision, batch_size, seed)
     elif 1 <= int(setting) <= total:
         choice = LayerChoice(int(setting), total, chosen_by="config")
     else:
@@ -82,6 +81,52 @@ def pick_feature_layer(
     removed = truncate(model, choice.layer)
     log.info("%s", describe(choice, removed))
     return FeatureLayer(choice, probs)
+
+
+def _choose_layer(
+    model: Any,
+    encoded: Encoded,
+    candidates: list[int],
+    pad_id: int,
+    precision: str,
+    batch_size: int | str,
+    seed: int,
+) -> LayerChoice:
+    """Score the candidates on a sample of the training texts. Under a launcher each process runs its
+    share of the texts and all of them score the gathered states, so every process cuts at one layer."""
+    labels = np.asarray(encoded.labels["train"])
+    rows = sample_rows(labels, MAX_TEXTS, seed)  # enough to rank layers; the pass costs one per text
+    world, rank = distributed.world_size(), distributed.rank()
+    share = f" (a share on each of {world} processes)" if world > 1 else ""
+    log.info("Scoring %d layers' states on %d training texts%s ...", len(candidates), len(rows), share)
+    mine = [encoded.ids["train"][i] for i in rows[rank::world]]
+    with runtime.autocast(precision):
+        part = layer_states(model, mine, candidates, pad_id, batch_size)  # (candidates, my rows, hidden)
+    states = np.empty((len(candidates), len(rows), part.shape[2]), dtype=np.float32)
+    for r, gathered in enumerate(distributed.all_gather(part)):
+        states[:, r::world] = gathered
+    return choose(states, labels[rows], candidates, num_layers(model))
+
+
+def recorded_choice(recorded: dict, total: int, candidates: list[int]) -> LayerChoice:
+    """The interrupted run's choice (its feature_layer.json, untrusted), checked against this model."""
+    layer, scores = recorded.get("layer"), recorded.get("scores")
+    ok = (
+        recorded.get("of") == total
+        and recorded.get("candidates") == candidates
+        and isinstance(layer, int)
+        and layer in candidates
+        and isinstance(scores, list)
+        and len(scores) == len(candidates)
+        and all(isinstance(s, int | float) and not isinstance(s, bool) for s in scores)
+    )
+    if not ok:
+        raise LlmclfError(
+            f"Cannot resume: the run folder's feature_layer.json records layer {layer!r} of "
+            f"{recorded.get('of')!r}, not one of this model's candidates {candidates} (of {total}). "
+            "Start a new run (another --output, or --overwrite)."
+        )
+    return LayerChoice(layer, total, candidates, [float(s) for s in scores])
 
 
 def _applies(setting: int | str, model: Any) -> bool:

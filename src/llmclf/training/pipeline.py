@@ -126,7 +126,11 @@ def _run(
     if distributed.is_main():
         estimate.announce(planned_work(model, encoded, config), choice.precision)
     with timings("feature_layer"):
-        zero_shot, layer = cut_at_feature_layer(config, model, tokenizer, encoded, splits.labels, choice)
+        zero_shot, layer = cut_at_feature_layer(
+            config, model, tokenizer, encoded, splits.labels, choice, start
+        )
+    if layer.choice is not None and distributed.is_main():
+        checkpoints.save_layer(out, layer.choice.info())  # a resumed run cuts where this one did
     model, top_layers = adapt(model, config)
     backend = backends.choose(
         model,
@@ -301,10 +305,17 @@ def load_model(config: RunConfig, labels: list[str], choice: ModelChoice) -> tup
 
 
 def cut_at_feature_layer(
-    config: RunConfig, model: Any, tokenizer: Any, encoded: Encoded, labels: list[str], choice: ModelChoice
+    config: RunConfig,
+    model: Any,
+    tokenizer: Any,
+    encoded: Encoded,
+    labels: list[str],
+    choice: ModelChoice,
+    start: checkpoints.ResumePoint,
 ) -> tuple[torch.Tensor | None, FeatureLayer]:
     """The label words' zero-shot head (None where it does not apply), then the model cut after its
-    feature layer (model.feature_layer), which scores that head on the whole model first."""
+    feature layer (model.feature_layer), which scores that head on the whole model first. A resumed run
+    takes the layer and the metrics before training that the interrupted run saved."""
     zero_shot = (
         None
         if fsdp.requested() or resolve_template(config.model.prompt_template, model) is None
@@ -315,10 +326,11 @@ def cut_at_feature_layer(
         model,
         encoded,
         pad_id=tokenizer.pad_token_id,
-        zero_shot=zero_shot,
+        zero_shot=zero_shot if start.before is None else None,
         precision=choice.precision,
         batch_size=config.train.eval_batch_size,
         seed=config.train.seed,
+        recorded=start.layer,
     )
     return zero_shot, layer
 
