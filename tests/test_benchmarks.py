@@ -188,3 +188,42 @@ def test_feature_study_pools_the_last_token_or_the_mean_of_each_texts_tokens(tin
                 assert np.allclose(last[layer, i], h[0, -1].numpy(), atol=1e-4)
                 assert np.allclose(mean[layer, i], h[0].mean(dim=0).numpy(), atol=1e-4)
     assert not np.allclose(last, mean)
+
+
+def test_the_pairs_benchmark_trains_on_pairs_and_builds_both_texts_features(tmp_path, tiny_model_dir):
+    """benchmarks/pairs.py on a git repository holding a small MRPC-shaped file: the llmclf side runs
+    with the pair column and the TF-IDF side on both texts' features, each scored on the same test rows."""
+    import csv
+    import random
+
+    import pandas as pd
+
+    from conftest import read_demo_rows
+
+    rows, rng = read_demo_rows(), random.Random(0)
+    repo = tmp_path / "repo"
+    (repo / "glue_data" / "MRPC").mkdir(parents=True)
+    with (repo / "glue_data" / "MRPC" / "train.tsv").open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle, delimiter="\t", quoting=csv.QUOTE_NONE, escapechar="\\")
+        writer.writerow(["Quality", "#1 ID", "#2 ID", "#1 String", "#2 String"])
+        for i in range(90):
+            a, b = rng.sample(rows, 2)
+            writer.writerow([int(a["label"] == b["label"]), i, i + 1000, a["text"], b["text"]])
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    for step in (["init", "-q"], ["add", "."], ["commit", "-q", "-m", "data"]):
+        subprocess.run([*git, *step], check=True)
+    out = tmp_path / "pairs.json"
+    options = ["epochs=1", "lr=2e-3", "batch_size=8", "max_length=64", "quantize=none", "precision=fp32"]
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "pairs.py"), "--git-dir", str(repo / ".git")]
+    cmd += ["--train", "50", "--test", "30", "--baselines", "tfidf", "--runs-dir", str(tmp_path / "runs")]
+    cmd += ["--json", str(out), "--model", str(tiny_model_dir)]
+    cmd += [arg for option in options for arg in ("--option", option)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    row = json.loads(out.read_text())
+    assert (row["train"], row["test"]) == (50, 30) and "minilm" not in row
+    for side in (row["tfidf"], row["llmclf"]["after"], row["llmclf"]["before"]):
+        assert 0.0 <= side["accuracy"] <= 1.0 and 0.0 <= side["macro_f1"] <= 1.0
+    predictions = pd.read_csv(tmp_path / "runs" / "llmclf" / "predictions_test.csv")
+    assert len(predictions) == 30 and predictions["pair"].notna().all()  # trained and tested on pairs
+    assert row["llmclf_options"]["epochs"] == 1 and row["llmclf"]["seconds"] > 0

@@ -105,7 +105,7 @@ def train(
     resolved = train_config(config, **options)
     for key, value in memory.items():  # read once the text and label columns are known
         dc = resolved.data
-        memory[key] = from_memory(value, dc.text_column, dc.label_column, key)
+        memory[key] = from_memory(value, dc.text_column, dc.label_column, key, dc.text_pair_column)
         setattr(dc, "path" if key == "data" else "eval_data", memory[key].marker)
     runtime.set_threads()  # as the command line does
     with tidy_if_failed(resolved.output):  # a run that fails before writing anything reusable can rerun

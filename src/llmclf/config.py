@@ -72,6 +72,10 @@ class DataConfig:
     """Column holding the input text; a dotted name (`ticket.body`) reaches into nested JSON objects."""
     label_column: str = "label"
     """Column holding the class label (strings or integers; names are kept); dotted names work too."""
+    text_pair_column: str | None = None
+    """Column holding a second text per row (a hypothesis, an answer, a duplicate candidate): the two
+    go to the tokenizer as a pair, the model's own separator or a line break between them. Empty: one
+    text per row."""
     eval_data: str | None = None
     """A separate labelled file used as the test split (same columns)."""
     train_per_class: int | None = None
@@ -98,6 +102,15 @@ class DataConfig:
         _number("data", "val_fraction", self.val_fraction, 0.0, 0.5)
         _number("data", "test_fraction", self.test_fraction, 0.0, 0.5)
         _positive_int_or_none("data", "max_length", self.max_length)
+        if self.text_pair_column is not None:
+            _require(
+                isinstance(self.text_pair_column, str)
+                and self.text_pair_column.strip() != ""
+                and self.text_pair_column not in (self.text_column, self.label_column),
+                "data.text_pair_column",
+                self.text_pair_column,
+                "a column name other than the text and label columns",
+            )
         if self.train_per_class is None and (self.val_per_class or self.test_per_class):
             raise LlmclfError(
                 "data.val_per_class / data.test_per_class need data.train_per_class as well: "

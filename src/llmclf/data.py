@@ -84,6 +84,7 @@ def _rows_text(rows: list) -> str:
 _NESTED = (dict, list, tuple, np.ndarray)
 FILE_WORDS = {
     "text": "--text-column",
+    "pair": "--text-pair-column",
     "label": "--label-column",
     "drop": "--drop-invalid",
     "at": "row(s)",
@@ -92,6 +93,7 @@ FILE_WORDS = {
 """How errors name rows and fixes for a file: its data rows and the command line's flags."""
 MEMORY_WORDS = {
     "text": "text_column=",
+    "pair": "text_pair_column=",
     "label": "label_column=",
     "drop": "drop_invalid=True",
     "at": "index",
@@ -156,12 +158,16 @@ def clean_frame(
     class_names: list[str] | None = None,
     notes: list[str] | None = None,
     in_memory: bool = False,
+    pair_column: str | None = None,
 ) -> pd.DataFrame:
-    """Check columns and values; return `text`, `label` (if asked) and `row` columns. A dotted column
-    name (`ticket.body`) reaches into nested JSON objects / structs. `in_memory`: a frame given to
-    `llmclf.train`, whose errors name its index and the keyword arguments to fix them with."""
+    """Check columns and values; return `text`, `pair` (with a `pair_column`), `label` (if asked) and
+    `row` columns. A dotted column name (`ticket.body`) reaches into nested JSON objects / structs.
+    `in_memory`: a frame given to `llmclf.train`, whose errors name its index and the keyword arguments
+    to fix them with."""
     words = MEMORY_WORDS if in_memory else FILE_WORDS
     flags = {text_column: words["text"]}
+    if pair_column:
+        flags[pair_column] = words["pair"]
     if label_column:
         flags[label_column] = words["label"]
     found = _find_columns(frame, source, flags)
@@ -170,11 +176,14 @@ def clean_frame(
         return _where(rows, words, frame.index)
 
     _refuse_nested(found[text_column], source, text_column, words["text"], "text", where)
+    if pair_column:
+        _refuse_nested(found[pair_column], source, pair_column, words["pair"], "text", where)
     if label_column:
         _refuse_nested(found[label_column], source, label_column, words["label"], "labels", where)
     rows = np.arange(1, len(frame) + 1)
     texts = found[text_column]
     bad_text = [int(r) for r, t in zip(rows, texts) if _is_missing(t)]
+    bad_pair = [int(r) for r, t in zip(rows, found[pair_column]) if _is_missing(t)] if pair_column else []
     bad_label: list[int] = []
     if label_column:
         bad_label = [int(r) for r, v in zip(rows, found[label_column]) if _is_missing(v)]
@@ -182,6 +191,11 @@ def clean_frame(
     if bad_text:
         problems.append(
             f"{len(bad_text)} empty or missing text(s) in column '{text_column}' at {where(bad_text)}"
+        )
+    if bad_pair:
+        problems.append(
+            f"{len(bad_pair)} empty or missing second text(s) of a pair in column '{pair_column}' at "
+            f"{where(bad_pair)}"
         )
     if bad_label:
         problems.append(f"{len(bad_label)} missing label(s) in column '{label_column}' at {where(bad_label)}")
@@ -191,13 +205,15 @@ def clean_frame(
             f"Fix those rows, or pass {words['drop']} to leave them out."
         )
     keep = np.ones(len(frame), dtype=bool)
-    for r in set(bad_text) | set(bad_label):
+    for r in set(bad_text) | set(bad_pair) | set(bad_label):
         keep[r - 1] = False
     if problems and notes is not None:
         notes.append(
             f"{source}: dropped {int((~keep).sum())} invalid row(s) ({words['drop']}): " + "; ".join(problems)
         )
     out = pd.DataFrame({"text": [str(t) for t, k in zip(texts, keep) if k], "row": rows[keep]})
+    if pair_column:
+        out.insert(1, "pair", [str(t) for t, k in zip(found[pair_column], keep) if k])
     if label_column:
         out["label"] = [normalise_label(v, class_names) for v, k in zip(found[label_column], keep) if k]
         _refuse_scores(out, source, label_column, words, where)
@@ -304,13 +320,29 @@ class Splits:
         return out
 
 
+PAIR_JOIN = "\x1f"
+"""Between a pair's two texts where one string stands for the pair (duplicate and leakage checks)."""
+
+
+def input_key(frame: pd.DataFrame) -> pd.Series:
+    """What makes two rows the same input: the text, or the pair of texts."""
+    return frame["text"] + PAIR_JOIN + frame["pair"] if "pair" in frame else frame["text"]
+
+
+def inputs(frame: pd.DataFrame) -> tuple[list[str], list[str] | None]:
+    """A split's texts and, where the data has pairs, their second texts."""
+    return frame["text"].tolist(), frame["pair"].tolist() if "pair" in frame else None
+
+
 def _dedupe(frame: pd.DataFrame, source: str, notes: list[str]) -> pd.DataFrame:
-    dup = frame["text"].duplicated(keep="first")
+    key = input_key(frame)
+    dup = key.duplicated(keep="first")
     if dup.any():
-        conflicting = frame[frame["text"].isin(frame.loc[dup, "text"])].groupby("text")["label"].nunique()
+        conflicting = frame.groupby(key)["label"].nunique()
+        what = "text pair(s)" if "pair" in frame else "text(s)"
         notes.append(
-            f"{source}: removed {int(dup.sum())} duplicate text(s) (kept the first occurrence; "
-            f"{int((conflicting > 1).sum())} had conflicting labels) so that no text is in two splits."
+            f"{source}: removed {int(dup.sum())} duplicate {what} (kept the first occurrence; "
+            f"{int((conflicting > 1).sum())} had conflicting labels) so that no input is in two splits."
         )
     return frame[~dup]
 
@@ -407,9 +439,10 @@ def _prepare_test_pool(
             + "Remove those rows or add training examples for them."
         )
     test = _dedupe(test_pool, "evaluation data", notes)
-    seen = test["text"].isin(set(train["text"]) | set(val["text"]))
+    seen = input_key(test).isin(set(input_key(train)) | set(input_key(val)))
     if seen.any():
-        notes.append(f"evaluation data: removed {int(seen.sum())} text(s) that are also in train/val.")
+        what = "text pair(s)" if "pair" in test else "text(s)"
+        notes.append(f"evaluation data: removed {int(seen.sum())} {what} that are also in train/val.")
         test = test[~seen]
     if test_per_class is not None:
         picked = []
@@ -432,15 +465,19 @@ def class_weights(train_labels: list[str] | pd.Series, labels: list[str]) -> lis
 
 
 # ---------------------------------------------------------------------------------------- tokenising
-def tokenize_texts(tokenizer: Any, texts: list[str], max_length: int) -> tuple[list[list[int]], int]:
-    """Token ids truncated to `max_length`, and how many texts were longer than that."""
+def tokenize_texts(
+    tokenizer: Any, texts: list[str], max_length: int, pairs: list[str] | None = None
+) -> tuple[list[list[int]], int]:
+    """Token ids truncated to `max_length`, and how many texts (or pairs) were longer than that. A pair
+    is truncated from the longer of its two texts first (`longest_first`), so both parts stay."""
     if not texts:  # an empty split (no validation): transformers 5's tokenizer fails on []
         return [], 0
-    full = tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]
+    full = tokenizer(texts, pairs, add_special_tokens=True, truncation=False)["input_ids"]
     n_truncated = sum(len(ids) > max_length for ids in full)
     if n_truncated == 0:
         return full, 0
-    return tokenizer(texts, truncation=True, max_length=max_length)["input_ids"], n_truncated
+    cut = tokenizer(texts, pairs, truncation="longest_first", max_length=max_length)["input_ids"]
+    return cut, n_truncated
 
 
 def to_dataset(input_ids: list[list[int]], label_ids: list[int], rows: list[int] | None = None) -> Any:
@@ -475,10 +512,12 @@ def load_splits(
     test_fraction: float = 0.1,
     drop_invalid: bool = False,
     seed: int = 42,
+    text_pair_column: str | None = None,
 ) -> Splits:
     """Read, validate and split. A source with its own `train`/`test` splits uses them for test.
 
-    `path` / `eval_data`: what `read_table` reads, or a `Table` already read (data given in memory)."""
+    `path` / `eval_data`: what `read_table` reads, or a `Table` already read (data given in memory).
+    `text_pair_column`: a second text per row; the splits then have a `pair` column."""
     notes: list[str] = []
     table = path if isinstance(path, Table) else read_table(path)
     names = table.class_names.get(label_column)
@@ -493,6 +532,7 @@ def load_splits(
             class_names=class_names,
             notes=notes,
             in_memory=of.in_memory,
+            pair_column=text_pair_column,
         )
 
     frames = table.frames

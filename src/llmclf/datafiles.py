@@ -249,7 +249,9 @@ class InMemory:
         return f"<{self.kind}: {self.rows} rows, sha256 {self.sha256[:16]}>"
 
 
-def from_memory(data: Any, text_column: str, label_column: str, what: str = "data") -> InMemory:
+def from_memory(
+    data: Any, text_column: str, label_column: str, what: str = "data", pair_column: str | None = None
+) -> InMemory:
     """A DataFrame, a list of dicts (one per row) or a `datasets.Dataset`, as a table of its own rows.
 
     Nothing is validated here but the container: missing columns and empty values are data.py's to name
@@ -279,7 +281,8 @@ def from_memory(data: Any, text_column: str, label_column: str, what: str = "dat
             f"{source} has no rows (columns: {list(frame.columns)}). Give one row per labelled example."
         )
     table = Table({"all": frame}, source, class_names, in_memory=True)
-    return InMemory(table, _copy(frame, [text_column, label_column], class_names), kind)
+    columns = [text_column, *([pair_column] if pair_column else []), label_column]
+    return InMemory(table, _copy(frame, columns, class_names), kind)
 
 
 def _plain(value: Any) -> Any:

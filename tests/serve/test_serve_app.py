@@ -140,7 +140,8 @@ def test_labels_openapi_and_docs(client, clf):
     assert client.get("/labels").json() == {"labels": clf.labels}
     spec = client.get("/openapi.json").json()
     schema = spec["paths"]["/classify"]["post"]["requestBody"]["content"]["application/json"]["schema"]
-    assert schema["properties"]["texts"]["type"] == "array"
+    for name in ("texts", "pairs"):  # one or the other: a list of texts, or of [first, second] pairs
+        assert {"array", "null"} == {kind["type"] for kind in schema["properties"][name]["anyOf"]}
     assert {"400", "413", "422", "503"} <= set(spec["paths"]["/classify"]["post"]["responses"])
     assert {"/labels", "/health", "/metrics"} <= set(spec["paths"])
     docs = client.get("/docs")
@@ -171,7 +172,8 @@ MALFORMED = [
         "not valid JSON",
     ),
     ("json list", dict(json=["a text"]), 422, "invalid_request", "valid dictionary"),
-    ("no texts", dict(json={}), 422, "invalid_request", "texts: Field required"),
+    ("no texts", dict(json={}), 422, "invalid_request", "takes single texts in 'texts'"),
+    ("pairs", dict(json={"pairs": [["a", "b"]]}), 422, "invalid_request", "takes single texts in 'texts'"),
     ("texts a string", dict(json={"texts": "a text"}), 422, "invalid_request", "valid list"),
     ("number in texts", dict(json={"texts": ["a", 3]}), 422, "invalid_request", "texts.1"),
     ("null in texts", dict(json={"texts": [None]}), 422, "invalid_request", "texts.0"),

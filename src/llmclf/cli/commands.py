@@ -16,7 +16,7 @@ import pandas as pd
 from llmclf import runtime
 from llmclf.cli.parser import name_flags, train_overrides
 from llmclf.config import load_config
-from llmclf.data import clean_frame, read_table
+from llmclf.data import clean_frame, inputs, read_table
 from llmclf.datafiles import DEMO_NAME, demo_data_path
 from llmclf.errors import LlmclfError
 from llmclf.reports import console
@@ -102,9 +102,9 @@ def write_table(frame: pd.DataFrame, path: Path) -> None:
     atomic_write(path, write)
 
 
-def _note_truncated(clf, texts: list[str], source: str) -> None:
+def _note_truncated(clf, texts: list[str], source: str, pairs: list[str] | None = None) -> None:
     """Say how many texts are longer than the classifier's max_length (they are truncated, not refused)."""
-    lengths = [len(ids) for ids in clf.tokenizer(texts, truncation=False)["input_ids"]]
+    lengths = [len(ids) for ids in clf.tokenizer(texts, pairs, truncation=False)["input_ids"]]
     n = sum(length > clf.max_length for length in lengths)
     if n:
         log.warning("note: %s: %d text(s) longer than %d tokens truncated.", source, n, clf.max_length)
@@ -116,27 +116,24 @@ def predict(args: argparse.Namespace) -> int:
             "--input needs --output FILE (.csv, .jsonl or .parquet) to write the predictions to."
         )
     run = RunFolder.open(args.run_dir)
+    pair_column = args.text_pair_column or run.config().data.text_pair_column
     if args.text:
-        clf = _load(args)
-        probs = clf.predict_proba(args.text)
-        for text, row in zip(args.text, probs):
-            ranked = sorted(zip(clf.labels, row), key=lambda kv: -kv[1])
-            print(
-                json.dumps(
-                    {
-                        "text": text,
-                        "label": ranked[0][0],
-                        "probabilities": {k: round(float(v), 6) for k, v in ranked},
-                    },
-                    ensure_ascii=False,
-                )
-            )
-        return 0
+        return _predict_texts(args, bool(pair_column))
+    if args.pair:
+        raise LlmclfError("--pair goes with --text; with --input, the pairs come from --text-pair-column.")
     text_column = args.text_column or run.config().data.text_column
     frame = _single_frame(args.input)  # the input is checked before the model loads
     # Empty texts are an error naming their rows; with --drop-invalid they stay in the output, unlabelled.
     notes: list[str] = []
-    valid = clean_frame(frame, args.input, text_column, None, drop_invalid=args.drop_invalid, notes=notes)
+    valid = clean_frame(
+        frame,
+        args.input,
+        text_column,
+        None,
+        drop_invalid=args.drop_invalid,
+        notes=notes,
+        pair_column=pair_column,
+    )
     keep = (valid["row"] - 1).to_numpy()
     added = [args.prediction_column] + [prob_column(label) for label in run.labels()]
     clash = [c for c in added if c in frame.columns]
@@ -146,9 +143,9 @@ def predict(args: argparse.Namespace) -> int:
             "with another name, or rename those columns."
         )
     clf = _load(args)
-    texts = valid["text"].tolist()
-    _note_truncated(clf, texts, args.input)
-    probs = clf.predict_proba(texts, progress=None if not args.quiet else False)
+    texts, pairs = inputs(valid)
+    _note_truncated(clf, texts, args.input, pairs)
+    probs = clf.predict_proba(texts, pairs=pairs, progress=None if not args.quiet else False)
     out = frame.copy()
     predicted: list[str | None] = [None] * len(frame)
     for row, i in zip(keep, probs.argmax(axis=1)):
@@ -165,6 +162,23 @@ def predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _predict_texts(args: argparse.Namespace, pairs_expected: bool) -> int:
+    """`predict --text ... [--pair ...]`: one JSON line per text."""
+    if pairs_expected and len(args.pair or []) != len(args.text):
+        raise LlmclfError(
+            f"This run was trained on text pairs: give one --pair (the second text) per --text "
+            f"({len(args.text)} --text, {len(args.pair or [])} --pair)."
+        )
+    clf = _load(args)
+    probs = clf.predict_proba(args.text, pairs=args.pair)
+    for k, (text, row) in enumerate(zip(args.text, probs)):
+        ranked = sorted(zip(clf.labels, row), key=lambda kv: -kv[1])
+        record = {"text": text, **({"pair": args.pair[k]} if args.pair else {})}
+        record |= {"label": ranked[0][0], "probabilities": {k: round(float(v), 6) for k, v in ranked}}
+        print(json.dumps(record, ensure_ascii=False))
+    return 0
+
+
 def evaluate(args: argparse.Namespace) -> int:
     from llmclf.inference.predict import check_labels
 
@@ -173,13 +187,19 @@ def evaluate(args: argparse.Namespace) -> int:
     text_column = args.text_column or saved.data.text_column
     label_column = args.label_column or saved.data.label_column
     frame = clean_frame(
-        _single_frame(args.data), args.data, text_column, label_column, drop_invalid=args.drop_invalid
+        _single_frame(args.data),
+        args.data,
+        text_column,
+        label_column,
+        drop_invalid=args.drop_invalid,
+        pair_column=args.text_pair_column or saved.data.text_pair_column,
     )
     check_labels(frame["label"].tolist(), run.labels(), args.data, label_column)  # before the model loads
     clf = _load(args)
-    _note_truncated(clf, frame["text"].tolist(), args.data)
+    texts, pairs = inputs(frame)
+    _note_truncated(clf, texts, args.data, pairs)
     metrics, _ = clf.evaluate(
-        frame["text"].tolist(), frame["label"].tolist(), progress=False if args.quiet else None
+        texts, frame["label"].tolist(), pairs=pairs, progress=False if args.quiet else None
     )
     output = (
         Path(args.output) if args.output else Path(args.run_dir) / f"evaluation_{Path(args.data).stem}.json"

@@ -136,8 +136,14 @@ def _add_predict(sub: Any, common: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--input", help="CSV/TSV/JSONL/Parquet file to label")
     src.add_argument("--text", action="append", help="a text to label (repeatable); prints the result")
+    p.add_argument(
+        "--pair", action="append", help="the second text of each --text, for a run trained on text pairs"
+    )
     p.add_argument("--output", help="file to write (format by extension); required with --input")
     p.add_argument("--text-column", default=None, help="text column of --input (default: as in training)")
+    p.add_argument(
+        "--text-pair-column", default=None, help="second-text column of --input (default: as in training)"
+    )
     p.add_argument(
         "--prediction-column", default="label", help="name of the added label column (default label)"
     )
@@ -154,6 +160,7 @@ def _add_evaluate(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", help="run folder written by `llmclf train`")
     p.add_argument("--data", required=True, help="labelled CSV/TSV/JSONL/Parquet file")
     p.add_argument("--text-column", default=None, help="default: as in training")
+    p.add_argument("--text-pair-column", default=None, help="default: as in training")
     p.add_argument("--label-column", default=None, help="default: as in training")
     p.add_argument("--output", help="metrics JSON to write (default RUN_DIR/evaluation_<file>.json)")
     p.add_argument("--drop-invalid", action="store_true", help="drop rows with empty text or missing label")

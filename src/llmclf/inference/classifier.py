@@ -20,7 +20,7 @@ import numpy as np
 from llmclf import runtime
 from llmclf.errors import LlmclfError
 from llmclf.inference.lexical import FILES as LEXICAL_FILES
-from llmclf.inference.lexical import LexicalHead
+from llmclf.inference.lexical import LexicalHead, lexical_inputs
 from llmclf.inference.metrics import compute_metrics
 from llmclf.inference.predict import predict_proba
 from llmclf.manifest import MANIFEST, manifest_problem, read_manifest
@@ -135,6 +135,7 @@ class Classifier:
         batch_size: int | str = "auto",
         precision: str | None = None,
         lexical: LexicalHead | None = None,
+        pair_column: str | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -143,6 +144,7 @@ class Classifier:
         self.batch_size = batch_size
         self.precision = precision  # bf16 / fp16: run under autocast, as the model was at training's end
         self.lexical = lexical  # TF-IDF + LR mixed into the model's probabilities (inference/lexical.py)
+        self.pair_column = pair_column  # trained on text pairs (this column held the second texts)
         self.model.eval()
 
     @classmethod
@@ -229,31 +231,37 @@ class Classifier:
             batch_size=config.train.eval_batch_size,
             precision=precision,
             lexical=load_lexical(run, info, len(labels)),
+            pair_column=config.data.text_pair_column,
         )
 
     def predict_proba(
-        self, texts: list[str] | str, *, batch_size: int | str | None = None, progress: bool | None = False
+        self,
+        texts: list[str] | str,
+        *,
+        pairs: list[str] | str | None = None,
+        batch_size: int | str | None = None,
+        progress: bool | None = False,
     ) -> np.ndarray:
         """Probabilities, shape (len(texts), len(labels)), in input order: the model's, mixed with the
-        lexical part's where the run has one."""
-        texts = [texts] if isinstance(texts, str) else list(texts)
-        probs = self.model_proba(texts, batch_size=batch_size, progress=progress)
-        return probs if self.lexical is None else self.lexical.combine(probs, self.lexical.log_proba(texts))
+        lexical part's where the run has one. `pairs`: each text's second text, for a classifier
+        trained on text pairs (data.text_pair_column)."""
+        texts, pairs = self._inputs(texts, pairs)
+        probs = self.model_proba(texts, pairs=pairs, batch_size=batch_size, progress=progress)
+        if self.lexical is None:
+            return probs
+        return self.lexical.combine(probs, self.lexical.log_proba(lexical_inputs(texts, pairs)))
 
     def model_proba(
-        self, texts: list[str] | str, *, batch_size: int | str | None = None, progress: bool | None = False
+        self,
+        texts: list[str] | str,
+        *,
+        pairs: list[str] | str | None = None,
+        batch_size: int | str | None = None,
+        progress: bool | None = False,
     ) -> np.ndarray:
         """The model's own probabilities (n, labels), without the lexical part: what the exported
         transformers model computes."""
-        texts = [texts] if isinstance(texts, str) else list(texts)
-        bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
-        if bad:
-            raise LlmclfError(f"Texts must be strings; item(s) {bad[:10]} are not.")
-        blank = [i for i, t in enumerate(texts) if not t.strip()]
-        if blank:
-            raise LlmclfError(
-                f"Text(s) {blank[:10]} are empty or blank: there is nothing to classify. Remove them."
-            )
+        texts, pairs = self._inputs(texts, pairs)
         if not texts:  # (0, labels): transformers 5's tokenizer fails on an empty list
             return np.zeros((0, len(self.labels)))
         with runtime.autocast(self.precision):
@@ -261,18 +269,60 @@ class Classifier:
                 self.model,
                 self.tokenizer,
                 texts,
+                pairs=pairs,
                 batch_size=batch_size or self.batch_size,
                 max_length=self.max_length,
                 progress=progress,
             )
 
-    def predict(self, texts: list[str] | str, *, batch_size: int | str | None = None) -> list[str]:
+    def _inputs(
+        self, texts: list[str] | str, pairs: list[str] | str | None
+    ) -> tuple[list[str], list[str] | None]:
+        """The texts (and pairs) as lists of non-blank strings, pairs given exactly where trained on."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if pairs is not None:
+            pairs = [pairs] if isinstance(pairs, str) else list(pairs)
+        if self.pair_column and pairs is None:
+            raise LlmclfError(
+                f"This classifier was trained on text pairs (second texts from column '{self.pair_column}'): "
+                "give each text's second text, predict(texts, pairs=[...])."
+            )
+        if not self.pair_column and pairs is not None:
+            raise LlmclfError(
+                "This classifier was trained on single texts, not pairs: leave pairs out, or train on pairs "
+                "with --text-pair-column."
+            )
+        if pairs is not None and len(pairs) != len(texts):
+            raise LlmclfError(f"{len(texts)} texts but {len(pairs)} pairs: give one second text per text.")
+        for what, values in (("Texts", texts), ("Second texts (pairs)", pairs or [])):
+            bad = [i for i, t in enumerate(values) if not isinstance(t, str)]
+            if bad:
+                raise LlmclfError(f"{what} must be strings; item(s) {bad[:10]} are not.")
+            blank = [i for i, t in enumerate(values) if not t.strip()]
+            if blank:
+                raise LlmclfError(
+                    f"{what} {blank[:10]} are empty or blank: there is nothing to classify. Remove them."
+                )
+        return texts, pairs
+
+    def predict(
+        self,
+        texts: list[str] | str,
+        *,
+        pairs: list[str] | str | None = None,
+        batch_size: int | str | None = None,
+    ) -> list[str]:
         """Label names, in input order."""
-        probs = self.predict_proba(texts, batch_size=batch_size)
+        probs = self.predict_proba(texts, pairs=pairs, batch_size=batch_size)
         return [self.labels[i] for i in probs.argmax(axis=1)]
 
     def evaluate(
-        self, texts: list[str], true_labels: list[str], *, progress: bool | None = False
+        self,
+        texts: list[str],
+        true_labels: list[str],
+        *,
+        pairs: list[str] | None = None,
+        progress: bool | None = False,
     ) -> tuple[dict, np.ndarray]:
         """Metrics (as in training's after-evaluation) on labelled texts, and the probabilities."""
         unknown = sorted(set(true_labels) - set(self.labels))
@@ -282,7 +332,7 @@ class Classifier:
                 "rows or map them to known labels."
             )
         index = {label: i for i, label in enumerate(self.labels)}
-        probs = self.predict_proba(texts, progress=progress)
+        probs = self.predict_proba(texts, pairs=pairs, progress=progress)
         return compute_metrics([index[t] for t in true_labels], probs.argmax(axis=1), self.labels), probs
 
     def merged_model(self) -> Any:

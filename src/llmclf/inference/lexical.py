@@ -41,6 +41,11 @@ about two standard errors of a balanced-accuracy difference on 200 texts."""
 EPS = 1e-12
 
 
+def lexical_inputs(texts: list[str], pairs: list[str] | None = None) -> list[str]:
+    """What TF-IDF reads: the text, or a pair's two texts on two lines (their words counted together)."""
+    return list(texts) if pairs is None else [f"{a}\n{b}" for a, b in zip(texts, pairs, strict=True)]
+
+
 def _vectorizer(vocabulary: dict[str, int] | None = None) -> Any:
     from sklearn.feature_extraction.text import TfidfVectorizer
 

@@ -23,6 +23,7 @@ def predict_proba(
     tokenizer: Any,
     texts: list[str] | None = None,
     *,
+    pairs: list[str] | None = None,
     input_ids: list[list[int]] | None = None,
     batch_size: int | str = "auto",
     max_length: int = 512,
@@ -33,10 +34,12 @@ def predict_proba(
 
     Texts are sorted by token count and batched (`length_batches`) so that each batch pads only to its
     own longest member; the order is restored at the end. Pooling takes the last non-pad token, so the padding side
-    does not change the result (tested).
+    does not change the result (tested). `pairs`: each text's second text, tokenised as a pair.
     """
     if input_ids is None:
-        input_ids = tokenizer(list(texts or []), truncation=True, max_length=max_length)["input_ids"]
+        input_ids = tokenizer(list(texts or []), pairs, truncation="longest_first", max_length=max_length)[
+            "input_ids"
+        ]
     n = len(input_ids)
     num_labels = model.config.num_labels
     out = np.zeros((n, num_labels), dtype=np.float64)

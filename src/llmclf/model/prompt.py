@@ -20,6 +20,9 @@ from llmclf.model.anatomy import is_encoder
 
 PIECES = ("llmclf_prefix", "llmclf_suffix")
 """Names of the template's two parts among the post-processor's special tokens."""
+SEPARATOR = "llmclf_separator"
+PAIR_SEPARATOR = "\n"
+"""Between a pair's two texts where the tokenizer puts nothing there (a decoder's; BERT has [SEP])."""
 
 
 def resolve_template(value: str, model: Any = None) -> str | None:
@@ -110,3 +113,49 @@ def template_ids(tokenizer: Any) -> dict[str, list[int]]:
             if name in found:
                 found[name] = list(token["ids"])
     return found
+
+
+def _template_processing(processor: dict | None) -> tuple[dict, dict]:
+    """(the post-processor to install, its TemplateProcessing to edit), one added where it has none."""
+    plain = {
+        "type": "TemplateProcessing",
+        "single": [{"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {},
+    }
+    if processor is None:
+        return plain, plain
+    if processor.get("type") == "TemplateProcessing":
+        return processor, processor
+    inner = processor.get("processors", []) if processor.get("type") == "Sequence" else [processor]
+    found = next((p for p in inner if p.get("type") == "TemplateProcessing"), None)
+    if found is not None:
+        return processor, found
+    return {"type": "Sequence", "processors": [*inner, plain]}, plain
+
+
+def separate_pairs(tokenizer: Any) -> None:
+    """Put PAIR_SEPARATOR's tokens between a pair's two texts where the tokenizer's pair rule puts
+    nothing between them, so that "A" + "B" never reads as one text. Kept by save_pretrained, so the
+    exported tokenizer and `pipeline()` join pairs alike."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise LlmclfError(
+            f"Text pairs need a fast tokenizer; {type(tokenizer).__name__} is not one. Use a model with a "
+            "tokenizer.json."
+        )
+    from tokenizers import Tokenizer
+
+    state = json.loads(backend.to_str())
+    processor, template = _template_processing(state.get("post_processor"))
+    pieces = template["pair"]
+    kinds = [next(iter(piece)) for piece in pieces]
+    ids = [piece.get("Sequence", {}).get("id") for piece in pieces]
+    a, b = ids.index("A"), ids.index("B")
+    if "SpecialToken" in kinds[a + 1 : b]:
+        return  # BERT's [SEP], or a separator already there
+    sep = tokenizer(PAIR_SEPARATOR, add_special_tokens=False)["input_ids"]
+    pieces.insert(a + 1, {"SpecialToken": {"id": SEPARATOR, "type_id": 0}})
+    template.setdefault("special_tokens", {})[SEPARATOR] = _template_piece(SEPARATOR, sep, tokenizer)
+    state["post_processor"] = processor
+    backend.post_processor = Tokenizer.from_str(json.dumps(state)).post_processor

@@ -146,11 +146,16 @@ def hub_datasets(run: RunFiles) -> list[str]:
     return list(dict.fromkeys(found))
 
 
-def example_text(run: RunFiles) -> str | None:
+def pair_example(run: RunFiles) -> str | None:
+    """For a run trained on text pairs, the second text of its first test row, as `example_text`."""
+    return example_text(run, "pair")
+
+
+def example_text(run: RunFiles, column: str = "text") -> str | None:
     """The run's first test text on one line, cut at a space near EXAMPLE_CHARS; None without one."""
-    if run.predictions is None or "text" not in run.predictions or not len(run.predictions):
+    if run.predictions is None or column not in run.predictions or not len(run.predictions):
         return None
-    text = one_line(str(run.predictions["text"].iloc[0]))
+    text = one_line(str(run.predictions[column].iloc[0]))
     if len(text) > EXAMPLE_CHARS:
         text = text[:EXAMPLE_CHARS].rsplit(" ", 1)[0]
     return text or None
@@ -206,7 +211,7 @@ def card_data(run: RunFiles, licence: str | None, name: str) -> Any:
         pipeline_tag="text-classification",
         tags=["llmclf", "lora"],
         **({"model_name": name, "eval_results": results} if results else {}),
-        **({"widget": [{"text": example}]} if example else {}),
+        **({"widget": [{"text": example}]} if example and pair_example(run) is None else {}),
     )
 
 
@@ -300,8 +305,10 @@ def _card_results(run: RunFiles, repo_id: str | None = None) -> list[str]:
     out += _lexical_note(run)
     # The run's first test text as a JSON string literal (ASCII, escapes only), which Python reads as
     # the same string: no text can end the string, run as code, or close the fence.
-    text = example_text(run)
+    text, pair = example_text(run), pair_example(run)
     example = f"clf({json.dumps(text or 'A text to classify')})"
+    if pair is not None:  # a model trained on text pairs: the pipeline takes them as text / text_pair
+        example = f"clf({{'text': {json.dumps(text)}, 'text_pair': {json.dumps(pair)}}}, truncation=True)"
     out += ["## Use", ""]
     out += md_fence(
         "\n".join(

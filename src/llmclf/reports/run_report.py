@@ -157,6 +157,8 @@ def confidently_wrong(run: RunFiles, top: int = 10) -> pd.DataFrame:
         return pd.DataFrame(columns=["text", "label", "predicted", "confidence"])
     probs, _ = prediction_probabilities(run)
     frame = run.predictions[["text", "label", "predicted"]].copy()
+    if "pair" in run.predictions:  # a text pair, shown as its two texts
+        frame["text"] = frame["text"].astype(str) + " / " + run.predictions["pair"].astype(str)
     frame["confidence"] = probs.max(axis=1)
     wrong = frame[frame["label"] != frame["predicted"]]
     return wrong.sort_values("confidence", ascending=False, kind="stable").head(top).reset_index(drop=True)

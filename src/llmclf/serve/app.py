@@ -57,6 +57,7 @@ from llmclf.serve.batcher import (
     ENCODE_THREADS,
     ClassifierPredictor,
     DynamicBatcher,
+    Input,
     Predictor,
     QueueFull,
     ServingMetrics,
@@ -65,6 +66,7 @@ from llmclf.serve.batcher import (
 from llmclf.serve.limits import (  # noqa: F401  (MAX_JSON_DEPTH, too_deep: importable from here too)
     MAX_JSON_DEPTH,
     ApiError,
+    check_pairs,
     check_texts,
     guarded_h11_protocol,
     load_json,
@@ -178,7 +180,14 @@ class ClassifyRequest(BaseModel):
     """Body of POST /classify."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
-    texts: list[str] = Field(description="Texts to classify, each non-blank.", examples=[["Stocks fell."]])
+    texts: list[str] | None = Field(
+        default=None, description="Texts to classify, each non-blank.", examples=[["Stocks fell."]]
+    )
+    pairs: list[list[str]] | None = Field(
+        default=None,
+        description="For a classifier trained on text pairs, instead of texts: [first, second] per input.",
+        examples=[[["A man is eating.", "Someone eats."]]],
+    )
 
 
 class Prediction(BaseModel):
@@ -199,10 +208,22 @@ class ErrorBody(BaseModel):
     index: list[int] | None = Field(default=None, description="Offending text positions, if any.")
 
 
-def parse_texts(body: bytes, options: ServeOptions) -> list[str]:
-    """Validated texts of a /classify body, or an ApiError naming the problem."""
-    example = 'Send {"texts": ["first text", "second text"]}.'
-    return check_texts(load_json(body, ClassifyRequest, example).texts, options.max_texts, example)
+def parse_texts(body: bytes, options: ServeOptions, pairs: bool = False) -> list[Input]:
+    """Validated inputs of a /classify body (texts, or (first, second) pairs for a classifier trained on
+    pairs), or an ApiError naming the problem."""
+    example = (
+        'Send {"pairs": [["first text", "its second text"], ...]}.'
+        if pairs
+        else 'Send {"texts": ["first text", "second text"]}.'
+    )
+    request = load_json(body, ClassifyRequest, example)
+    given, wrong = ("pairs", "texts") if pairs else ("texts", "pairs")
+    if getattr(request, wrong) is not None or getattr(request, given) is None:
+        what = "text pairs" if pairs else "single texts"
+        raise ApiError(422, "invalid_request", f"This classifier takes {what} in '{given}'. {example}")
+    if not pairs:
+        return check_texts(request.texts, options.max_texts, example)
+    return check_pairs(request.pairs, options.max_texts, example)
 
 
 def require_json(request: Request) -> None:
@@ -237,8 +258,9 @@ class Service:
         self.ready = False
         self.warmup_error: str | None = None
         self.in_flight = 0
+        self.pairs = bool(getattr(predictor, "pairs", False))  # the classifier takes text pairs
 
-    async def classify(self, texts: list[str]) -> tuple[Any, list[bool]]:
+    async def classify(self, texts: list[Input]) -> tuple[Any, list[bool]]:
         """Probabilities and truncation flags: tokenised by the predictor's `encode` (if it has one) in
         the tokenising threads, then run by the batcher."""
         encode = getattr(self.batcher.predictor, "encode", None)
@@ -248,7 +270,7 @@ class Service:
     async def warm_up(self) -> None:
         """One real forward pass through the batcher; /health answers 200 only after it."""
         try:
-            probs, _ = await self.classify([WARMUP_TEXT])
+            probs, _ = await self.classify([(WARMUP_TEXT, WARMUP_TEXT) if self.pairs else WARMUP_TEXT])
             if probs.shape != (1, len(self.labels)):
                 raise RuntimeError(f"warm-up returned shape {probs.shape}, expected (1, {len(self.labels)})")
             # `auto` is timed by the predictor's first call, this one, in the batcher's worker thread.
@@ -352,12 +374,12 @@ def _add_classify(app: FastAPI, service: Service) -> None:
         return await answer(
             request,
             service,
-            lambda body, options: (parse_texts(body, options), None),
+            lambda body, options: (parse_texts(body, options, service.pairs), None),
             lambda _, predictions: {"predictions": predictions},
         )
 
 
-Parse = Callable[[bytes, ServeOptions], tuple[list[str], Any]]
+Parse = Callable[[bytes, ServeOptions], tuple[list[Input], Any]]
 """A request body -> (its texts, what else the endpoint needs to answer), or an ApiError."""
 Respond = Callable[[Any, list[dict[str, Any]]], Any]
 """(what `Parse` returned beside the texts, `Service.predictions` of the texts) -> the JSON answer."""
@@ -403,7 +425,7 @@ def _add_tei(app: FastAPI, service: Service) -> None:
     extra = {"requestBody": {"required": True, "content": {"application/json": {"schema": predict_schema()}}}}
 
     def parse(body: bytes, options: ServeOptions) -> tuple[list[str], PredictCall]:
-        return parse_predict(body, options.max_texts, options.max_length)
+        return parse_predict(body, options.max_texts, options.max_length, pairs=service.pairs)
 
     @app.post("/predict", responses=ERRORS, openapi_extra=extra)
     async def predict(request: Request) -> JSONResponse:
@@ -418,7 +440,7 @@ def _add_tei(app: FastAPI, service: Service) -> None:
         return await answer(request, service, parse, inference_api_answer)
 
 
-async def _classify_or_refuse(service: Service, texts: list[str]) -> tuple[Any, list[bool]]:
+async def _classify_or_refuse(service: Service, texts: list[Input]) -> tuple[Any, list[bool]]:
     try:
         return await service.classify(texts)
     except QueueFull as exc:

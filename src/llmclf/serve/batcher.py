@@ -29,6 +29,7 @@ import numpy as np
 
 from llmclf import runtime
 from llmclf.batches import NEVER_SPLIT, padding_groups
+from llmclf.inference.lexical import lexical_inputs
 from llmclf.inference.predict import predict_proba
 
 logger = logging.getLogger("llmclf.serve")
@@ -37,6 +38,8 @@ logger = logging.getLogger("llmclf.serve")
 # a text, or what the predictor's optional `encode(texts)` made of it (the server calls that first,
 # in threads of its own).
 Predictor = Callable[[list[Any]], tuple[np.ndarray, list[bool]]]
+Input = str | tuple[str, str]
+"""A text, or a (first, second) text pair for a classifier trained on pairs."""
 ENCODE_THREADS = 2  # tokenising threads of the server; each holds one copy of the tokenizer
 
 
@@ -361,7 +364,12 @@ class ClassifierPredictor:
         for _ in range(max(1, encode_threads)):
             self._tokenizers.put(copy.deepcopy(classifier.tokenizer))
 
-    def encode(self, texts: list[str]) -> list[Encoded]:
+    @property
+    def pairs(self) -> bool:
+        """Whether the classifier takes text pairs (trained with data.text_pair_column)."""
+        return bool(getattr(self.classifier, "pair_column", None))
+
+    def encode(self, texts: list[Input]) -> list[Encoded]:
         """Token ids exactly as `Classifier.predict_proba` makes them (special tokens kept where the
         tokenizer keeps them), and which texts were cut; any thread may call it."""
         tokenizer = self._tokenizers.get()
@@ -370,31 +378,41 @@ class ClassifierPredictor:
         finally:
             self._tokenizers.put(tokenizer)
 
-    def _encode(self, tokenizer: Any, texts: list[str]) -> list[Encoded]:
+    def _encode(self, tokenizer: Any, texts: list[Input]) -> list[Encoded]:
         max_length = self.max_length
         limit = max_length * CHARS_PER_TOKEN_BOUND
-        heads = [text[:limit] for text in texts]
+        # (first texts, second texts or None): a pair's parts are cut and tokenised together
+        parts = [list(p) for p in zip(*texts, strict=True)] if isinstance(texts[0], tuple) else [texts]
+        heads = [[text[:limit] for text in part] for part in parts]
+
+        def tokenise(rows: list[int], source: list[list[str]], **cut: Any) -> list[list[int]]:
+            return tokenizer(*([part[i] for i in rows] for part in source), **cut)["input_ids"]
+
         # Full-length ids tell which texts are cut; only those are tokenised again with truncation.
-        ids = tokenizer(heads, truncation=False)["input_ids"]
-        whole = [i for i, row in enumerate(ids) if len(row) <= max_length and len(texts[i]) > limit]
+        ids = tokenise(list(range(len(texts))), heads, truncation=False)
+        shortened = [any(len(part[i]) > limit for part in parts) for i in range(len(texts))]
+        whole = [i for i, row in enumerate(ids) if len(row) <= max_length and shortened[i]]
         if whole:
-            for i, row in zip(whole, tokenizer([texts[i] for i in whole], truncation=False)["input_ids"]):
-                heads[i], ids[i] = texts[i], row
+            for i, row in zip(whole, tokenise(whole, parts, truncation=False)):
+                ids[i] = row
+                for head, part in zip(heads, parts):
+                    head[i] = part[i]
         truncated = [len(row) > max_length for row in ids]
         long = [i for i, cut in enumerate(truncated) if cut]
         if long:
-            cut_ids = tokenizer([heads[i] for i in long], truncation=True, max_length=max_length)["input_ids"]
-            for i, row in zip(long, cut_ids):
+            for i, row in zip(long, tokenise(long, heads, truncation="longest_first", max_length=max_length)):
                 ids[i] = row
         lexical = getattr(self.classifier, "lexical", None)
-        lex = lexical.log_proba(texts) if lexical is not None else [None] * len(texts)  # (n, labels)
+        lex = (
+            lexical.log_proba(lexical_inputs(*parts)) if lexical is not None else [None] * len(texts)
+        )  # (n, labels)
         return [Encoded(list(row), cut, lx) for row, cut, lx in zip(ids, truncated, lex)]
 
     def __call__(self, rows: Sequence[Encoded | str]) -> tuple[np.ndarray, list[bool]]:
         clf, max_length = self.classifier, self.max_length
         if self.pass_overhead_tokens is None:
             self.pass_overhead_tokens = round(measure_pass_overhead(clf), 1)
-        texts = [i for i, row in enumerate(rows) if isinstance(row, str)]
+        texts = [i for i, row in enumerate(rows) if isinstance(row, str | tuple)]
         encoded = dict(zip(texts, self.encode([rows[i] for i in texts]))) if texts else {}
         rows = [encoded.get(i, row) for i, row in enumerate(rows)]
         ids = [row.ids for row in rows]

@@ -177,6 +177,26 @@ def check_texts(texts: list[str], max_texts: int, example: str, field: str = "te
     return texts
 
 
+def check_pairs(
+    pairs: list[list[str]], max_texts: int, example: str, field: str = "pairs"
+) -> list[tuple[str, str]]:
+    """`pairs` as (first, second) tuples if each holds two texts (else 422 `invalid_pair`), checked as
+    `check_texts` checks texts (each pair counts once towards `max_texts`, and an offending pair's
+    index is named)."""
+    odd = [i for i, pair in enumerate(pairs) if len(pair) != 2]
+    if odd:
+        raise ApiError(
+            422,
+            "invalid_pair",
+            f"Input(s) at index {odd[:20]} hold {len(pairs[odd[0]])} text(s), not two (a first text and its "
+            f"second text). {example}",
+            index=odd,
+        )
+    for part in (0, 1):
+        check_texts([pair[part] for pair in pairs], max_texts, example, field)
+    return [(first, second) for first, second in pairs]
+
+
 def _is_unicode(text: str) -> bool:
     """False for a text holding a lone surrogate (JSON's `\\ud800`), which no tokenizer encodes."""
     try:

@@ -12,8 +12,10 @@ the routes, which go through the same limits, security and batching as POST /cla
 Both take TEI's `truncate`, `truncation_direction` and `raw_scores` and the Inference API's `parameters`
 (`top_k`, `function_to_apply`). The scores are the classifier's probabilities, those of /classify. What
 this server cannot do is refused (422) rather than ignored: raw scores (logits), sigmoid, cutting a text's
-start, sentence pairs, unknown fields. Unlike TEI, a top-level list of two strings is two texts (TEI reads
-it as one sentence pair, which a single-text classifier has no use for); `truncate` left out cuts long
+start, unknown fields, sentence pairs for a classifier trained on single texts (and single texts for one
+trained on pairs). For a single-text classifier a top-level list of two strings is two texts (TEI reads
+it as one sentence pair); for one trained on text pairs it is one pair, as in TEI, and `[["a", "b"],
+...]` is several. `truncate` left out cuts long
 texts at --max-length tokens as in training (TEI's --auto-truncate) and flags nothing in the answer;
 `truncate: false` refuses them (413 `text_too_long`, their indexes named).
 """
@@ -25,9 +27,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from llmclf.serve.limits import ApiError, check_texts, load_json
+from llmclf.serve.limits import ApiError, check_pairs, check_texts, load_json
 
 EXAMPLE = 'Send {"inputs": "a text"} or {"inputs": ["first text", "second text"]}.'
+PAIR_EXAMPLE = 'Send {"inputs": ["a text", "its second text"]} or {"inputs": [["a", "a2"], ["b", "b2"]]}.'
 
 
 class InferenceParameters(BaseModel):
@@ -73,16 +76,37 @@ class PredictCall:
     max_length: int | None
 
 
-def parse_predict(body: bytes, max_texts: int, max_length: int | None) -> tuple[list[str], PredictCall]:
-    """The texts of a /predict or / body and what else it asks, or an ApiError naming the problem."""
-    request = load_json(body, PredictRequest, EXAMPLE)
-    texts = _texts(request.inputs)
+def parse_predict(
+    body: bytes, max_texts: int, max_length: int | None, *, pairs: bool = False
+) -> tuple[list[Any], PredictCall]:
+    """The texts (or, for a classifier trained on text pairs, the (first, second) pairs: TEI's
+    `[["a", "b"], ...]`) of a /predict or / body and what else it asks, or an ApiError naming the
+    problem."""
+    request = load_json(body, PredictRequest, PAIR_EXAMPLE if pairs else EXAMPLE)
     _refuse_unsupported(request)
     parameters = request.parameters or InferenceParameters()
-    call = PredictCall(
-        isinstance(request.inputs, str), parameters.top_k, request.truncate is False, max_length
-    )
-    return check_texts(texts, max_texts, EXAMPLE, field="inputs"), call
+    single = isinstance(request.inputs, str) or (pairs and _is_one_pair(request.inputs))
+    call = PredictCall(single, parameters.top_k, request.truncate is False, max_length)
+    if pairs:
+        return check_pairs(_pairs(request.inputs), max_texts, PAIR_EXAMPLE, field="inputs"), call
+    return check_texts(_texts(request.inputs), max_texts, EXAMPLE, field="inputs"), call
+
+
+def _is_one_pair(inputs: str | list[str] | list[list[str]]) -> bool:
+    return isinstance(inputs, list) and len(inputs) == 2 and all(isinstance(t, str) for t in inputs)
+
+
+def _pairs(inputs: str | list[str] | list[list[str]]) -> list[list[str]]:
+    """TEI's pair inputs: `["a", "b"]` (one pair) or `[["a", "b"], ...]`."""
+    if _is_one_pair(inputs):
+        return [list(inputs)]
+    if isinstance(inputs, str) or any(isinstance(item, str) for item in inputs):
+        raise ApiError(
+            422,
+            "unsupported_input",
+            f"This classifier was trained on text pairs: each input is a list of two texts. {PAIR_EXAMPLE}",
+        )
+    return list(inputs)
 
 
 def _texts(inputs: str | list[str] | list[list[str]]) -> list[str]:

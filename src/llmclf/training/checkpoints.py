@@ -66,6 +66,8 @@ def splits_digest(splits: Any) -> str:
     for name in ("train", "val", "test"):
         frame = getattr(splits, name)
         payload = {"split": name, "text": frame["text"].tolist(), "label": frame["label"].tolist()}
+        if "pair" in frame:
+            payload["pair"] = frame["pair"].tolist()
         h.update(json.dumps(payload, ensure_ascii=False).encode("utf-8"))
     return h.hexdigest()
 

@@ -10,8 +10,8 @@ import numpy as np
 import torch
 
 from llmclf import distributed
-from llmclf.data import Splits
-from llmclf.inference.lexical import MIX_WEIGHT, LexicalHead, choose_weight, fit_lexical
+from llmclf.data import Splits, inputs
+from llmclf.inference.lexical import MIX_WEIGHT, LexicalHead, choose_weight, fit_lexical, lexical_inputs
 from llmclf.inference.metrics import compute_metrics
 from llmclf.model.label_words import set_head
 from llmclf.reports import console
@@ -85,7 +85,7 @@ def add_lexical(
 ) -> tuple[LexicalHead | None, np.ndarray]:
     """Fit TF-IDF + LR on the training split and mix it in, unless the validation split shows the mix
     clearly worse than the model. Returns the lexical part and the test probabilities of the mix."""
-    texts = {name: getattr(splits, name)["text"].tolist() for name in SPLITS}
+    texts = {name: lexical_inputs(*inputs(getattr(splits, name))) for name in SPLITS}
     head = fit_lexical(texts["train"], encoded.labels["train"], len(splits.labels), weights, seed)
     if encoded.ids["val"]:
         val_probs = backend.score(encoded.ids["val"], "scoring the validation split")

@@ -21,7 +21,7 @@ import torch
 
 from llmclf import distributed, runfolder, runtime
 from llmclf.config import RunConfig
-from llmclf.data import Splits, class_weights, load_splits, to_dataset, tokenize_texts
+from llmclf.data import Splits, class_weights, inputs, load_splits, to_dataset, tokenize_texts
 from llmclf.datafiles import MEMORY_COPIES, InMemory
 from llmclf.errors import LlmclfError
 from llmclf.inference.metrics import compute_metrics
@@ -30,7 +30,7 @@ from llmclf.model.anatomy import num_layers, resolve_top_layers
 from llmclf.model.label_words import zero_shot_head
 from llmclf.model.layer_choice import MAX_TEXTS
 from llmclf.model.loading import add_lora, load_classifier, resolve_quantize
-from llmclf.model.prompt import apply_template, resolve_template
+from llmclf.model.prompt import apply_template, resolve_template, separate_pairs
 from llmclf.model.provenance import identify
 from llmclf.model.sources import resolve_model_source
 from llmclf.progress import Timings
@@ -239,6 +239,7 @@ def load_data(
         test_fraction=dc.test_fraction,
         drop_invalid=dc.drop_invalid,
         seed=config.train.seed,
+        text_pair_column=dc.text_pair_column,
     )
     weights = (
         class_weights(splits.train["label"], splits.labels) if config.train.class_weights == "auto" else None
@@ -301,6 +302,8 @@ def load_model(config: RunConfig, labels: list[str], choice: ModelChoice) -> tup
     )
     # framed texts everywhere the tokenizer runs, the saved and exported tokenizer included
     apply_template(loaded.tokenizer, resolve_template(mc.prompt_template, loaded.model))
+    if config.data.text_pair_column:  # a separator between a pair's texts, where the tokenizer has none
+        separate_pairs(loaded.tokenizer)
     return loaded.model, loaded.tokenizer
 
 
@@ -379,9 +382,8 @@ def tokenise(tokenizer: Any, splits: Splits, max_length: int) -> Encoded:
     first = 0
     for name in SPLITS:
         frame = getattr(splits, name)
-        encoded.ids[name], encoded.truncated[name] = tokenize_texts(
-            tokenizer, frame["text"].tolist(), max_length
-        )
+        texts, pairs = inputs(frame)
+        encoded.ids[name], encoded.truncated[name] = tokenize_texts(tokenizer, texts, max_length, pairs)
         encoded.labels[name] = [index[label] for label in frame["label"]]
         encoded.rows[name] = list(range(first, first + len(frame)))
         first += len(frame)
@@ -531,11 +533,12 @@ def save_run(
 
 
 def predictions_frame(splits: Splits, probs: np.ndarray) -> pd.DataFrame:
-    """The test split with its predictions: text, label, predicted, prob_<label> per class."""
+    """The test split with its predictions: text (and pair), label, predicted, prob_<label> per class."""
     test = splits.test
     frame = pd.DataFrame(
         {
             "text": test["text"].tolist(),
+            **({"pair": test["pair"].tolist()} if "pair" in test else {}),
             "label": test["label"].tolist(),
             "predicted": [splits.labels[i] for i in probs.argmax(axis=1)],
         }
