@@ -244,3 +244,22 @@ def test_the_python_api_trains_on_pairs_in_memory(pair_run, tiny_model_dir, tmp_
     _, cli_probs = saved_probs(pair_run)
     _, api_probs = saved_probs(result.output)
     np.testing.assert_allclose(api_probs, cli_probs, atol=1e-5)  # same rows, seed and settings
+
+
+def test_compare_tells_pair_runs_tested_on_other_pairs_apart(pair_run, tmp_path):
+    """Two pair runs whose test rows share their first texts but not their second ones were tested on
+    other inputs: the comparison says so."""
+    import shutil
+
+    from llmclf.reports.compare import comparison_warnings
+    from llmclf.reports.run_report import read_run
+
+    other = tmp_path / "other"
+    shutil.copytree(pair_run, other)
+    preds = pd.read_csv(other / "predictions_test.csv", keep_default_na=False)
+    preds.loc[0, "pair"] = preds.loc[1, "pair"] + " (another second text)"
+    preds.to_csv(other / "predictions_test.csv", index=False)
+    same = comparison_warnings([read_run(pair_run), read_run(pair_run)], ["a", "b"])
+    assert not any("different texts" in w for w in same)
+    warned = comparison_warnings([read_run(pair_run), read_run(other)], ["a", "b"])
+    assert any("tested on different texts" in w for w in warned)

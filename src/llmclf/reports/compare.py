@@ -6,6 +6,7 @@ import csv
 from pathlib import Path
 from typing import Any
 
+from llmclf.data import PAIR_JOIN
 from llmclf.errors import LlmclfError
 from llmclf.reports import plots
 from llmclf.reports.run_report import (
@@ -88,6 +89,15 @@ def _columns(frame: Any) -> list[str]:
     return [] if frame is None else list(frame.columns)
 
 
+def _tested_inputs(frame: Any) -> list[str]:
+    """A run's test inputs, sorted: its texts, or its text pairs (the first text alone does not tell
+    two pair runs' test splits apart)."""
+    keys = frame["text"].astype(str)
+    if "pair" in frame:
+        keys = keys + PAIR_JOIN + frame["pair"].astype(str)
+    return sorted(keys)
+
+
 def comparison_warnings(runs: list[RunFiles], names: list[str]) -> list[str]:
     """Why the runs' metrics may not be comparable: other data, other label sets, other test splits."""
     out = []
@@ -100,7 +110,7 @@ def comparison_warnings(runs: list[RunFiles], names: list[str]) -> list[str]:
     differ([sorted(r.labels) for r in runs], "the runs have different label sets")
     sizes = [_test_size(r) for r in runs]
     differ(sizes, "the runs were tested on different numbers of examples")
-    tested = [sorted(r.predictions["text"].astype(str)) for r in runs if "text" in _columns(r.predictions)]
+    tested = [_tested_inputs(r.predictions) for r in runs if "text" in _columns(r.predictions)]
     if len(set(sizes)) == 1 and len(tested) == len(runs) and any(t != tested[0] for t in tested):
         out.append("the runs were tested on different texts (as many, but another split)")
     return [f"metrics not comparable: {w}." for w in out]
