@@ -12,7 +12,7 @@ import pytest
 from conftest import read_demo_rows, train_tiny
 from llmclf.errors import LlmclfError
 from llmclf.inference.lexical import (
-    GUARD,
+    GUARD_SE,
     MIX_WEIGHT,
     LexicalHead,
     choose_weight,
@@ -80,7 +80,36 @@ def test_the_mix_takes_over_where_the_model_is_blind_and_is_dropped_where_it_hur
     assert choose_weight(head, right, wrong, val_labels) == 0.0
     assert (head.combine(right, wrong).argmax(axis=1) == y).all()  # the model alone
     rows = {row["weight"]: row["balanced_accuracy"] for row in head.info["validation"]}
-    assert rows[MIX_WEIGHT] < rows[0.0] - GUARD
+    assert rows[MIX_WEIGHT] < rows[0.0] - head.info["guard"]["margin"]
+
+
+def test_the_guard_drops_the_mix_for_a_drop_the_validation_shows_not_for_its_noise():
+    """Two texts of 25 that the mix gets wrong and the model right are noise (kept); the same share of
+    250 texts is a drop (dropped)."""
+    texts, labels = planted(20, seed=0)
+    head = fit_lexical(texts, labels, 3, None, seed=0)
+    for n, kept in ((25, True), (250, False)):
+        y = np.arange(n) % 3
+        model = np.full((n, 3), 0.1)
+        model[np.arange(n), y] = 0.8  # right on every text
+        lexical = np.log(np.full((n, 3), 1 / 3))
+        wrong = (y + 1) % 3
+        few = np.arange(n) < n * 2 // 25  # 8% of the texts: the lexical part outvotes the model there
+        lexical[few] = np.log(np.clip(np.eye(3)[wrong[few]] * 0.9999, 1e-9, None))
+        weight = choose_weight(head, model, lexical, y.tolist())
+        rows = {row["weight"]: row["balanced_accuracy"] for row in head.info["validation"]}
+        assert rows[0.0] - rows[MIX_WEIGHT] == pytest.approx(0.08, abs=0.01)  # the same drop, in share
+        assert (weight == MIX_WEIGHT) is kept, (n, head.info["guard"])
+        assert head.info["guard"]["standard_errors"] == GUARD_SE
+
+
+def test_the_paired_standard_error_counts_only_disagreements():
+    from llmclf.inference.lexical import paired_standard_error
+
+    y = np.array([0, 0, 1, 1])
+    assert paired_standard_error(y, y, y) == 0.0
+    one = np.array([1, 0, 1, 1])  # one text of class 0 (weight 1/4) now wrong
+    assert paired_standard_error(y, y, one) == pytest.approx(0.25)
 
 
 def test_a_perfect_model_keeps_its_predictions():
