@@ -41,24 +41,9 @@ def _template_piece(name: str, ids: list[int], tokenizer: Any) -> dict[str, Any]
 def _with_template(processor: dict | None, prefix: list[str], suffix: list[str]) -> dict:
     """A post-processor (as JSON) that adds the template's pieces around the text ($A), inside whatever
     special tokens the tokenizer already adds (Llama 3's BOS, BERT's [CLS] ... [SEP])."""
-    if processor is None:
-        processor = {
-            "type": "TemplateProcessing",
-            "single": [{"Sequence": {"id": "A", "type_id": 0}}],
-            "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
-            "special_tokens": {},
-        }
-    if processor.get("type") == "Sequence":
-        inner = processor.get("processors", [])
-        at = next((i for i, p in enumerate(inner) if p.get("type") == "TemplateProcessing"), None)
-        if at is None:
-            return {"type": "Sequence", "processors": [*inner, _with_template(None, prefix, suffix)]}
-        inner[at] = _with_template(inner[at], prefix, suffix)
-        return processor
-    if processor.get("type") != "TemplateProcessing":
-        return {"type": "Sequence", "processors": [processor, _with_template(None, prefix, suffix)]}
+    processor, template = _template_processing(processor)
     for key in ("single", "pair"):
-        pieces, out = processor[key], []
+        pieces, out = template[key], []
         for piece in pieces:
             seq = piece.get("Sequence", {}).get("id")
             if seq == "A":  # the first text; a pair's second text gets no frame of its own
@@ -66,7 +51,7 @@ def _with_template(processor: dict | None, prefix: list[str], suffix: list[str])
             out.append(piece)
             if seq == ("B" if key == "pair" else "A"):
                 out += [{"SpecialToken": {"id": name, "type_id": 0}} for name in suffix]
-        processor[key] = out
+        template[key] = out
     return processor
 
 
@@ -115,14 +100,19 @@ def template_ids(tokenizer: Any) -> dict[str, list[int]]:
     return found
 
 
-def _template_processing(processor: dict | None) -> tuple[dict, dict]:
-    """(the post-processor to install, its TemplateProcessing to edit), one added where it has none."""
-    plain = {
+def _plain_template() -> dict:
+    """A post-processor (as JSON) that adds nothing: the text ($A), or the pair ($A $B)."""
+    return {
         "type": "TemplateProcessing",
         "single": [{"Sequence": {"id": "A", "type_id": 0}}],
         "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
         "special_tokens": {},
     }
+
+
+def _template_processing(processor: dict | None) -> tuple[dict, dict]:
+    """(the post-processor to install, its TemplateProcessing to edit), one added where it has none."""
+    plain = _plain_template()
     if processor is None:
         return plain, plain
     if processor.get("type") == "TemplateProcessing":
