@@ -246,7 +246,7 @@ class Classifier:
         lexical part's where the run has one. `pairs`: each text's second text, for a classifier
         trained on text pairs (data.text_pair_column)."""
         texts, pairs = self._inputs(texts, pairs)
-        probs = self.model_proba(texts, pairs=pairs, batch_size=batch_size, progress=progress)
+        probs = self._model_proba(texts, pairs, batch_size, progress)
         if self.lexical is None:
             return probs
         return self.lexical.combine(probs, self.lexical.log_proba(lexical_inputs(texts, pairs)))
@@ -261,7 +261,12 @@ class Classifier:
     ) -> np.ndarray:
         """The model's own probabilities (n, labels), without the lexical part: what the exported
         transformers model computes."""
-        texts, pairs = self._inputs(texts, pairs)
+        return self._model_proba(*self._inputs(texts, pairs), batch_size, progress)
+
+    def _model_proba(
+        self, texts: list[str], pairs: list[str] | None, batch_size: int | str | None, progress: bool | None
+    ) -> np.ndarray:
+        """`model_proba` of inputs `_inputs` has checked."""
         if not texts:  # (0, labels): transformers 5's tokenizer fails on an empty list
             return np.zeros((0, len(self.labels)))
         with runtime.autocast(self.precision):

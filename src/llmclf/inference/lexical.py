@@ -208,16 +208,15 @@ def choose_weight(
     from sklearn.metrics import balanced_accuracy_score
 
     y = np.asarray(label_ids)
-    table = []
+    table, predicted = [], {}
     for w in MIX_GRID:
         mixed = head.combine(probs, lexical_log, w)
-        score = float(balanced_accuracy_score(y, mixed.argmax(axis=1)))
+        predicted[w] = mixed.argmax(axis=1)
+        score = float(balanced_accuracy_score(y, predicted[w]))
         loss = float(-np.log(np.clip(mixed[np.arange(len(y)), y], EPS, None)).mean())
         table.append({"weight": w, "balanced_accuracy": score, "log_loss": loss})
     scores = {row["weight"]: row["balanced_accuracy"] for row in table}
-    margin = GUARD_SE * paired_standard_error(
-        y, probs.argmax(axis=1), head.combine(probs, lexical_log, MIX_WEIGHT).argmax(axis=1)
-    )
+    margin = GUARD_SE * paired_standard_error(y, predicted[0.0], predicted[MIX_WEIGHT])
     head.weight = MIX_WEIGHT if scores[MIX_WEIGHT] >= scores[0.0] - margin else 0.0
     head.info["validation"] = table
     head.info["guard"] = {"margin": round(margin, 4), "standard_errors": GUARD_SE}

@@ -6,7 +6,7 @@ import csv
 from pathlib import Path
 from typing import Any
 
-from llmclf.data import PAIR_JOIN
+from llmclf.data import input_key
 from llmclf.errors import LlmclfError
 from llmclf.reports import plots
 from llmclf.reports.run_report import (
@@ -92,10 +92,7 @@ def _columns(frame: Any) -> list[str]:
 def _tested_inputs(frame: Any) -> list[str]:
     """A run's test inputs, sorted: its texts, or its text pairs (the first text alone does not tell
     two pair runs' test splits apart)."""
-    keys = frame["text"].astype(str)
-    if "pair" in frame:
-        keys = keys + PAIR_JOIN + frame["pair"].astype(str)
-    return sorted(keys)
+    return sorted(input_key(frame[[c for c in ("text", "pair") if c in frame]].astype(str)))
 
 
 def comparison_warnings(runs: list[RunFiles], names: list[str]) -> list[str]:
