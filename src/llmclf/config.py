@@ -38,6 +38,8 @@ LEXICAL_CHOICES = ("auto", "off")
 SCHEDULER_CHOICES = ("linear", "cosine", "constant")
 PRECISION_CHOICES = ("auto", "bf16", "fp16", "fp32")
 ATTN_CHOICES = ("auto", "sdpa", "flash_attention_2", "eager")
+TASK_CHOICES = ("single-label", "regression")
+SINGLE_LABEL, REGRESSION = TASK_CHOICES
 
 
 def _require(ok: bool, key: str, found: Any, allowed: str) -> None:
@@ -269,7 +271,8 @@ class TrainConfig:
     lexical: str = "auto"
     """`auto`: also fit TF-IDF (word 1-2-grams) + logistic regression on the training split and mix its
     log-probabilities with the model's, in equal shares (dropped where the validation split shows the
-    mix clearly worse than the model alone); `off`: the model alone."""
+    mix clearly worse than the model alone; single-label tasks only, as it mixes class probabilities);
+    `off`: the model alone."""
     activation_cache: str = "memory"
     """Where the frozen layers' outputs are kept when only the top layers are adapted (lora.layers):
     `memory`, also on `disk` (bf16, reused by later runs on the same model and texts), or `off` (run the
@@ -352,6 +355,18 @@ class RunConfig:
     """Optimisation."""
     output: str = "runs/latest"
     """Run folder to write (config, labels, adapter, metrics, predictions)."""
+    task: str = SINGLE_LABEL
+    """`single-label`: one class per text, from the label column's names; `regression`: one number per
+    text (a rating, a score), the label column holding numbers; trained with mean squared error on
+    targets divided by their standard deviation, reported in the column's own units."""
+
+    def __post_init__(self) -> None:
+        _require(self.task in TASK_CHOICES, "task", self.task, ", ".join(TASK_CHOICES))
+        if self.task == REGRESSION and self.data.train_per_class is not None:
+            raise LlmclfError(
+                "task=regression has no classes to sample per class: leave data.train_per_class / "
+                "val_per_class / test_per_class out and split by data.val_fraction / data.test_fraction."
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -425,10 +440,11 @@ def build_config(overlay: dict[str, Any] | None = None) -> RunConfig:
                 f"Invalid config value preset={preset!r}: allowed values are {', '.join(PRESETS)}."
             )
         overlay = merge(PRESETS[preset], overlay)
-    unknown = set(overlay) - set(CONFIG_SECTIONS) - {"output"}
+    top_level = {"output", "task"}
+    unknown = set(overlay) - set(CONFIG_SECTIONS) - top_level
     if unknown:
         raise LlmclfError(
-            f"Unknown config section(s) {sorted(unknown)}: allowed are {sorted(CONFIG_SECTIONS) + ['output']}."
+            f"Unknown config section(s) {sorted(unknown)}: allowed are {sorted(CONFIG_SECTIONS) + sorted(top_level)}."
         )
     sections: dict[str, Any] = {}
     for name, cls in CONFIG_SECTIONS.items():
@@ -446,7 +462,7 @@ def build_config(overlay: dict[str, Any] | None = None) -> RunConfig:
     output = overlay.get("output", RunConfig.output)
     if not isinstance(output, str) or not output:
         raise LlmclfError(f"Invalid config value output={output!r}: allowed values are a folder path.")
-    return RunConfig(output=output, **sections)
+    return RunConfig(output=output, task=overlay.get("task", RunConfig.task), **sections)
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:

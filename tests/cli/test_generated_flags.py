@@ -113,9 +113,9 @@ def test_flags_are_grouped_by_config_section_with_its_docstring(monkeypatch):
         dests = {a.dest for a in groups[title]._group_actions}
         assert {f"{section}.{f.name}" for f in dataclasses.fields(CONFIG_SECTIONS[section])} <= dests
         assert all(d.startswith(f"{section}.") for d in dests), dests
-    assert {a.dest for a in groups["output"]._group_actions} == {"output", "overwrite", "resume"}
+    assert {a.dest for a in groups["task and output"]._group_actions} == {"task", "output", "overwrite", "resume"}
     text = train_parser().format_help()
-    positions = [text.index(f"\n{title}:\n") for title in ("data", "model", "LoRA", "training", "output")]
+    positions = [text.index(f"\n{title}:\n") for title in ("data", "model", "LoRA", "training", "task and output")]
     assert positions == sorted(positions)
     assert "\ndata:\n  Where the labelled texts come from and how they are split.\n" in text
 

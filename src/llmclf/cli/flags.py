@@ -29,6 +29,7 @@ from llmclf.config import (
     PRECISION_CHOICES,
     QUANTIZE_CHOICES,
     SCHEDULER_CHOICES,
+    TASK_CHOICES,
     RunConfig,
     field_docs,
 )
@@ -93,12 +94,13 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.head_init": HEAD_INIT_CHOICES,
     "train.lexical": LEXICAL_CHOICES,
     "train.activation_cache": ACTIVATION_CACHE_CHOICES,
+    "task": TASK_CHOICES,
 }
 
 YAML_ONLY: dict[str, str] = {}
 """Config keys without a flag, each with the reason; today every field has one."""
 
-GROUPS = {"data": "data", "model": "model", "lora": "LoRA", "train": "training", None: "output"}
+GROUPS = {"data": "data", "model": "model", "lora": "LoRA", "train": "training", None: "task and output"}
 """Titles of `llmclf train --help`'s sections, by config section (None: RunConfig's own fields)."""
 
 GIVEN = "_train_flags_given"
