@@ -150,7 +150,11 @@ def option_names() -> dict[str, tuple[str | None, str]]:
 
     fields = [(section, name) for section, cls in CONFIG_SECTIONS.items() for name in field_names(cls)]
     shared = {name for _, name in fields if sum(name == other for _, other in fields) > 1}
-    names: dict[str, tuple[str | None, str]] = {"output": (None, "output"), "preset": (None, "preset")}
+    names: dict[str, tuple[str | None, str]] = {
+        "output": (None, "output"),
+        "task": (None, "task"),
+        "preset": (None, "preset"),
+    }
     for section, name in fields:
         prefixed = section == "lora" or name in shared
         names[OPTION_NAMES.get((section, name), f"{section}_{name}" if prefixed else name)] = (section, name)

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from llmclf.config import REGRESSION, SINGLE_LABEL
 from llmclf.datafiles import (  # the readers, re-exported: `from llmclf.data import read_table` keeps working
     DEMO_NAME,
     TABLE_SUFFIXES,
@@ -28,6 +29,7 @@ from llmclf.datafiles import (  # the readers, re-exported: `from llmclf.data im
     read_table,
 )
 from llmclf.errors import LlmclfError
+from llmclf.targets import SCORE, check_train_targets, parse_targets, split_targets
 
 __all__ = [
     "DEMO_NAME",
@@ -159,11 +161,12 @@ def clean_frame(
     notes: list[str] | None = None,
     in_memory: bool = False,
     pair_column: str | None = None,
+    numeric_labels: bool = False,
 ) -> pd.DataFrame:
     """Check columns and values; return `text`, `pair` (with a `pair_column`), `label` (if asked) and
     `row` columns. A dotted column name (`ticket.body`) reaches into nested JSON objects / structs.
     `in_memory`: a frame given to `llmclf.train`, whose errors name its index and the keyword arguments
-    to fix them with."""
+    to fix them with. `numeric_labels` (regression): labels are numbers (floats), not class names."""
     words = MEMORY_WORDS if in_memory else FILE_WORDS
     flags = {text_column: words["text"]}
     if pair_column:
@@ -214,7 +217,10 @@ def clean_frame(
     out = pd.DataFrame({"text": [str(t) for t, k in zip(texts, keep) if k], "row": rows[keep]})
     if pair_column:
         out.insert(1, "pair", [str(t) for t, k in zip(found[pair_column], keep) if k])
-    if label_column:
+    if label_column and numeric_labels:
+        kept = [v for v, k in zip(found[label_column], keep) if k]
+        out["label"] = parse_targets(kept, out["row"].tolist(), source, label_column, words["label"], where)
+    elif label_column:
         out["label"] = [normalise_label(v, class_names) for v, k in zip(found[label_column], keep) if k]
         _refuse_scores(out, source, label_column, words, where)
         _refuse_label_sets(out, source, label_column, where)
@@ -223,6 +229,8 @@ def clean_frame(
 
 MAX_FRACTIONAL_CLASSES = 20
 """More distinct fractional numbers than this in a label column are scores, not classes."""
+MAX_SPARSE_CLASSES = 50
+"""More distinct whole numbers than this, most of them on a single row, are scores too."""
 LABEL_SEPARATORS = (",", ";", "|")
 
 
@@ -235,19 +243,21 @@ def _refuse_scores(
     frame: pd.DataFrame, source: str, column: str, words: dict[str, str], where: Callable[[list[int]], str]
 ) -> None:
     """A column of many fractional numbers (ratings, similarity scores) would train a class per value."""
+    counts = frame["label"].value_counts()
     values = list(dict.fromkeys(frame["label"]))
     numbers = [_finite(v) for v in values]
-    if any(n is None for n in numbers) or all(float(n).is_integer() for n in numbers):
+    if any(n is None for n in numbers):
         return
-    if len(values) <= MAX_FRACTIONAL_CLASSES:
+    fractional = [v for v, n in zip(values, numbers) if not float(n).is_integer()]  # "2.5", "1e-3"
+    sparse = len(values) > MAX_SPARSE_CLASSES and (counts == 1).sum() > len(values) / 2
+    if not (fractional and len(values) > MAX_FRACTIONAL_CLASSES) and not sparse:
         return
-    shown = [v for v, n in zip(values, numbers) if not float(n).is_integer()][:3]  # "2.5", "1e-3"
+    shown = (fractional or values)[:3]
     raise LlmclfError(
-        f"{source}: column '{column}' holds {len(values)} distinct numbers with fractions (e.g. "
-        f"{', '.join(shown)} at {where(_first_rows(frame, shown))}): these look like scores, not classes; "
-        "as classes most would have a text or two each. llmclf trains classifiers (regression is not "
-        "supported yet): bin the scores into a few classes first (e.g. pandas.cut), or choose the column "
-        f"of class names with {words['label']}."
+        f"{source}: column '{column}' holds {len(values)} distinct numbers (e.g. {', '.join(shown)} at "
+        f"{where(_first_rows(frame, shown))}): these look like scores, not classes; as classes most would "
+        "have a text or two each. Predict the number itself with --task regression, bin the scores into a "
+        f"few classes first (e.g. pandas.cut), or choose the column of class names with {words['label']}."
     )
 
 
@@ -309,12 +319,17 @@ class Splits:
     test: pd.DataFrame
     labels: list[str]
     notes: list[str] = field(default_factory=list)
+    task: str = SINGLE_LABEL
+    """`regression`: labels are numbers and `labels` is the one output, [SCORE]."""
 
     def counts(self) -> dict[str, dict[str, int]]:
-        """Rows per split and class, in label order."""
+        """Rows per split and class, in label order (regression: rows per split, as {SCORE: n})."""
         out = {}
         for name in ("train", "val", "test"):
             frame = getattr(self, name)
+            if self.task == REGRESSION:
+                out[name] = {SCORE: len(frame)}
+                continue
             vc = frame["label"].value_counts() if len(frame) else {}
             out[name] = {label: int(vc.get(label, 0)) for label in self.labels}
         return out
@@ -367,11 +382,21 @@ def split_data(
     test_fraction: float = 0.1,
     seed: int = 42,
     notes: list[str] | None = None,
+    task: str = SINGLE_LABEL,
 ) -> Splits:
-    """Seeded, stratified split into train/val/test; `test_pool` (a separate file) becomes the test split."""
+    """Seeded, stratified split into train/val/test; `test_pool` (a separate file) becomes the test split.
+    Regression: a random split by the fractions (`targets.split_targets`)."""
     notes = list(notes or [])
     rng = np.random.default_rng(seed)
     pool = _dedupe(pool, source, notes)
+    if task == REGRESSION:
+        fraction = 0 if test_pool is not None else test_fraction
+        train, val, test = split_targets(pool, val_fraction=val_fraction, test_fraction=fraction, rng=rng)
+        check_train_targets(train, source)
+        if test_pool is not None:
+            test = _prepare_test_pool(test_pool, train, val, [SCORE], None, rng, notes, task)
+        _require_test(test, source)
+        return Splits(train, val, test, [SCORE], notes, task)
     if len(labels) < 2:
         raise LlmclfError(
             f"{source}: only one class ({labels[0] if labels else 'none'}) found in the label column. "
@@ -414,11 +439,15 @@ def split_data(
     train, val, test = shuffled(parts["train"]), shuffled(parts["val"]), shuffled(parts["test"])
     if test_pool is not None:
         test = _prepare_test_pool(test_pool, train, val, labels, test_per_class, rng, notes)
+    _require_test(test, source)
+    return Splits(train, val, test, labels, notes)
+
+
+def _require_test(test: pd.DataFrame, source: str) -> None:
     if len(test) == 0:
         raise LlmclfError(
             f"{source}: the test split is empty. Give --eval-data, --test-per-class, or a test fraction > 0."
         )
-    return Splits(train, val, test, labels, notes)
 
 
 def _prepare_test_pool(
@@ -429,8 +458,9 @@ def _prepare_test_pool(
     test_per_class: int | None,
     rng: np.random.Generator,
     notes: list[str],
+    task: str = SINGLE_LABEL,
 ) -> pd.DataFrame:
-    unseen = sorted(set(test_pool["label"]) - set(labels))
+    unseen = [] if task == REGRESSION else sorted(set(test_pool["label"]) - set(labels))
     if unseen:
         case = case_only(unseen, labels)
         raise LlmclfError(
@@ -513,11 +543,13 @@ def load_splits(
     drop_invalid: bool = False,
     seed: int = 42,
     text_pair_column: str | None = None,
+    task: str = SINGLE_LABEL,
 ) -> Splits:
     """Read, validate and split. A source with its own `train`/`test` splits uses them for test.
 
     `path` / `eval_data`: what `read_table` reads, or a `Table` already read (data given in memory).
-    `text_pair_column`: a second text per row; the splits then have a `pair` column."""
+    `text_pair_column`: a second text per row; the splits then have a `pair` column. `task`:
+    `regression` reads the labels as numbers."""
     notes: list[str] = []
     table = path if isinstance(path, Table) else read_table(path)
     names = table.class_names.get(label_column)
@@ -533,6 +565,7 @@ def load_splits(
             notes=notes,
             in_memory=of.in_memory,
             pair_column=text_pair_column,
+            numeric_labels=task == REGRESSION,
         )
 
     frames = table.frames
@@ -549,7 +582,7 @@ def load_splits(
     pool_frame = frames.get("train", next(iter(frames.values())))
     pool_source = table.source + (" [train]" if "train" in frames and len(frames) > 1 else "")
     pool = clean(pool_frame, pool_source, table, names)
-    labels = order_labels(set(pool["label"]), names)
+    labels = [SCORE] if task == REGRESSION else order_labels(set(pool["label"]), names)
     return split_data(
         pool,
         source=pool_source,
@@ -562,4 +595,5 @@ def load_splits(
         test_fraction=test_fraction,
         seed=seed,
         notes=notes,
+        task=task,
     )

@@ -15,12 +15,13 @@ import pandas as pd
 
 from llmclf import runtime
 from llmclf.cli.parser import name_flags, train_overrides
-from llmclf.config import load_config
+from llmclf.config import REGRESSION, load_config
 from llmclf.data import clean_frame, inputs, read_table
 from llmclf.datafiles import DEMO_NAME, demo_data_path
 from llmclf.errors import LlmclfError
 from llmclf.reports import console
 from llmclf.runfolder import RunFolder, atomic_write, prob_column, tidy_if_failed, write_csv, write_json
+from llmclf.targets import SCORE
 
 log = logging.getLogger("llmclf")
 
@@ -135,7 +136,9 @@ def predict(args: argparse.Namespace) -> int:
         pair_column=pair_column,
     )
     keep = (valid["row"] - 1).to_numpy()
-    added = [args.prediction_column] + [prob_column(label) for label in run.labels()]
+    regression = run.config().task == REGRESSION
+    column = args.prediction_column or (SCORE if regression else "label")
+    added = [column] + ([] if regression else [prob_column(label) for label in run.labels()])
     clash = [c for c in added if c in frame.columns]
     if clash:  # before the model loads, like every check of the input
         raise LlmclfError(
@@ -145,21 +148,41 @@ def predict(args: argparse.Namespace) -> int:
     clf = _load(args)
     texts, pairs = inputs(valid)
     _note_truncated(clf, texts, args.input, pairs)
-    probs = clf.predict_proba(texts, pairs=pairs, progress=None if not args.quiet else False)
     out = frame.copy()
-    predicted: list[str | None] = [None] * len(frame)
-    for row, i in zip(keep, probs.argmax(axis=1)):
-        predicted[row] = clf.labels[i]
-    out[args.prediction_column] = predicted
-    for i, label in enumerate(clf.labels):
-        column = np.full(len(frame), np.nan)
-        column[keep] = probs[:, i]
-        out[prob_column(label)] = column
+    progress = None if not args.quiet else False
+    for name, values in _prediction_columns(clf, texts, pairs, keep, len(frame), column, progress).items():
+        out[name] = values
     for note in notes:
         log.warning("note: %s", note.replace("dropped", "left unlabelled"))
     write_table(out, Path(args.output))
     log.info("Wrote %d rows to %s", len(out), args.output)
     return 0
+
+
+def _prediction_columns(
+    clf,
+    texts: list[str],
+    pairs: list[str] | None,
+    keep: np.ndarray,
+    n: int,
+    column: str,
+    progress: bool | None,
+) -> dict[str, list | np.ndarray]:
+    """The columns predict adds to the n input rows, those in `keep` predicted: the label and each class's
+    probability, or for a regression run the number; rows left out stay empty."""
+    if clf.task == REGRESSION:
+        scores = np.full(n, np.nan)
+        scores[keep] = clf.scores(texts, pairs=pairs, progress=progress)
+        return {column: scores}
+    probs = clf.predict_proba(texts, pairs=pairs, progress=progress)
+    predicted: list[str | None] = [None] * n
+    for row, i in zip(keep, probs.argmax(axis=1)):
+        predicted[row] = clf.labels[i]
+    columns: dict[str, list | np.ndarray] = {column: predicted}
+    for i, label in enumerate(clf.labels):
+        columns[prob_column(label)] = np.full(n, np.nan)
+        columns[prob_column(label)][keep] = probs[:, i]
+    return columns
 
 
 def _predict_texts(args: argparse.Namespace, pairs_expected: bool) -> int:
@@ -170,6 +193,11 @@ def _predict_texts(args: argparse.Namespace, pairs_expected: bool) -> int:
             f"({len(args.text)} --text, {len(args.pair or [])} --pair)."
         )
     clf = _load(args)
+    if clf.task == REGRESSION:
+        for k, (text, score) in enumerate(zip(args.text, clf.scores(args.text, pairs=args.pair))):
+            record = {"text": text, **({"pair": args.pair[k]} if args.pair else {}), SCORE: float(score)}
+            print(json.dumps(record, ensure_ascii=False))
+        return 0
     probs = clf.predict_proba(args.text, pairs=args.pair)
     for k, (text, row) in enumerate(zip(args.text, probs)):
         ranked = sorted(zip(clf.labels, row), key=lambda kv: -kv[1])
@@ -193,8 +221,10 @@ def evaluate(args: argparse.Namespace) -> int:
         label_column,
         drop_invalid=args.drop_invalid,
         pair_column=args.text_pair_column or saved.data.text_pair_column,
+        numeric_labels=saved.task == REGRESSION,
     )
-    check_labels(frame["label"].tolist(), run.labels(), args.data, label_column)  # before the model loads
+    if saved.task != REGRESSION:  # before the model loads
+        check_labels(frame["label"].tolist(), run.labels(), args.data, label_column)
     clf = _load(args)
     texts, pairs = inputs(frame)
     _note_truncated(clf, texts, args.data, pairs)
@@ -205,7 +235,7 @@ def evaluate(args: argparse.Namespace) -> int:
         Path(args.output) if args.output else Path(args.run_dir) / f"evaluation_{Path(args.data).stem}.json"
     )
     write_json(output, {"data": str(args.data), **metrics})
-    print(console.full_report(None, metrics))
+    print(console.compare(None, metrics) if saved.task == REGRESSION else console.full_report(None, metrics))
     print(f"\nMetrics written to {output}")
     return 0
 

@@ -145,7 +145,9 @@ def _add_predict(sub: Any, common: argparse.ArgumentParser) -> None:
         "--text-pair-column", default=None, help="second-text column of --input (default: as in training)"
     )
     p.add_argument(
-        "--prediction-column", default="label", help="name of the added label column (default label)"
+        "--prediction-column",
+        default=None,
+        help="name of the added prediction column (default: label; score for a regression run)",
     )
     p.add_argument(
         "--drop-invalid",

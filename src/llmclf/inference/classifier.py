@@ -4,6 +4,7 @@
     clf.labels                      # ['Business', 'Sci/Tech', 'Sports', 'World']
     clf.predict(["Stocks fell ..."])  # ['Business']
     clf.predict_proba(texts)        # (n, num_labels) array, rows sum to 1
+    # a regression run (--task regression): clf.predict(texts) gives numbers, clf.scores(texts) an array
 
 Needs neither the training data nor network: the base model is the one the run recorded (the embedded
 alias or a local folder, checked by hash; a hub model at the exact revision, from the local cache) and
@@ -18,11 +19,13 @@ from typing import Any
 import numpy as np
 
 from llmclf import runtime
+from llmclf.config import REGRESSION, SINGLE_LABEL
 from llmclf.errors import LlmclfError
 from llmclf.inference.lexical import FILES as LEXICAL_FILES
 from llmclf.inference.lexical import LexicalHead, lexical_inputs
-from llmclf.inference.metrics import compute_metrics
+from llmclf.inference.metrics import compute_metrics, regression_metrics
 from llmclf.inference.predict import predict_proba
+from llmclf.inference.task import Task
 from llmclf.manifest import MANIFEST, manifest_problem, read_manifest
 from llmclf.model.adapter import ADAPTER_WEIGHTS, drop_lora_dropout, load_adapter, merge_lora
 from llmclf.model.anatomy import upcast_head
@@ -136,6 +139,7 @@ class Classifier:
         precision: str | None = None,
         lexical: LexicalHead | None = None,
         pair_column: str | None = None,
+        task: str = SINGLE_LABEL,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -145,6 +149,8 @@ class Classifier:
         self.precision = precision  # bf16 / fp16: run under autocast, as the model was at training's end
         self.lexical = lexical  # TF-IDF + LR mixed into the model's probabilities (inference/lexical.py)
         self.pair_column = pair_column  # trained on text pairs (this column held the second texts)
+        self.task = task  # single-label, or regression: the head outputs one number (saved scale folded in)
+        self._task = Task(task, self.labels)
         self.model.eval()
 
     @classmethod
@@ -217,6 +223,7 @@ class Classifier:
             revision=revision,
             layers=cut[0] if cut else None,
             base_layers=cut[1] if cut else None,
+            problem_type="regression" if config.task == REGRESSION else None,
         )
         if precision in ("bf16", "fp16") and not loaded.quantized:
             # Training kept the head in fp32 over the half-precision base (model.loading.add_lora): load the
@@ -232,6 +239,7 @@ class Classifier:
             precision=precision,
             lexical=load_lexical(run, info, len(labels)),
             pair_column=config.data.text_pair_column,
+            task=config.task,
         )
 
     def predict_proba(
@@ -245,6 +253,11 @@ class Classifier:
         """Probabilities, shape (len(texts), len(labels)), in input order: the model's, mixed with the
         lexical part's where the run has one. `pairs`: each text's second text, for a classifier
         trained on text pairs (data.text_pair_column)."""
+        if self._task.regression:
+            raise LlmclfError(
+                "This is a regression model (--task regression): it outputs one number per text, not class "
+                "probabilities. Use predict(texts) or scores(texts)."
+            )
         texts, pairs = self._inputs(texts, pairs)
         probs = self._model_proba(texts, pairs, batch_size, progress)
         if self.lexical is None:
@@ -310,26 +323,49 @@ class Classifier:
                 )
         return texts, pairs
 
+    def scores(
+        self,
+        texts: list[str] | str,
+        *,
+        pairs: list[str] | str | None = None,
+        batch_size: int | str | None = None,
+        progress: bool | None = False,
+    ) -> np.ndarray:
+        """A regression model's numbers, shape (len(texts),), in the training column's units."""
+        if not self._task.regression:
+            raise LlmclfError(
+                "This classifier predicts classes, not numbers: use predict(texts) or predict_proba(texts)."
+            )
+        return self._task.scale.original(
+            self.model_proba(texts, pairs=pairs, batch_size=batch_size, progress=progress)
+        )
+
     def predict(
         self,
         texts: list[str] | str,
         *,
         pairs: list[str] | str | None = None,
         batch_size: int | str | None = None,
-    ) -> list[str]:
-        """Label names, in input order."""
+    ) -> list[str] | list[float]:
+        """Label names (regression: numbers), in input order."""
+        if self._task.regression:
+            return self.scores(texts, pairs=pairs, batch_size=batch_size).tolist()
         probs = self.predict_proba(texts, pairs=pairs, batch_size=batch_size)
         return [self.labels[i] for i in probs.argmax(axis=1)]
 
     def evaluate(
         self,
         texts: list[str],
-        true_labels: list[str],
+        true_labels: list[str] | list[float],
         *,
         pairs: list[str] | None = None,
         progress: bool | None = False,
     ) -> tuple[dict, np.ndarray]:
-        """Metrics (as in training's after-evaluation) on labelled texts, and the probabilities."""
+        """Metrics (as in training's after-evaluation) on labelled texts, and the probabilities
+        (regression: the true numbers, and the predicted ones (n,))."""
+        if self._task.regression:
+            predicted = self.scores(texts, pairs=pairs, progress=progress)
+            return regression_metrics([float(v) for v in true_labels], predicted), predicted
         unknown = sorted(set(true_labels) - set(self.labels))
         if unknown:
             raise LlmclfError(
@@ -353,4 +389,6 @@ class Classifier:
         merged.config.id2label = dict(enumerate(self.labels))
         merged.config.label2id = {label: i for i, label in enumerate(self.labels)}
         merged.config.pad_token_id = self.tokenizer.pad_token_id
+        # what plain transformers and pipeline() apply to the logits: softmax, or nothing (regression)
+        merged.config.problem_type = self._task.problem_type
         return merged

@@ -40,3 +40,20 @@ def compute_metrics(
         "labels": list(labels),
         "confusion_matrix": confusion_matrix(y_true, y_pred, labels=ids).tolist(),
     }
+
+
+def regression_metrics(y_true: np.ndarray | list[float], y_pred: np.ndarray | list[float]) -> dict:
+    """n, mse, mae, pearson, spearman of predicted numbers against the true ones, in the column's units;
+    a correlation is None where either side is constant (it is undefined there)."""
+    from scipy.stats import pearsonr, spearmanr
+
+    y_true = np.asarray(y_true, dtype=np.float64)
+    y_pred = np.asarray(y_pred, dtype=np.float64)
+    varies = len(y_true) > 1 and np.ptp(y_true) > 0 and np.ptp(y_pred) > 0
+    return {
+        "n": int(len(y_true)),
+        "mse": float(np.mean((y_true - y_pred) ** 2)) if len(y_true) else 0.0,
+        "mae": float(np.mean(np.abs(y_true - y_pred))) if len(y_true) else 0.0,
+        "pearson": float(pearsonr(y_true, y_pred)[0]) if varies else None,
+        "spearman": float(spearmanr(y_true, y_pred)[0]) if varies else None,
+    }

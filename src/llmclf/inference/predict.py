@@ -14,7 +14,7 @@ from llmclf.batches import length_batches, shard_indices
 from llmclf.data import case_only
 from llmclf.errors import LlmclfError
 from llmclf.inference.metrics import compute_metrics
-from llmclf.model.anatomy import device_of, trainable_head
+from llmclf.model.anatomy import activate, device_of, trainable_head
 from llmclf.progress import Progress
 
 
@@ -30,7 +30,8 @@ def predict_proba(
     progress: bool | None = None,
     desc: str = "predicting",
 ) -> np.ndarray:
-    """Class probabilities, shape (n_texts, num_labels), rows in input order.
+    """Class probabilities, shape (n_texts, num_labels), rows in input order (a regression model's
+    numbers, (n_texts, 1), in its place: `anatomy.activate`).
 
     Texts are sorted by token count and batched (`length_batches`) so that each batch pads only to its
     own longest member; the order is restored at the end. Pooling takes the last non-pad token, so the padding side
@@ -56,7 +57,7 @@ def predict_proba(
                 batch = tokenizer.pad({"input_ids": [input_ids[i] for i in idx]}, return_tensors="pt")
                 batch = {k: v.to(device) for k, v in batch.items()}
                 logits = model(**batch).logits  # (batch, num_labels)
-                out[idx] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
+                out[idx] = activate(logits, model).cpu().numpy()  # probabilities, or numbers
                 bar.update(len(idx))
     finally:
         bar.close()

@@ -17,6 +17,7 @@ import logging
 import math
 from typing import Any
 
+import torch
 from torch import nn
 
 from llmclf.errors import LlmclfError
@@ -31,6 +32,15 @@ def unwrap(model: Any) -> Any:
     """The transformers `*ForSequenceClassification` model inside a peft/DDP wrapper."""
     model = getattr(model, "module", model)  # DistributedDataParallel
     return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def activate(logits: torch.Tensor, model: Any) -> torch.Tensor:
+    """The head's logits (n, labels) as what they mean, in fp32: class probabilities (softmax), or for a
+    regression model (`config.problem_type`) the numbers themselves."""
+    logits = logits.float()
+    if getattr(unwrap(model).config, "problem_type", None) == "regression":
+        return logits
+    return torch.softmax(logits, dim=-1)
 
 
 def decoder_of(model: Any) -> Any:

@@ -30,7 +30,7 @@ from torch import nn
 
 from llmclf.batches import length_batches
 from llmclf.manifest import sha256_file
-from llmclf.model.anatomy import decoder_of, head_of, unwrap
+from llmclf.model.anatomy import activate, decoder_of, head_of, unwrap
 from llmclf.runfolder import atomic_write
 
 log = logging.getLogger("llmclf")
@@ -377,7 +377,7 @@ def predict_proba_cached(
     weight = next(head.parameters())
     with torch.inference_mode():
         logits = head(torch.from_numpy(features).to(weight.device, weight.dtype))  # (rows, num_labels)
-    return torch.softmax(logits.float(), dim=-1).cpu().numpy().astype(np.float64)
+    return activate(logits, model).cpu().numpy().astype(np.float64)  # probabilities, or numbers
 
 
 def pooled_features(

@@ -34,7 +34,7 @@ class LayerChoice:
     layer: int
     total: int
     candidates: list[int] = field(default_factory=list)
-    scores: list[float] = field(default_factory=list)  # leave-one-out balanced accuracy per candidate
+    scores: list[float] = field(default_factory=list)  # leave-one-out balanced accuracy (R²) per candidate
     chosen_by: str = "cross-validation"
 
     def info(self) -> dict[str, Any]:
@@ -119,9 +119,32 @@ def score_layers(states: np.ndarray, labels: np.ndarray) -> list[float]:
     return scores
 
 
-def choose(states: np.ndarray, labels: np.ndarray, candidates: list[int], total: int) -> LayerChoice:
-    """The candidate whose states score best (the deeper one on a tie)."""
-    scores = score_layers(states, labels)
+def score_layers_regression(states: np.ndarray, targets: np.ndarray) -> list[float]:
+    """Leave-one-out R² (1 - its squared error over the targets' variance) of a ridge regression on each
+    layer's standardised states (layers, n, hidden), the best over RIDGE_ALPHAS per layer."""
+    from sklearn.linear_model import RidgeCV
+
+    variance = float(np.var(targets)) or 1.0
+    scores = []
+    for x in states:
+        x = (x - x.mean(axis=0)) / (x.std(axis=0) + 1e-6)
+        fitted = RidgeCV(alphas=RIDGE_ALPHAS, scoring="neg_mean_squared_error").fit(x, targets)
+        scores.append(1.0 + float(fitted.best_score_) / variance)
+    return scores
+
+
+def quantile_bins(targets: np.ndarray, bins: int = 10) -> np.ndarray:
+    """Numbers as the index of their quantile bin: strata for sampling regression targets."""
+    edges = np.quantile(targets, np.linspace(0, 1, bins + 1)[1:-1])
+    return np.searchsorted(edges, targets, side="right")
+
+
+def choose(
+    states: np.ndarray, labels: np.ndarray, candidates: list[int], total: int, *, regression: bool = False
+) -> LayerChoice:
+    """The candidate whose states score best (the deeper one on a tie); `labels` are numbers for
+    `regression`."""
+    scores = score_layers_regression(states, labels) if regression else score_layers(states, labels)
     best = max(range(len(candidates)), key=lambda k: (scores[k], candidates[k]))
     return LayerChoice(candidates[best], total, candidates, scores)
 

@@ -80,6 +80,7 @@ def load_classifier(
     revision: str | None = None,
     layers: int | None = None,
     base_layers: int | None = None,
+    problem_type: str | None = None,
 ) -> LoadedModel:
     """Base model with a `num_labels` classification head, pad token set in tokenizer and config.
 
@@ -87,6 +88,7 @@ def load_classifier(
     `revision`: the hub commit to load (a reloaded run's recorded one).
     `layers`: build and load only the first `layers` decoder layers (a run cut at its feature layer);
     `base_layers`: the layer count the run recorded for the base model, checked.
+    `problem_type`: transformers' name of the task (`regression`: one output, no softmax).
     `precision` (resolved: bf16/fp16/fp32) is the 4-bit compute dtype,
     and the weight dtype of a non-quantised model; `attn_implementation` is passed to transformers.
     """
@@ -102,6 +104,8 @@ def load_classifier(
         "use_safetensors": None if allow_pickle else True,
         "weights_only": True,
     }
+    if problem_type:
+        kwargs["problem_type"] = problem_type
     dtype = torch_dtype(precision)
     if revision:
         kwargs["revision"] = revision

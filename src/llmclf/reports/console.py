@@ -61,14 +61,29 @@ def class_balance(counts: dict[str, dict[str, int]], labels: list[str], weights:
     return table(headers, rows, title="Class balance")
 
 
+def target_summary(targets: dict[str, dict | None]) -> str:
+    """A regression run's targets per split: mean, standard deviation, range."""
+    rows = [
+        [name, *(["-"] * 4 if t is None else [t["mean"], t["std"], t["min"], t["max"]])]
+        for name, t in targets.items()
+    ]
+    return table(["split", "mean", "std", "min", "max"], rows, title="Targets")
+
+
 HEADLINE = (("accuracy", "accuracy"), ("balanced accuracy", "balanced_accuracy"), ("macro F1", "macro_f1"))
+REGRESSION_HEADLINE = (("MSE", "mse"), ("MAE", "mae"), ("Pearson", "pearson"), ("Spearman", "spearman"))
+
+
+def _change(before: float | None, after: float | None) -> str:
+    return "-" if before is None or after is None else f"{after - before:+.4f}"
 
 
 def compare(before: dict | None, after: dict, title: str = "Test metrics") -> str:
     """Headline metrics before and after training, with the change."""
+    headline = REGRESSION_HEADLINE if "mse" in after else HEADLINE
     if before is None:
-        return table(["metric", "value"], [[name, after[key]] for name, key in HEADLINE], title=title)
-    rows = [[name, before[key], after[key], f"{after[key] - before[key]:+.4f}"] for name, key in HEADLINE]
+        return table(["metric", "value"], [[name, after[key]] for name, key in headline], title=title)
+    rows = [[name, before[key], after[key], _change(before[key], after[key])] for name, key in headline]
     return table(["metric", "before", "after", "change"], rows, title=title)
 
 

@@ -75,6 +75,7 @@ from llmclf.serve.limits import (  # noqa: F401  (MAX_JSON_DEPTH, too_deep: impo
 )
 from llmclf.serve.security import Guard, HostPolicy, host_name, is_loopback
 from llmclf.serve.tei import PredictCall, inference_api_answer, parse_predict, predict_schema, tei_answer
+from llmclf.targets import SCORE
 
 logger = logging.getLogger("llmclf.serve")
 WARMUP_TEXT = "llmclf warm-up"
@@ -191,10 +192,16 @@ class ClassifyRequest(BaseModel):
 
 
 class Prediction(BaseModel):
-    """One text's result, in request order."""
+    """One text's result, in request order: a classifier's label and probabilities, or a regression
+    model's score."""
 
-    label: str = Field(description="The most probable label.")
-    probabilities: dict[str, float] = Field(description="Probability of every label; they sum to 1.")
+    label: str | None = Field(default=None, description="The most probable label (classifiers).")
+    probabilities: dict[str, float] | None = Field(
+        default=None, description="Probability of every label; they sum to 1 (classifiers)."
+    )
+    score: float | None = Field(
+        default=None, description="The predicted number, in the training column's units (regression)."
+    )
     truncated: bool = Field(description="True if the text was cut to the maximum length in tokens.")
 
 
@@ -259,6 +266,7 @@ class Service:
         self.warmup_error: str | None = None
         self.in_flight = 0
         self.pairs = bool(getattr(predictor, "pairs", False))  # the classifier takes text pairs
+        self.regression = bool(getattr(predictor, "regression", False))  # it outputs one number per text
 
     async def classify(self, texts: list[Input]) -> tuple[Any, list[bool]]:
         """Probabilities and truncation flags: tokenised by the predictor's `encode` (if it has one) in
@@ -285,6 +293,9 @@ class Service:
             logger.exception("warm-up forward pass failed")
 
     def predictions(self, probs: Any, truncated: list[bool]) -> list[dict[str, Any]]:
+        """Each text's answer: label and probabilities, or (regression) its score; and whether it was cut."""
+        if self.regression:  # probs: (n, 1) numbers
+            return [{SCORE: float(row[0]), "truncated": cut} for row, cut in zip(probs, truncated)]
         return [
             {
                 "label": self.labels[int(row.argmax())],
@@ -425,7 +436,9 @@ def _add_tei(app: FastAPI, service: Service) -> None:
     extra = {"requestBody": {"required": True, "content": {"application/json": {"schema": predict_schema()}}}}
 
     def parse(body: bytes, options: ServeOptions) -> tuple[list[str], PredictCall]:
-        return parse_predict(body, options.max_texts, options.max_length, pairs=service.pairs)
+        return parse_predict(
+            body, options.max_texts, options.max_length, pairs=service.pairs, regression=service.regression
+        )
 
     @app.post("/predict", responses=ERRORS, openapi_extra=extra)
     async def predict(request: Request) -> JSONResponse:

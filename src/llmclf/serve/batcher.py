@@ -29,6 +29,7 @@ import numpy as np
 
 from llmclf import runtime
 from llmclf.batches import NEVER_SPLIT, padding_groups
+from llmclf.config import REGRESSION
 from llmclf.inference.lexical import lexical_inputs
 from llmclf.inference.predict import predict_proba
 
@@ -368,6 +369,11 @@ class ClassifierPredictor:
     def pairs(self) -> bool:
         """Whether the classifier takes text pairs (trained with data.text_pair_column)."""
         return bool(getattr(self.classifier, "pair_column", None))
+
+    @property
+    def regression(self) -> bool:
+        """Whether the classifier outputs one number per text (task regression) instead of probabilities."""
+        return getattr(self.classifier, "task", None) == REGRESSION
 
     def encode(self, texts: list[Input]) -> list[Encoded]:
         """Token ids exactly as `Classifier.predict_proba` makes them (special tokens kept where the

@@ -28,6 +28,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from llmclf.serve.limits import ApiError, check_pairs, check_texts, load_json
+from llmclf.targets import SCORE
 
 EXAMPLE = 'Send {"inputs": "a text"} or {"inputs": ["first text", "second text"]}.'
 PAIR_EXAMPLE = 'Send {"inputs": ["a text", "its second text"]} or {"inputs": [["a", "a2"], ["b", "b2"]]}.'
@@ -77,13 +78,13 @@ class PredictCall:
 
 
 def parse_predict(
-    body: bytes, max_texts: int, max_length: int | None, *, pairs: bool = False
+    body: bytes, max_texts: int, max_length: int | None, *, pairs: bool = False, regression: bool = False
 ) -> tuple[list[Any], PredictCall]:
     """The texts (or, for a classifier trained on text pairs, the (first, second) pairs: TEI's
     `[["a", "b"], ...]`) of a /predict or / body and what else it asks, or an ApiError naming the
-    problem."""
+    problem. `regression`: the model outputs one number (function_to_apply `none`, not softmax)."""
     request = load_json(body, PredictRequest, PAIR_EXAMPLE if pairs else EXAMPLE)
-    _refuse_unsupported(request)
+    _refuse_unsupported(request, regression)
     parameters = request.parameters or InferenceParameters()
     single = isinstance(request.inputs, str) or (pairs and _is_one_pair(request.inputs))
     call = PredictCall(single, parameters.top_k, request.truncate is False, max_length)
@@ -131,21 +132,27 @@ def _texts(inputs: str | list[str] | list[list[str]]) -> list[str]:
     return texts
 
 
-def _refuse_unsupported(request: PredictRequest) -> None:
+def _refuse_unsupported(request: PredictRequest, regression: bool = False) -> None:
     function = request.parameters.function_to_apply if request.parameters else None
-    if request.raw_scores:
+    applied = "none" if regression else "softmax"
+    if request.raw_scores and not regression:  # a regression model's score is its raw output
         problem = "raw_scores: true asks for logits"
     elif request.truncation_direction.lower() != "right":
         problem = f"truncation_direction {request.truncation_direction[:20]!r} asks to cut a text's start"
-    elif function not in (None, "softmax"):
+    elif function not in (None, applied):
         problem = f"function_to_apply {function[:20]!r} asks for other scores"
     else:
         return
+    answers = (
+        "the regression model's number (function_to_apply none)"
+        if regression
+        else "the classifier's probabilities (softmax)"
+    )
     raise ApiError(
         422,
         "unsupported_parameter",
-        f"{problem}; this server answers with the classifier's probabilities (softmax), cutting long texts "
-        "at the end as in training. Leave that field out.",
+        f"{problem}; this server answers with {answers}, cutting long texts at the end as in training. "
+        "Leave that field out.",
     )
 
 
@@ -165,10 +172,17 @@ def _ranked(call: PredictCall, predictions: list[dict[str, Any]]) -> list[list[d
     return [
         [
             {"label": label, "score": score}
-            for label, score in sorted(p["probabilities"].items(), key=lambda kv: -kv[1])[: call.top_k]
+            for label, score in sorted(_scores(p).items(), key=lambda kv: -kv[1])[: call.top_k]
         ]
         for p in predictions
     ]
+
+
+def _scores(prediction: dict[str, Any]) -> dict[str, float]:
+    """A classifier's probabilities by label; a regression model's one number, as TEI gives it."""
+    if "probabilities" in prediction:
+        return prediction["probabilities"]
+    return {SCORE: prediction[SCORE]}
 
 
 def tei_answer(call: PredictCall, predictions: list[dict[str, Any]]) -> Any:

@@ -19,6 +19,7 @@ from llmclf.model.layer_choice import (
     candidate_layers,
     choose,
     layer_states,
+    quantile_bins,
     sample_rows,
     truncate,
 )
@@ -48,12 +49,14 @@ def pick_feature_layer(
     batch_size: int | str,
     seed: int,
     recorded: dict | None = None,
+    regression: bool = False,
 ) -> FeatureLayer:
     """Resolve `setting` (auto, last, a layer number) on this model and cut the model after the layer.
 
     `zero_shot`: the label words' head (labels, hidden), scored on the whole model's last-layer test
     states while they are at hand, since the cut model no longer computes them (None: not needed).
-    `recorded`: the choice an interrupted run made (a resumed run takes it instead of choosing again)."""
+    `recorded`: the choice an interrupted run made (a resumed run takes it instead of choosing again).
+    `regression`: the training targets are numbers, scored by a ridge regression's error."""
     if not _applies(setting, model):
         return FeatureLayer(None)
     total = num_layers(model)
@@ -65,7 +68,9 @@ def pick_feature_layer(
             choice = recorded_choice(recorded, total, candidates)
             log.info("Reusing the feature layer chosen by the interrupted run (layer %d).", choice.layer)
         else:
-            choice = _choose_layer(model, encoded, candidates, pad_id, precision, batch_size, seed)
+            choice = _choose_layer(
+                model, encoded, candidates, pad_id, precision, batch_size, seed, regression
+            )
     elif 1 <= int(setting) <= total:
         choice = LayerChoice(int(setting), total, chosen_by="config")
     else:
@@ -91,11 +96,13 @@ def _choose_layer(
     precision: str,
     batch_size: int | str,
     seed: int,
+    regression: bool = False,
 ) -> LayerChoice:
     """Score the candidates on a sample of the training texts. Under a launcher each process runs its
     share of the texts and all of them score the gathered states, so every process cuts at one layer."""
     labels = np.asarray(encoded.labels["train"])
-    rows = sample_rows(labels, MAX_TEXTS, seed)  # enough to rank layers; the pass costs one per text
+    strata = quantile_bins(labels) if regression else labels
+    rows = sample_rows(strata, MAX_TEXTS, seed)  # enough to rank layers; the pass costs one per text
     world, rank = distributed.world_size(), distributed.rank()
     share = f" (a share on each of {world} processes)" if world > 1 else ""
     log.info("Scoring %d layers' states on %d training texts%s ...", len(candidates), len(rows), share)
@@ -105,7 +112,7 @@ def _choose_layer(
     states = np.empty((len(candidates), len(rows), part.shape[2]), dtype=np.float32)
     for r, gathered in enumerate(distributed.all_gather(part)):
         states[:, r::world] = gathered
-    return choose(states, labels[rows], candidates, num_layers(model))
+    return choose(states, labels[rows], candidates, num_layers(model), regression=regression)
 
 
 def recorded_choice(recorded: dict, total: int, candidates: list[int]) -> LayerChoice:

@@ -30,7 +30,7 @@ import torch
 
 from llmclf import distributed
 from llmclf.errors import LlmclfError
-from llmclf.model.anatomy import head_of
+from llmclf.model.anatomy import activate, head_of
 from llmclf.training.callbacks import ReseedAtTrainBegin
 
 log = logging.getLogger("llmclf")
@@ -148,7 +148,7 @@ def predict_proba(trainer: Any, input_ids: list[list[int]]) -> np.ndarray:
     logits = predict_outputs(trainer, input_ids)
     if logits.size == 0:
         return np.zeros((0, trainer.model.config.num_labels), dtype=np.float64)
-    return torch.softmax(torch.from_numpy(logits).float(), dim=-1).double().numpy()
+    return activate(torch.from_numpy(logits), trainer.model).double().numpy()  # probabilities, or numbers
 
 
 def head_inputs(trainer: Any, input_ids: list[list[int]]) -> np.ndarray:

@@ -13,11 +13,12 @@ from llmclf import distributed
 from llmclf.data import Splits, inputs
 from llmclf.inference.lexical import MIX_WEIGHT, LexicalHead, choose_weight, fit_lexical, lexical_inputs
 from llmclf.inference.metrics import compute_metrics
+from llmclf.inference.task import Task
 from llmclf.model.label_words import set_head
 from llmclf.reports import console
 from llmclf.training import checkpoints
 from llmclf.training.backend import Backend, Encoded
-from llmclf.training.probe import init_head_from_probe
+from llmclf.training.probe import init_head_from_probe, init_head_from_ridge
 
 log = logging.getLogger("llmclf")
 SPLITS = ("train", "val", "test")
@@ -26,7 +27,7 @@ SPLITS = ("train", "val", "test")
 def evaluate_before(
     backend: Backend,
     encoded: Encoded,
-    labels: list[str],
+    task: Task,
     start: checkpoints.ResumePoint,
     out: Path,
     zero_shot: torch.Tensor | None = None,
@@ -52,16 +53,18 @@ def evaluate_before(
             set_head(backend.model, kept)  # training starts from the head the config asks for
         if zero_shot is not None:
             log.info("Before training: zero-shot, the model's next-word scores for the label names.")
-        before = compute_metrics(encoded.labels["test"], probs.argmax(axis=1), labels)
+        before = task.metrics(encoded.labels["test"], probs)
         if distributed.is_main():
             checkpoints.save_before(out, before)
     log.info("%s\n", console.compare(None, before, title="Test metrics before training"))
     return before
 
 
-def fit_probe(backend: Backend, encoded: Encoded, weights: list[float] | None, seed: int) -> dict:
+def fit_probe(backend: Backend, encoded: Encoded, weights: list[float] | None, seed: int, task: Task) -> dict:
     """Start the head from a linear probe on the frozen features instead of from random weights."""
     features = backend.features(encoded.ids["train"], encoded.rows["train"])
+    if task.regression:
+        return fit_ridge(backend, encoded, features, task)
     fitted = init_head_from_probe(backend.model, features, encoded.labels["train"], weights, seed)
     probe = {
         "train_accuracy": fitted.train_accuracy,
@@ -73,6 +76,26 @@ def fit_probe(backend: Backend, encoded: Encoded, weights: list[float] | None, s
         probe["test_accuracy"] = float((probs.argmax(axis=1) == np.asarray(encoded.labels["test"])).mean())
     log.info("%s", console.probe_line(probe))
     return probe
+
+
+def fit_ridge(backend: Backend, encoded: Encoded, features: np.ndarray, task: Task) -> dict:
+    """The regression head from a ridge fit on the frozen features (the probe's counterpart)."""
+    fitted = init_head_from_ridge(backend.model, features, encoded.labels["train"])
+    ridge = {
+        "train_r2": fitted.train_r2,
+        "cv_mse": fitted.cv_mse * task.scale.scale**2,
+        "alpha": fitted.alpha,
+    }
+    outputs = backend.probe_probs(encoded.rows["test"])  # the ridge head's test predictions, where cheap
+    if outputs is not None:
+        ridge["test_mse"] = task.metrics(encoded.labels["test"], outputs)["mse"]
+    log.info(
+        "Ridge head on the frozen features: training R² %.3f, leave-one-out MSE %.4g%s",
+        ridge["train_r2"],
+        ridge["cv_mse"],
+        f", test MSE {ridge['test_mse']:.4g}" if "test_mse" in ridge else "",
+    )
+    return ridge
 
 
 def add_lexical(

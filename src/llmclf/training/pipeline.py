@@ -20,13 +20,13 @@ import pandas as pd
 import torch
 
 from llmclf import distributed, runfolder, runtime
-from llmclf.config import RunConfig
+from llmclf.config import SINGLE_LABEL, RunConfig
 from llmclf.data import Splits, class_weights, inputs, load_splits, to_dataset, tokenize_texts
 from llmclf.datafiles import MEMORY_COPIES, InMemory
 from llmclf.errors import LlmclfError
-from llmclf.inference.metrics import compute_metrics
+from llmclf.inference.task import Task
 from llmclf.manifest import write_manifest
-from llmclf.model.anatomy import num_layers, resolve_top_layers
+from llmclf.model.anatomy import num_layers, resolve_top_layers, trainable_head
 from llmclf.model.label_words import zero_shot_head
 from llmclf.model.layer_choice import MAX_TEXTS
 from llmclf.model.loading import add_lora, load_classifier, resolve_quantize
@@ -36,6 +36,7 @@ from llmclf.model.sources import resolve_model_source
 from llmclf.progress import Timings
 from llmclf.reports import console
 from llmclf.reports.run_report import build_report
+from llmclf.targets import SCORE, TargetScale, summary
 from llmclf.training import backend as backends
 from llmclf.training import checkpoints, estimate, fsdp
 from llmclf.training.backend import Backend, Encoded
@@ -112,23 +113,22 @@ def _run(
     out = prepare_output(config.output, overwrite, resume)
     seed_everything(tc.seed)
     splits, weights = load_data(config, memory)
+    task = define_task(config, splits)
     require_validation(len(splits.val) > 0, tc.eval_steps, tc.early_stopping_patience)  # before the slow load
     with timings("load_model"):
         choice = resolve_model(config)
         fingerprint = checkpoints.run_fingerprint(config, splits, choice.source, choice.quantized)
         start = checkpoints.begin_run(out, fingerprint, resume)
-        model, tokenizer = load_model(config, splits.labels, choice)
+        model, tokenizer = load_model(config, task, choice)
         # what a later load checks the base model against (hub: the exact revision downloaded)
         identity = identify(config.model.name, revision=getattr(model.config, "_commit_hash", None))
     runtime.release_memory()  # the loading's transient copies
     with timings("tokenise"):
-        encoded = tokenise(tokenizer, splits, config.data.max_length)
+        encoded = tokenise(tokenizer, splits, config.data.max_length, task)
     if distributed.is_main():
         estimate.announce(planned_work(model, encoded, config), choice.precision)
     with timings("feature_layer"):
-        zero_shot, layer = cut_at_feature_layer(
-            config, model, tokenizer, encoded, splits.labels, choice, start
-        )
+        zero_shot, layer = cut_at_feature_layer(config, model, tokenizer, encoded, task, choice, start)
     if layer.choice is not None and distributed.is_main():
         checkpoints.save_layer(out, layer.choice.info())  # a resumed run cuts where this one did
     model, top_layers = adapt(model, config)
@@ -144,16 +144,14 @@ def _run(
         quiet=quiet,
         timings=timings,
     )
-    trainer = new_trainer(backend, encoded, weights, config, choice.precision, out, fingerprint, quiet)
+    trainer = new_trainer(backend, encoded, weights, config, task, choice.precision, out, fingerprint, quiet)
     backend.adopt(trainer)  # under FSDP the Trainer shards the model here, before anything runs it
     with timings("eval_before"):
-        before = evaluate_before(
-            backend, encoded, splits.labels, start, out, zero_shot, layer.zero_shot_probs
-        )
+        before = evaluate_before(backend, encoded, task, start, out, zero_shot, layer.zero_shot_probs)
     probe = None
     if tc.head_init == "probe":
         with timings("probe"):
-            probe = fit_probe(backend, encoded, weights, tc.seed)
+            probe = fit_probe(backend, encoded, weights, tc.seed, task)
         runtime.release_memory()  # the features and scikit-learn's copies of them
     with timings("train"):
         train_output = fine_tune(backend, trainer, start.checkpoint)
@@ -162,23 +160,25 @@ def _run(
         # The whole model, as `Classifier` runs it: the reported metrics are those of the saved classifier.
         probs = backend.score(encoded.ids["test"], "evaluating after training")
     lexical = None
-    if tc.lexical == "auto":
+    if tc.lexical == "auto" and not task.regression:  # it mixes class probabilities
         with timings("lexical"):
             lexical, probs = add_lexical(backend, splits, encoded, weights, tc.seed, probs)
-    after = compute_metrics(encoded.labels["test"], probs.argmax(axis=1), splits.labels)
+    after = task.metrics(encoded.labels["test"], probs)
+    fold_target_scale(backend.model, task)
     state = backend.trained_state()
     metrics = {"before": before, "after": after}
     main = distributed.is_main()
     if main:  # the others wait for its writes when the session ends
         timings.seconds["total"] = time.perf_counter() - started
         info = run_info(config, choice, identity, trainer, train_output, backend, probe, timings)
+        info["task"], info["target_scale"] = task.name, task.scale.scale if task.regression else None
         info["lexical"] = None if lexical is None else {"weight": lexical.weight, **lexical.info}
         info["data_in_memory"] = save_memory_copies(out, memory)
         info["before_training"] = "zero-shot" if zero_shot is not None else "random head"
         info["feature_layer"] = None if layer.choice is None else layer.choice.info()
         if lexical is not None and lexical.weight > 0:
             lexical.save(out / runfolder.LEXICAL)
-        save_run(out, config, trainer, tokenizer, state, splits, weights, encoded, metrics, probs, info)
+        save_run(out, config, trainer, tokenizer, state, splits, weights, encoded, metrics, probs, info, task)
         log.info("Report: %s", build_report(out))  # report.md, report.html and the PNGs, from the files
     del trainer, model, backend  # a caller going on (e.g. to Classifier.load) starts from here
     runtime.release_memory()
@@ -240,15 +240,46 @@ def load_data(
         drop_invalid=dc.drop_invalid,
         seed=config.train.seed,
         text_pair_column=dc.text_pair_column,
+        task=config.task,
     )
-    weights = (
-        class_weights(splits.train["label"], splits.labels) if config.train.class_weights == "auto" else None
-    )
+    weigh = config.train.class_weights == "auto" and splits.task == SINGLE_LABEL
+    weights = class_weights(splits.train["label"], splits.labels) if weigh else None
     distributed.check_identical((splits.counts(), weights), "data splits or class weights")
     for note in splits.notes:
         log.info("note: %s", note)
-    log.info("%s\n", console.class_balance(splits.counts(), splits.labels, weights))
+    if splits.task == SINGLE_LABEL:
+        log.info("%s\n", console.class_balance(splits.counts(), splits.labels, weights))
+    else:
+        log.info("%s\n", console.target_summary(target_summaries(splits)))
     return splits, weights
+
+
+def target_summaries(splits: Splits) -> dict[str, dict | None]:
+    """Each split's targets (regression): mean, std, min, max."""
+    return {name: summary(getattr(splits, name)) for name in SPLITS}
+
+
+def define_task(config: RunConfig, splits: Splits) -> Task:
+    """The run's task; for regression, the training targets' scale, which the model learns them at."""
+    if splits.task == SINGLE_LABEL:
+        return Task(config.task, splits.labels)
+    scale = TargetScale.of(splits.train["label"].tolist())
+    log.info(
+        "Regression: targets are learned divided by %.4g (their standard deviation in train).", scale.scale
+    )
+    return Task(config.task, splits.labels, scale)
+
+
+def fold_target_scale(model: Any, task: Task) -> None:
+    """Multiply the regression head's outputs by the target scale, so that the saved and exported model
+    outputs the column's own units (an elementwise scaling: a shard under FSDP scales alike)."""
+    if not task.regression:
+        return
+    head = trainable_head(model)
+    with torch.no_grad():
+        head.weight.mul_(task.scale.scale)
+        if head.bias is not None:
+            head.bias.mul_(task.scale.scale)
 
 
 def save_memory_copies(out: Path, memory: dict[str, InMemory]) -> dict | None:
@@ -279,7 +310,7 @@ def resolve_model(config: RunConfig) -> ModelChoice:
     return ModelChoice(source, quantized, precision, attn, runtime.precision_evidence(mc.precision))
 
 
-def load_model(config: RunConfig, labels: list[str], choice: ModelChoice) -> tuple[Any, Any]:
+def load_model(config: RunConfig, task: Task, choice: ModelChoice) -> tuple[Any, Any]:
     """Base model + classification head (4-bit where chosen), its tokenizer framing texts in the prompt
     template."""
     mc = config.model
@@ -292,13 +323,14 @@ def load_model(config: RunConfig, labels: list[str], choice: ModelChoice) -> tup
     )
     loaded = load_classifier(
         choice.source,
-        labels,
+        task.labels,
         quantize=choice.quantized,
         trust_remote_code=mc.trust_remote_code,
         precision=choice.precision,
         attn_implementation=choice.attn,
         gradient_checkpointing=config.train.gradient_checkpointing,
         allow_pickle=mc.allow_pickle,
+        problem_type=task.problem_type if task.regression else None,
     )
     # framed texts everywhere the tokenizer runs, the saved and exported tokenizer included
     apply_template(loaded.tokenizer, resolve_template(mc.prompt_template, loaded.model))
@@ -312,7 +344,7 @@ def cut_at_feature_layer(
     model: Any,
     tokenizer: Any,
     encoded: Encoded,
-    labels: list[str],
+    task: Task,
     choice: ModelChoice,
     start: checkpoints.ResumePoint,
 ) -> tuple[torch.Tensor | None, FeatureLayer]:
@@ -321,8 +353,10 @@ def cut_at_feature_layer(
     takes the layer and the metrics before training that the interrupted run saved."""
     zero_shot = (
         None
-        if fsdp.requested() or resolve_template(config.model.prompt_template, model) is None
-        else zero_shot_head(model, tokenizer, labels, choice.source)
+        if task.regression
+        or fsdp.requested()
+        or resolve_template(config.model.prompt_template, model) is None
+        else zero_shot_head(model, tokenizer, task.labels, choice.source)
     )
     layer = pick_feature_layer(
         config.model.feature_layer,
@@ -334,6 +368,7 @@ def cut_at_feature_layer(
         batch_size=config.train.eval_batch_size,
         seed=config.train.seed,
         recorded=start.layer,
+        regression=task.regression,
     )
     return zero_shot, layer
 
@@ -373,10 +408,9 @@ def planned_work(model: Any, encoded: Encoded, config: RunConfig) -> estimate.Wo
     return estimate.Work(parameters, tokens, epochs, share, validations, scored)
 
 
-def tokenise(tokenizer: Any, splits: Splits, max_length: int) -> Encoded:
-    """Token ids and label ids of every split; each text's row in the activation cache (train, val, test
-    in turn)."""
-    index = {label: i for i, label in enumerate(splits.labels)}
+def tokenise(tokenizer: Any, splits: Splits, max_length: int, task: Task) -> Encoded:
+    """Token ids and targets (label ids, or scaled numbers) of every split; each text's row in the
+    activation cache (train, val, test in turn)."""
     log.info("Tokenising %d texts ...", sum(len(getattr(splits, name)) for name in SPLITS))
     encoded = Encoded(ids={}, labels={}, rows={}, truncated={})
     first = 0
@@ -384,7 +418,7 @@ def tokenise(tokenizer: Any, splits: Splits, max_length: int) -> Encoded:
         frame = getattr(splits, name)
         texts, pairs = inputs(frame)
         encoded.ids[name], encoded.truncated[name] = tokenize_texts(tokenizer, texts, max_length, pairs)
-        encoded.labels[name] = [index[label] for label in frame["label"]]
+        encoded.labels[name] = task.targets(frame["label"].tolist())
         encoded.rows[name] = list(range(first, first + len(frame)))
         first += len(frame)
     if any(encoded.truncated.values()):
@@ -397,6 +431,7 @@ def new_trainer(
     encoded: Encoded,
     weights: list[float] | None,
     config: RunConfig,
+    task: Task,
     precision: str,
     out: Path,
     fingerprint: dict,
@@ -429,6 +464,7 @@ def new_trainer(
         warmup_ratio=tc.warmup_ratio,
         eval_steps=tc.eval_steps,
         early_stopping_patience=tc.early_stopping_patience,
+        regression=task.regression,
     )
     trainer = build_trainer(
         backend.model,
@@ -442,6 +478,7 @@ def new_trainer(
         save_steps=tc.save_steps,
         step_tokens=backend.step_tokens(tc.step_tokens),
         early_stopping_patience=tc.early_stopping_patience,
+        regression=task.regression,
     )
     send_tensorboard_to(trainer, str(out / TENSORBOARD_DIR))
     trainer.fingerprint_sha = checkpoints.fingerprint_sha(fingerprint)
@@ -504,6 +541,7 @@ def save_run(
     metrics: dict,
     probs: np.ndarray,
     info: dict,
+    task: Task,
 ) -> None:
     """Everything needed to reuse the classifier and to report on the run; then drop the checkpoints."""
     run = runfolder.RunFolder(out)
@@ -521,28 +559,32 @@ def save_run(
             "counts": splits.counts(),
             "class_weights": dict(zip(splits.labels, weights)) if weights else None,
             "truncated": encoded.truncated,
+            **({"targets": target_summaries(splits)} if task.regression else {}),
             "max_length": config.data.max_length,
             "notes": splits.notes,
         },
     )
     run.write_json(runfolder.METRICS, metrics)
-    frame = predictions_frame(splits, probs)
+    frame = predictions_frame(splits, probs, task)
     runfolder.write_csv(frame, out / runfolder.PREDICTIONS)
     write_manifest(out, names=MANIFESTED)  # last: it marks the run folder complete, checked on load
     checkpoints.finish(out, keep_last=config.train.keep_checkpoint)  # the best adapter is saved above
 
 
-def predictions_frame(splits: Splits, probs: np.ndarray) -> pd.DataFrame:
-    """The test split with its predictions: text (and pair), label, predicted, prob_<label> per class."""
+def predictions_frame(splits: Splits, probs: np.ndarray, task: Task) -> pd.DataFrame:
+    """The test split with its predictions: text (and pair), label, predicted, prob_<label> per class;
+    regression: text (and pair), label (the true number), score (the predicted one)."""
     test = splits.test
     frame = pd.DataFrame(
         {
             "text": test["text"].tolist(),
             **({"pair": test["pair"].tolist()} if "pair" in test else {}),
             "label": test["label"].tolist(),
-            "predicted": [splits.labels[i] for i in probs.argmax(axis=1)],
+            (SCORE if task.regression else "predicted"): task.predicted(probs),
         }
     )
+    if task.regression:
+        return frame
     for i, label in enumerate(splits.labels):
         frame[runfolder.prob_column(label)] = probs[:, i]
     return frame

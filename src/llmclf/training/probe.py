@@ -134,3 +134,40 @@ def _fit(x: np.ndarray, y: np.ndarray, class_weights: list[float] | None, interc
     with warnings.catch_warnings():  # scikit-learn 1.9 announces changes to these classes' defaults
         warnings.simplefilter("ignore", FutureWarning)
         return probe.fit(x, y)
+
+
+RIDGE_ALPHAS = tuple(10.0**k for k in range(-1, 6))
+"""Ridge penalties the regression probe's leave-one-out error chooses from (on standardised features)."""
+
+
+@dataclass
+class RidgeHead:
+    """What a regression head starts from: the ridge fit's R² on the training split, its leave-one-out
+    mean squared error (in the scaled units trained on) and its penalty."""
+
+    train_r2: float
+    cv_mse: float
+    alpha: float
+
+
+def init_head_from_ridge(model: Any, features: np.ndarray, targets: list[float]) -> RidgeHead:
+    """Fit a ridge regression of the (scaled) targets on the frozen features (n, hidden), its penalty
+    chosen by leave-one-out error, and copy it into the one-output head: the regression counterpart of
+    `init_head_from_probe`, with the same feature scaling folded back into the weights and the intercept
+    only where the head has a bias (an encoder's)."""
+    from sklearn.linear_model import RidgeCV
+
+    y = np.asarray(targets, dtype=np.float64)
+    head = trainable_head(model)
+    intercept = head.bias is not None
+    scale = features.std(axis=0).astype(np.float64) + 1e-6  # (hidden,)
+    shift = features.mean(axis=0).astype(np.float64) if intercept else np.zeros_like(scale)
+    scaled = (features - shift) / scale
+    ridge = RidgeCV(alphas=RIDGE_ALPHAS, fit_intercept=intercept, scoring="neg_mean_squared_error")
+    ridge.fit(scaled, y)
+    coef = ridge.coef_.reshape(1, -1) / scale  # (1, hidden): weights on the raw features
+    bias = (float(ridge.intercept_) if intercept else 0.0) - coef @ shift
+    fsdp.assign(head.weight, torch.as_tensor(coef))
+    if intercept:
+        fsdp.assign(head.bias, torch.as_tensor(bias))
+    return RidgeHead(float(ridge.score(scaled, y)), float(-ridge.best_score_), float(ridge.alpha_))

@@ -36,6 +36,8 @@ class NonFiniteLossError(LlmclfError):
 
 BEST_METRIC = "balanced_accuracy"
 """The validation metric that chooses the best checkpoint and that early stopping watches."""
+BEST_REGRESSION_METRIC = "mse"
+"""... for regression (lower is better)."""
 
 
 CPU_STEP_TOKENS = 1024
@@ -85,9 +87,11 @@ class WeightedLossTrainer(AtomicCheckpoints, Trainer):
         class_weights: list[float] | None = None,
         cache_start: int | None = None,
         step_tokens: int | None = None,
+        regression: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        self.regression = regression  # mean squared error on one output instead of cross-entropy
         self.class_weights = (
             None if class_weights is None else torch.tensor(class_weights, dtype=torch.float32)
         )
@@ -141,17 +145,24 @@ class WeightedLossTrainer(AtomicCheckpoints, Trainer):
         else:
             outputs = model(**inputs)
         logits = outputs.logits.float()  # (batch, num_labels); fp32 loss even under bf16 compute
-        weight = None if self.class_weights is None else self.class_weights.to(logits.device)
-        if self._loss_denominator is None:
-            loss = F.cross_entropy(logits, labels, weight=weight)
-        else:  # one part of a split batch (training_step)
-            loss = F.cross_entropy(logits, labels, weight=weight, reduction="sum") / self._loss_denominator
+        loss = self._loss(logits, labels)
         if model.training and not torch.isfinite(loss):
             raise NonFiniteLossError(
                 f"Training loss became {loss.item()} at step {self.state.global_step + 1}. Lower the learning "
                 "rate (--lr), check the data for broken rows, or use --quantize none."
             )
         return (loss, outputs) if return_outputs else loss
+
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The batch's mean loss; in one part of a split batch (training_step), the part's sum over the
+        whole batch's weight."""
+        reduction = "mean" if self._loss_denominator is None else "sum"
+        if self.regression:  # logits (batch, 1); labels: the scaled targets
+            loss = F.mse_loss(logits[:, 0], labels.float(), reduction=reduction)
+        else:
+            weight = None if self.class_weights is None else self.class_weights.to(logits.device)
+            loss = F.cross_entropy(logits, labels, weight=weight, reduction=reduction)
+        return loss if self._loss_denominator is None else loss / self._loss_denominator
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "train_runtime" in logs:  # the Trainer's summary at the end of training: also say how it ended
@@ -188,6 +199,13 @@ def metrics_for_trainer(eval_pred: Any) -> dict[str, float]:
     }
 
 
+def regression_metrics_for_trainer(eval_pred: Any) -> dict[str, float]:
+    """Mean squared error on the validation split (in the scaled units trained on), for the best step."""
+    outputs, targets = eval_pred.predictions, eval_pred.label_ids
+    outputs = outputs[0] if isinstance(outputs, tuple) else outputs
+    return {"mse": float(np.mean((np.asarray(outputs).reshape(-1) - np.asarray(targets)) ** 2))}
+
+
 def require_validation(has_val: bool, eval_steps: int | None, early_stopping_patience: int | None) -> None:
     """Validating every N steps and early stopping watch the validation split: refuse them without one."""
     flags = [
@@ -209,7 +227,10 @@ def require_validation(has_val: bool, eval_steps: int | None, early_stopping_pat
 
 
 def validation_schedule(
-    has_val: bool, eval_steps: int | None, early_stopping_patience: int | None = None
+    has_val: bool,
+    eval_steps: int | None,
+    early_stopping_patience: int | None = None,
+    regression: bool = False,
 ) -> dict[str, Any]:
     """When to validate and save: each epoch; or every `eval_steps` optimizer steps, and at each epoch's
     end (ValidateAtEpochEnd). A checkpoint is saved at each validation, so that the best can be kept
@@ -218,7 +239,11 @@ def validation_schedule(
     require_validation(has_val, eval_steps, early_stopping_patience)
     if not has_val:
         return {"eval_strategy": "no", "save_strategy": "epoch", "load_best_model_at_end": False}
-    schedule: dict[str, Any] = {"load_best_model_at_end": True, "metric_for_best_model": BEST_METRIC}
+    schedule: dict[str, Any] = {
+        "load_best_model_at_end": True,
+        "metric_for_best_model": BEST_REGRESSION_METRIC if regression else BEST_METRIC,
+        "greater_is_better": not regression,
+    }
     if eval_steps is None:
         return {**schedule, "eval_strategy": "epoch", "save_strategy": "epoch"}
     return {
@@ -250,6 +275,7 @@ def training_arguments(
     group_by_length: bool = True,
     eval_steps: int | None = None,
     early_stopping_patience: int | None = None,
+    regression: bool = False,
 ) -> TrainingArguments:
     """The recipe's settings: evaluate and save each epoch (or every `eval_steps` steps as well), keep
     the best by validation balanced accuracy (validation_schedule).
@@ -261,7 +287,7 @@ def training_arguments(
     early-stopping count where its checkpoint left it (build_trainer adds the callback)."""
     steps_per_epoch = max(1, math.ceil(n_train / batch_size))
     return TrainingArguments(
-        **validation_schedule(has_val, eval_steps, early_stopping_patience),
+        **validation_schedule(has_val, eval_steps, early_stopping_patience, regression),
         restore_callback_states_from_checkpoint=early_stopping_patience is not None,
         lr_scheduler_type=lr_scheduler,
         warmup_steps=math.ceil(warmup_ratio * steps_per_epoch * epochs),
@@ -276,7 +302,6 @@ def training_arguments(
         weight_decay=weight_decay,
         seed=seed,
         data_seed=seed,
-        greater_is_better=True,
         save_total_limit=2,  # the newest (to resume) and the best (kept by rotation)
         save_only_model=False,
         logging_steps=max(1, min(50, steps_per_epoch // 5)),
@@ -310,6 +335,7 @@ def build_trainer(
     save_steps: int | None = None,
     step_tokens: int | None = None,
     early_stopping_patience: int | None = None,
+    regression: bool = False,
 ) -> WeightedLossTrainer:
     """`cache`: an ActivationCache holding every row the datasets' `row` column points to;
     `step_tokens`: padded tokens one forward/backward pass may hold (None: batches stay whole);
@@ -330,10 +356,15 @@ def build_trainer(
         eval_dataset=val_dataset,
         processing_class=tokenizer,
         data_collator=collator,  # dynamic padding to each batch's longest
-        compute_metrics=metrics_for_trainer if val_dataset is not None else None,
+        compute_metrics=None
+        if val_dataset is None
+        else regression_metrics_for_trainer
+        if regression
+        else metrics_for_trainer,
         class_weights=class_weights,
         cache_start=None if cache is None else cache.start,
         step_tokens=step_tokens,
+        regression=regression,
         callbacks=callbacks or None,
     )
     if quiet:
@@ -388,5 +419,5 @@ class CachedStatesCollator:
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         states, mask = self.cache.batch([f["row"] for f in features])
-        labels = torch.tensor([f["labels"] for f in features], dtype=torch.long)
+        labels = torch.tensor([f["labels"] for f in features])  # class ids (long), or targets (float)
         return {"cached_states": states, "attention_mask": mask, "labels": labels}
