@@ -24,6 +24,7 @@ import pandas as pd
 from llmclf.config import parse_yaml
 from llmclf.errors import LlmclfError
 from llmclf.reports import html_page, plots, stages
+from llmclf.reports.blocks import Block, cell, shorten
 from llmclf.reports.console import one_line
 from llmclf.runfolder import (
     CONFIG,
@@ -53,7 +54,6 @@ REPORT_SECTIONS = (
     "Configuration",
 )
 HALF_MAX = 8  # confusion matrices of up to this many classes are shown two in a row (HTML)
-TEXT_CHARS = 400  # a wrong example's text is cut here in the report (the CSV has it whole)
 CONFIG_VALUES = 100_000  # YAML aliases can make a small config.yaml expand to billions of values
 
 
@@ -165,30 +165,6 @@ def confidently_wrong(run: RunFiles, top: int = 10) -> pd.DataFrame:
 
 
 # ------------------------------------------------------------------------------------ blocks
-@dataclass
-class Block:
-    """One piece of the report: kind is verdict (the line under the title), heading, para, table, image
-    or pre."""
-
-    kind: str
-    text: str = ""
-    headers: list[str] = field(default_factory=list)
-    rows: list[list[Any]] = field(default_factory=list)
-    image: plots.Png | None = None
-    half: bool = False  # in HTML, two such images share a row
-
-
-def _cell(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4f}"
-    return "" if value is None else str(value)
-
-
-def _shorten(text: str, limit: int = TEXT_CHARS) -> str:
-    text = " ".join(str(text).split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
 def _data_blocks(run: RunFiles) -> list[Block]:
     s = run.summary
     if s is None:
@@ -362,7 +338,7 @@ def _wrong_blocks(run: RunFiles, top: int) -> list[Block]:
     if not len(wrong):
         return blocks + [Block("para", "No wrong predictions on the test split.")]
     # the text first: on a narrow page it is what shows, the rest of the row scrolls in the table's box
-    rows = [[i + 1, _shorten(r.text), r.label, r.predicted, float(r.confidence)] for i, r in wrong.iterrows()]
+    rows = [[i + 1, shorten(r.text), r.label, r.predicted, float(r.confidence)] for i, r in wrong.iterrows()]
     return blocks + [
         Block("para", f"The {len(wrong)} wrong test predictions with the highest confidence."),
         Block("table", headers=["#", "text", "true", "predicted", "confidence"], rows=rows),
@@ -399,7 +375,7 @@ def md_text(value: Any) -> str:
 
     Line breaks become spaces (so a label cannot start a heading or end a table row), controls become
     visible escapes, Markdown punctuation is backslash-escaped and &, <, > become HTML entities."""
-    text = _MD_SPECIAL.sub(r"\\\1", one_line(_cell(value)))
+    text = _MD_SPECIAL.sub(r"\\\1", one_line(cell(value)))
     text = html.escape(text, quote=False)
     return _WWW.sub(r"\1\\.", _SCHEME.sub(r"\\:", text))
 
@@ -444,7 +420,7 @@ def render_markdown(blocks: list[Block], title: str) -> str:
 
 def render_html(blocks: list[Block], title: str) -> str:
     """One file: CSS inline, images as base64 data URIs, no reference to anything outside it."""
-    return html_page.render_html(blocks, title, _cell)
+    return html_page.render_html(blocks, title, cell)
 
 
 # ------------------------------------------------------------------------------------ the report
