@@ -9,6 +9,7 @@ from typing import Any
 from llmclf.data import input_key
 from llmclf.errors import LlmclfError
 from llmclf.reports import plots
+from llmclf.reports.console import number_cell, one_line
 from llmclf.reports.run_report import (
     Block,
     RunFiles,
@@ -35,6 +36,13 @@ COMPARE_METRICS = (
     ("balanced accuracy after", "after", "balanced_accuracy"),
     ("macro F1 after", "after", "macro_f1"),
 )
+REGRESSION_COMPARE_METRICS = (
+    ("MSE before", "before", "mse"),
+    ("MSE after", "after", "mse"),
+    ("MAE after", "after", "mae"),
+    ("Pearson after", "after", "pearson"),
+    ("Spearman after", "after", "spearman"),
+)
 
 
 def compare_runs(run_dirs: list[str | Path]) -> tuple[list[str], list[list[Any]], list[str]]:
@@ -46,6 +54,7 @@ def compare_runs(run_dirs: list[str | Path]) -> tuple[list[str], list[list[Any]]
     names = [r.path.name for r in runs]
     if len(set(names)) < len(names):
         names = [str(r.path) for r in runs]
+    _same_task(runs, names)
     flat = [_flatten(r.config) for r in runs]
     keys = sorted({k for f in flat for k in f} - {"output"})
     # config values as written (a float format of 4 decimals would show lr 1e-5 as 0.0000)
@@ -55,14 +64,30 @@ def compare_runs(run_dirs: list[str | Path]) -> tuple[list[str], list[list[Any]]
         if len({repr(f.get(k)) for f in flat}) > 1
     ]
     rows.append(["test examples", *[_test_size(r) or "" for r in runs]])
-    for title, stage, key in COMPARE_METRICS:
-        rows.append([title, *[(r.metrics.get(stage) or {}).get(key, "") for r in runs]])
-    eces = [
-        plots.calibration(*prediction_probabilities(r)).ece if r.predictions is not None else "" for r in runs
-    ]
-    rows.append(["ECE after", *eces])
+    if runs[0].regression:  # lower errors, higher correlations are better; a null correlation shows n/a
+        for title, stage, key in REGRESSION_COMPARE_METRICS:
+            values = [number_cell((r.metrics.get(stage) or {}).get(key)) for r in runs]
+            rows.append([title, *["n/a" if v is None else v for v in values]])
+    else:
+        for title, stage, key in COMPARE_METRICS:
+            rows.append([title, *[(r.metrics.get(stage) or {}).get(key, "") for r in runs]])
+        eces = [
+            plots.calibration(*prediction_probabilities(r)).ece if r.predictions is not None else ""
+            for r in runs
+        ]
+        rows.append(["ECE after", *eces])
     rows.append(["training time", *[duration(r.run_info.get("train_runtime_s")) for r in runs]])
     return ["", *names], rows, comparison_warnings(runs, names)
+
+
+def _same_task(runs: list[RunFiles], names: list[str]) -> None:
+    """Refuse to set a regression run beside a classifier: their metrics measure different things."""
+    if len({r.task for r in runs}) > 1:
+        found = "; ".join(f"{one_line(n)}: {r.task}" for n, r in zip(names, runs))
+        raise LlmclfError(
+            f"These runs are of different tasks ({found}): a regression run's errors and correlations "
+            "cannot be compared with a classifier's accuracy. Compare runs of one task at a time."
+        )
 
 
 def duration(seconds: Any) -> str:

@@ -1,4 +1,5 @@
-"""Plain-text tables for the terminal: class balance, before/after metrics, per class, confusion.
+"""Plain-text tables for the terminal: class balance (or a regression target's summary), before/after
+metrics, per class, confusion.
 
 Labels, texts and config values come from data and run folders that people share: every cell is shown
 through `printable`, so an escape sequence in a label is displayed (as `\x1b[2J`), never obeyed.
@@ -6,6 +7,7 @@ through `printable`, so an escape sequence in a label is displayed (as `\x1b[2J`
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 
@@ -49,6 +51,22 @@ def _fmt(value: object) -> str:
     return printable(str(value))
 
 
+def number_cell(value: object) -> float | str | None:
+    """A measured quantity for a table: a float (shown to 4 decimals) where 4 decimals show it, else
+    4 significant digits (an MSE of 0.00004 or 3.2e9 in the target's units); None when it is no finite
+    number (a Pearson r of constant predictions is null)."""
+    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+        return None
+    value = float(value)
+    return value if value == 0 or 1e-3 <= abs(value) < 1e7 else f"{value:.4g}"
+
+
+def signed_change(value: float) -> str:
+    """A change with its sign, as `number_cell` would show the number: +0.1234, -4.2e-05."""
+    cell = number_cell(value)
+    return f"{value:+.4f}" if isinstance(cell, float) else f"{value:+.4g}"
+
+
 def class_balance(counts: dict[str, dict[str, int]], labels: list[str], weights: list[float] | None) -> str:
     """Rows per split and class, with the class weights used in the loss."""
     headers = ["class", "train", "val", "test"] + (["weight"] if weights else [])
@@ -61,30 +79,56 @@ def class_balance(counts: dict[str, dict[str, int]], labels: list[str], weights:
     return table(headers, rows, title="Class balance")
 
 
-def target_summary(targets: dict[str, dict | None]) -> str:
-    """A regression run's targets per split: mean, standard deviation, range."""
-    rows = [
-        [name, *(["-"] * 4 if t is None else [t["mean"], t["std"], t["min"], t["max"]])]
-        for name, t in targets.items()
-    ]
-    return table(["split", "mean", "std", "min", "max"], rows, title="Targets")
-
-
 HEADLINE = (("accuracy", "accuracy"), ("balanced accuracy", "balanced_accuracy"), ("macro F1", "macro_f1"))
 REGRESSION_HEADLINE = (("MSE", "mse"), ("MAE", "mae"), ("Pearson", "pearson"), ("Spearman", "spearman"))
 
 
-def _change(before: float | None, after: float | None) -> str:
-    return "-" if before is None or after is None else f"{after - before:+.4f}"
+def is_regression(metrics: dict | None) -> bool:
+    """Are these a regression run's metrics (mse, mae, pearson, spearman) rather than a classifier's?"""
+    return isinstance(metrics, dict) and "mse" in metrics
 
 
 def compare(before: dict | None, after: dict, title: str = "Test metrics") -> str:
-    """Headline metrics before and after training, with the change."""
-    headline = REGRESSION_HEADLINE if "mse" in after else HEADLINE
+    """Headline metrics before and after training, with the change: accuracy, balanced accuracy and
+    macro F1, or for a regression run MSE, MAE, Pearson and Spearman (lower errors, higher correlations
+    are better; a correlation of constant predictions is n/a)."""
+    if is_regression(after):
+        return _compare_regression(before, after, title)
     if before is None:
-        return table(["metric", "value"], [[name, after[key]] for name, key in headline], title=title)
-    rows = [[name, before[key], after[key], _change(before[key], after[key])] for name, key in headline]
+        return table(["metric", "value"], [[name, after[key]] for name, key in HEADLINE], title=title)
+    rows = [[name, before[key], after[key], f"{after[key] - before[key]:+.4f}"] for name, key in HEADLINE]
     return table(["metric", "before", "after", "change"], rows, title=title)
+
+
+def _compare_regression(before: dict | None, after: dict, title: str) -> str:
+    def shown(value: object) -> object:
+        cell = number_cell(value)
+        return "n/a" if cell is None else cell
+
+    if before is None:
+        rows = [[name, shown(after.get(key))] for name, key in REGRESSION_HEADLINE]
+        return table(["metric", "value"], rows, title=title)
+    rows = []
+    for name, key in REGRESSION_HEADLINE:
+        old, new = before.get(key), after.get(key)
+        both = number_cell(old) is not None and number_cell(new) is not None
+        change = signed_change(float(new) - float(old)) if both else ""  # type: ignore[arg-type]
+        rows.append([name, shown(before.get(key)), shown(after.get(key)), change])
+    return table(["metric", "before", "after", "change"], rows, title=title)
+
+
+def target_summary(targets: dict) -> str:
+    """The regression target per split (mean, standard deviation, smallest and largest value), the
+    table printed instead of the class balance; a split without rows shows empty cells."""
+    rows = []
+    for split in ("train", "val", "test"):
+        values = targets.get(split)
+        if not isinstance(values, dict):  # null: the split has no rows
+            rows.append([f"{split} (empty)", "", "", "", ""])
+            continue
+        cells = [number_cell(values.get(k)) for k in ("mean", "std", "min", "max")]
+        rows.append([split, *("" if c is None else c for c in cells)])
+    return table(["split", "mean", "std", "min", "max"], rows, title="Target per split")
 
 
 def per_class(metrics: dict, title: str = "Per class") -> str:
@@ -102,6 +146,9 @@ def confusion(metrics: dict, title: str = "Confusion matrix (rows: true, columns
 
 
 def full_report(before: dict | None, after: dict) -> str:
+    """The before/after table, then (a classifier's) per class and the confusion matrix."""
+    if is_regression(after):
+        return compare(before, after)
     parts = [compare(before, after), per_class(after, title="Per class (after)"), confusion(after)]
     return "\n\n".join(parts)
 

@@ -26,7 +26,8 @@ from typing import Any
 import yaml
 
 from llmclf.data import DEMO_NAME, TABLE_SUFFIXES
-from llmclf.reports.console import one_line
+from llmclf.reports import regression
+from llmclf.reports.console import REGRESSION_HEADLINE, one_line
 from llmclf.reports.run_report import (
     RunFiles,
     base_model_name,
@@ -172,7 +173,10 @@ def model_card(run_dir: str | Path, repo_id: str | None = None) -> str:
     # a licence is an identifier such as apache-2.0: one line, whatever the base model's README holds
     licence = one_line(licence) if licence else None
     data = card_data(run, licence, repo_id.rsplit("/", 1)[-1] if repo_id else run.path.name)
-    body = _card_head(run, base, licence) + _card_results(run, repo_id)
+    if run.regression:
+        body = _regression_head(run, base, licence) + _regression_results(run, repo_id)
+    else:
+        body = _card_head(run, base, licence) + _card_results(run, repo_id)
     return str(ModelCard("\n".join(["---", data.to_yaml(), "---", "", *body])))
 
 
@@ -186,6 +190,7 @@ def card_data(run: RunFiles, licence: str | None, name: str) -> Any:
     data = run.config.get("data") if isinstance(run.config.get("data"), dict) else {}
     tested = str(data.get("eval_data") or data.get("path") or "data")
     dataset = tested if tested in datasets else (Path(tested).name or tested)
+    measured = CLASSIFIER_RESULTS if not run.regression else REGRESSION_RESULTS
     results = [
         EvalResult(
             task_type="text-classification",
@@ -196,10 +201,7 @@ def card_data(run: RunFiles, licence: str | None, name: str) -> Any:
             metric_value=float(scores[key]),
             metric_args=args,
         )
-        for metric, label, key, args in (
-            ("accuracy", "accuracy", "accuracy", None),
-            ("f1", "macro F1", "macro_f1", {"average": "macro"}),
-        )
+        for metric, label, key, args in measured
         if isinstance(scores.get(key), int | float) and not isinstance(scores.get(key), bool)
     ]
     example = example_text(run)
@@ -209,10 +211,22 @@ def card_data(run: RunFiles, licence: str | None, name: str) -> Any:
         library_name="transformers",
         license=licence,
         pipeline_tag="text-classification",
-        tags=["llmclf", "lora"],
+        tags=["llmclf", "lora", *(["regression"] if run.regression else [])],
         **({"model_name": name, "eval_results": results} if results else {}),
         **({"widget": [{"text": example}]} if example and pair_example(run) is None else {}),
     )
+
+
+CLASSIFIER_RESULTS = (
+    ("accuracy", "accuracy", "accuracy", None),
+    ("f1", "macro F1", "macro_f1", {"average": "macro"}),
+)
+REGRESSION_RESULTS = (  # the metric ids of Hugging Face `evaluate`
+    ("mse", "MSE", "mse", None),
+    ("mae", "MAE", "mae", None),
+    ("pearsonr", "Pearson", "pearson", None),
+    ("spearmanr", "Spearman", "spearman", None),
+)
 
 
 def _model_scores(run: RunFiles) -> dict[str, Any]:
@@ -249,14 +263,7 @@ def _card_head(run: RunFiles, base: str, licence: str | None) -> list[str]:
     ]
     out += ["## Labels", "", "In the order of the model's outputs (also in `config.id2label`):", ""]
     out += md_table(["id", "label"], [[i, label] for i, label in enumerate(run.labels)])
-    out += [
-        "## Base model and licence",
-        "",
-        f"- base model: {md_text(base)}" + _alias_note(base),
-        f"- licence of the base model: {md_text(licence) if licence else UNKNOWN_LICENCE}",
-        "- this fine-tuned model is a derivative of the base model: its licence terms apply.",
-        "",
-    ]
+    out += _licence_section(base, licence)
     summary = run.summary or {}
     truncated = summary.get("truncated") if isinstance(summary.get("truncated"), dict) else {}
     out += [
@@ -303,24 +310,111 @@ def _card_results(run: RunFiles, repo_id: str | None = None) -> list[str]:
         [[lab, m["precision"], m["recall"], m["f1"], m["support"]] for lab, m in after["per_class"].items()],
     )
     out += _lexical_note(run)
+    out += _use_section(run, repo_id)
+    out += ["## Training configuration", ""] + md_fence(run.config_text.rstrip(), "yaml")
+    return out
+
+
+def _licence_section(base: str, licence: str | None) -> list[str]:
+    return [
+        "## Base model and licence",
+        "",
+        f"- base model: {md_text(base)}" + _alias_note(base),
+        f"- licence of the base model: {md_text(licence) if licence else UNKNOWN_LICENCE}",
+        "- this fine-tuned model is a derivative of the base model: its licence terms apply.",
+        "",
+    ]
+
+
+def _use_section(run: RunFiles, repo_id: str | None) -> list[str]:
+    """How to call the model with transformers' pipeline, on the run's first test text (a regression
+    model with function_to_apply="none": its output is the number itself, not squashed by a sigmoid)."""
     # The run's first test text as a JSON string literal (ASCII, escapes only), which Python reads as
     # the same string: no text can end the string, run as code, or close the fence.
     text, pair = example_text(run), pair_example(run)
     example = f"clf({json.dumps(text or 'A text to classify')})"
     if pair is not None:  # a model trained on text pairs: the pipeline takes them as text / text_pair
         example = f"clf({{'text': {json.dumps(text)}, 'text_pair': {json.dumps(pair)}}}, truncation=True)"
-    out += ["## Use", ""]
-    out += md_fence(
-        "\n".join(
-            [
-                "from transformers import pipeline",
-                "",
-                f'clf = pipeline("text-classification", model={json.dumps(repo_id or "PATH/TO/THIS/FOLDER")})',
-                example,
-            ]
-        ),
-        "python",
-    )
+    model = json.dumps(repo_id or "PATH/TO/THIS/FOLDER")
+    if run.regression:
+        create = f'clf = pipeline("text-classification", model={model}, function_to_apply="none")'
+        example += f'  # [{{"label": {json.dumps(run.labels[0])}, "score": <the predicted value>}}]'
+    else:
+        create = f'clf = pipeline("text-classification", model={model})'
+    lines = ["from transformers import pipeline", "", create, example]
+    return ["## Use", ""] + md_fence("\n".join(lines), "python")
+
+
+# ------------------------------------------------------------------------------------ a regression model
+def _label_column(run: RunFiles) -> str:
+    """The training column the model predicts (data.label_column), as the card names it."""
+    data = run.config.get("data") if isinstance(run.config.get("data"), dict) else {}
+    return str(data.get("label_column") or "label")
+
+
+def _regression_head(run: RunFiles, base: str, licence: str | None) -> list[str]:
+    """Title, what the model outputs, base model and licence, intended use, limitations."""
+    after, column = run.metrics["after"], md_text(_label_column(run))
+    summary = run.summary or {}
+    truncated = summary.get("truncated") if isinstance(summary.get("truncated"), dict) else {}
+    low, high = regression.target_range(summary)
+    span = f" ({md_text(low)} to {md_text(high)} in training)" if low is not None and high is not None else ""
+    out = [
+        f"# Regression model fine-tuned from {md_text(base)}",
+        "",
+        "A regression model made by llmclf (a sequence-classification model with one output): LoRA "
+        "fine-tuning with a mean-squared-error loss, the adapter merged into the base weights, the trained "
+        f"head kept. It outputs one number per text, labelled “{md_text(run.labels[0])}”, in the units of "
+        f"the training column “{column}”.",
+        "",
+        "## Output",
+        "",
+        "One number, named in `config.id2label`:",
+        "",
+        *md_table(["id", "label"], [[i, label] for i, label in enumerate(run.labels)]),
+        *_licence_section(base, licence),
+        "## Intended use",
+        "",
+        f"Predicting “{column}” for texts like the training data (source: "
+        f"{md_text(summary.get('source', 'unknown'))}). Check the metrics below on data of your own before "
+        "relying on it.",
+        "",
+        "## Limitations",
+        "",
+        f"- It predicts a number for every text, even an unrelated one; values far outside the training "
+        f"range{span} are extrapolations.",
+        f"- Texts are cut at {md_text(summary.get('max_length', '?'))} tokens, as in training (where "
+        f"{md_text(truncated.get('train', '?'))} training texts were cut); the "
+        "tokenizer's `model_max_length` is set to that length.",
+        f"- Measured on {md_text(after.get('n'))} held-out test texts from the same source; results on "
+        "other data (topics, language, style) may be worse.",
+        "- Biases of the base model and of the training data carry over.",
+        "",
+    ]
+    return out
+
+
+def _regression_results(run: RunFiles, repo_id: str | None) -> list[str]:
+    """The target per split, the test metrics, how to use it, the training configuration."""
+    out: list[str] = []
+    if run.summary:
+        out += ["## Training data", "", "The target per split:", ""]
+        out += md_table(["split", "rows", "mean", "std", "min", "max"], regression.target_rows(run.summary))
+    after, before = run.metrics["after"], run.metrics.get("before") or {}
+    out += ["## Metrics (test split)", ""]
+    out += [
+        "MSE and MAE in the target's units (MSE squared), lower is better; Pearson and Spearman "
+        "correlations of predicted with true values, 1 is best. Before fine-tuning: the base model with a "
+        "random head.",
+        "",
+    ]
+    shown = regression.or_na
+    rows = [
+        [name, shown(before.get(key)) if before else "", shown(after.get(key))]
+        for name, key in REGRESSION_HEADLINE
+    ]
+    out += md_table(["metric", "before fine-tuning", "after"], rows)
+    out += _use_section(run, repo_id)
     out += ["## Training configuration", ""] + md_fence(run.config_text.rstrip(), "yaml")
     return out
 

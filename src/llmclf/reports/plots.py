@@ -1,4 +1,5 @@
-"""The report's figures: confusion matrices, training curves, reliability diagram (matplotlib, Agg).
+"""The report's figures: confusion matrices, training curves, reliability diagram, and for a regression
+run predicted against true values and the residuals (matplotlib, Agg).
 
 Figures are built with `matplotlib.figure.Figure` directly, not pyplot: no global figure registry, no
 interactive backend, nothing to close, safe in a server or a test process. Each builder returns the
@@ -11,7 +12,7 @@ Class names come from the data: they are drawn as plain text (never parsed as ma
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -150,13 +151,20 @@ class Curves:
     val_loss: tuple[list[int], list[float]]
     val_accuracy: tuple[list[int], list[float]]
     val_balanced_accuracy: tuple[list[int], list[float]]
+    val_pearson: tuple[list[int], list[float]] = field(default_factory=lambda: ([], []))  # regression
+    val_spearman: tuple[list[int], list[float]] = field(default_factory=lambda: ([], []))
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and bool(np.isfinite(value))
 
 
 def curves_from_log(log_history: list[dict]) -> Curves:
     """Training loss from the periodic log entries; validation loss/accuracy from the eval entries."""
 
     def series(key: str) -> tuple[list[int], list[float]]:
-        rows = [(int(e["step"]), float(e[key])) for e in log_history if key in e and "step" in e]
+        # a value that is no finite number (a Pearson r of constant predictions is null) is no point
+        rows = [(int(e["step"]), float(e[key])) for e in log_history if "step" in e and _finite(e.get(key))]
         return [s for s, _ in rows], [v for _, v in rows]
 
     return Curves(
@@ -164,6 +172,8 @@ def curves_from_log(log_history: list[dict]) -> Curves:
         val_loss=series("eval_loss"),
         val_accuracy=series("eval_accuracy"),
         val_balanced_accuracy=series("eval_balanced_accuracy"),
+        val_pearson=series("eval_pearson"),
+        val_spearman=series("eval_spearman"),
     )
 
 
@@ -190,15 +200,16 @@ def _mark_values(ax: Any, steps: list[int], values: list[float], *, top: float |
         )
 
 
-def training_figure(log_history: list[dict]) -> Figure:
-    """Top: training and validation loss over steps. Bottom: validation accuracy over steps.
+def training_figure(log_history: list[dict], *, regression: bool = False) -> Figure:
+    """Top: training and validation loss over steps. Bottom: validation accuracy over steps, or for a
+    regression run the validation Pearson and Spearman correlations.
 
     Both span the run's steps from 0, so a single validation (one epoch) is a marked point at the step
     where it ran, not a point alone on an axis from step 19 to 21; up to FEW_POINTS validations are
     drawn as larger markers with their values written beside them."""
     curves = curves_from_log(log_history)
     fig = new_figure(6.0, 6.6)
-    loss_ax, acc_ax = fig.subplots(2, 1, sharex=True)
+    loss_ax, low_ax = fig.subplots(2, 1, sharex=True)
     few = 0 < len(curves.val_loss[0]) <= FEW_POINTS
     size = 9 if few else 6
     if curves.train_loss[0]:
@@ -211,26 +222,106 @@ def training_figure(log_history: list[dict]) -> Figure:
     _style(loss_ax, "Loss", "loss")
     if loss_ax.lines:
         loss_ax.legend(fontsize=FONT)
+    if regression:
+        low = _correlation_panel(low_ax, curves, few, size)
+    else:
+        low = _accuracy_panel(low_ax, curves, few, size)
+    steps = curves.train_loss[0] + curves.val_loss[0] + low
+    if steps:
+        low_ax.set_xlim(0, max(steps) * 1.06 + 0.5)  # shared with the loss axis
+    low_ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    return fig
+
+
+def _accuracy_panel(ax: Any, curves: Curves, few: bool, size: float) -> list[int]:
+    """Validation accuracy and balanced accuracy; returns the steps drawn."""
     if curves.val_accuracy[0]:
-        acc_ax.plot(*curves.val_accuracy, marker="o", markersize=size, label="validation accuracy")
-        acc_ax.plot(
+        ax.plot(*curves.val_accuracy, marker="o", markersize=size, label="validation accuracy")
+        ax.plot(
             *curves.val_balanced_accuracy,
             marker="s",
             markersize=size * 0.7,
             linestyle="--",
             label="validation balanced acc.",
         )
-        acc_ax.set_ylim(0.0, 1.05)
+        ax.set_ylim(0.0, 1.05)
         if few:
-            _mark_values(acc_ax, *curves.val_accuracy, top=1.0)
-        acc_ax.legend(loc="lower right", fontsize=FONT)
+            _mark_values(ax, *curves.val_accuracy, top=1.0)
+        ax.legend(loc="lower right", fontsize=FONT)
     else:
-        acc_ax.text(0.5, 0.5, "no validation split", ha="center", va="center", transform=acc_ax.transAxes)
-    _style(acc_ax, "Validation accuracy", "accuracy", "step")
-    steps = curves.train_loss[0] + curves.val_loss[0] + curves.val_accuracy[0]
-    if steps:
-        acc_ax.set_xlim(0, max(steps) * 1.06 + 0.5)  # shared with the loss axis
-    acc_ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.text(0.5, 0.5, "no validation split", ha="center", va="center", transform=ax.transAxes)
+    _style(ax, "Validation accuracy", "accuracy", "step")
+    return curves.val_accuracy[0]
+
+
+def _correlation_panel(ax: Any, curves: Curves, few: bool, size: float) -> list[int]:
+    """Validation Pearson and Spearman correlations of a regression run; returns the steps drawn."""
+    if curves.val_pearson[0] or curves.val_spearman[0]:
+        if curves.val_pearson[0]:
+            ax.plot(*curves.val_pearson, marker="o", markersize=size, label="validation Pearson")
+        if curves.val_spearman[0]:
+            ax.plot(
+                *curves.val_spearman,
+                marker="s",
+                markersize=size * 0.7,
+                linestyle="--",
+                label="validation Spearman",
+            )
+        values = curves.val_pearson[1] + curves.val_spearman[1]
+        ax.set_ylim(min(0.0, min(values) - 0.05), 1.05)  # a correlation may be negative early on
+        if few and curves.val_pearson[0]:
+            _mark_values(ax, *curves.val_pearson, top=1.0)
+        ax.legend(loc="lower right", fontsize=FONT)
+    else:
+        what = "no validation correlation logged" if curves.val_loss[0] else "no validation split"
+        ax.text(0.5, 0.5, what, ha="center", va="center", transform=ax.transAxes)
+    _style(ax, "Validation correlation", "correlation", "step")
+    return curves.val_pearson[0] + curves.val_spearman[0]
+
+
+# ------------------------------------------------------------------------------------ regression
+def regression_points(ax: Any, x: np.ndarray, y: np.ndarray) -> None:
+    """The test texts as points, fainter where there are many (so that dense regions still show)."""
+    alpha = 0.8 if len(x) <= 200 else 0.4 if len(x) <= 2000 else 0.15
+    ax.scatter(x, y, s=14 if len(x) <= 2000 else 6, alpha=alpha, color="tab:blue", edgecolors="none")
+
+
+def predicted_figure(true: np.ndarray, predicted: np.ndarray) -> Figure:
+    """Predicted against true value for each test text, with the line y = x where they would agree.
+
+    The axes share one range (the values' own, padded), so that distance from the line reads alike
+    along both."""
+    true, predicted = np.asarray(true, dtype=float), np.asarray(predicted, dtype=float)
+    fig = new_figure(5.2, 5.0)
+    ax = fig.add_subplot()
+    regression_points(ax, true, predicted)
+    both = np.concatenate([true, predicted])
+    low, high = (float(both.min()), float(both.max())) if len(both) else (0.0, 1.0)
+    pad = (high - low) * 0.05 or 0.5  # all values equal: still a visible range around them
+    low, high = low - pad, high + pad
+    ax.plot([low, high], [low, high], linestyle="--", color="gray", label="predicted = true")
+    ax.set_xlim(low, high)
+    ax.set_ylim(low, high)
+    ax.set_aspect("equal", adjustable="box")
+    ax.legend(loc="upper left", fontsize=FONT)
+    _style(ax, "Predicted vs true (test, after training)", "predicted", "true")
+    return fig
+
+
+def residual_figure(true: np.ndarray, predicted: np.ndarray) -> Figure:
+    """Residual (predicted - true) against the true value: a slope shows the model pulling its
+    predictions towards the mean (too high for low values, too low for high ones), a spread widening
+    with the value shows errors growing with it."""
+    true, predicted = np.asarray(true, dtype=float), np.asarray(predicted, dtype=float)
+    fig = new_figure(5.2, 5.0)
+    ax = fig.add_subplot()
+    residuals = predicted - true
+    regression_points(ax, true, residuals)
+    ax.axhline(0.0, linestyle="--", color="gray", label="no error")
+    largest = float(np.abs(residuals).max()) if len(residuals) else 0.0
+    ax.set_ylim(-(largest * 1.1 or 0.5), largest * 1.1 or 0.5)  # symmetric: over and under read alike
+    ax.legend(loc="upper right", fontsize=FONT)
+    _style(ax, "Residuals (test, after training)", "predicted - true", "true")
     return fig
 
 

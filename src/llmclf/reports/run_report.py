@@ -21,9 +21,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from llmclf.config import parse_yaml
+from llmclf.config import REGRESSION, SINGLE_LABEL, parse_yaml
 from llmclf.errors import LlmclfError
-from llmclf.reports import html_page, plots, stages
+from llmclf.reports import html_page, plots, regression, stages
+from llmclf.reports.blocks import Block, cell, data_notes, shorten
 from llmclf.reports.console import one_line
 from llmclf.runfolder import (
     CONFIG,
@@ -53,7 +54,6 @@ REPORT_SECTIONS = (
     "Configuration",
 )
 HALF_MAX = 8  # confusion matrices of up to this many classes are shown two in a row (HTML)
-TEXT_CHARS = 400  # a wrong example's text is cut here in the report (the CSV has it whole)
 CONFIG_VALUES = 100_000  # YAML aliases can make a small config.yaml expand to billions of values
 
 
@@ -70,7 +70,12 @@ class RunFiles:
     metrics: dict
     run_info: dict = field(default_factory=dict)
     summary: dict | None = None
-    predictions: pd.DataFrame | None = None
+    predictions: pd.DataFrame | None = None  # a regression run's label and score as floats
+    task: str = SINGLE_LABEL
+
+    @property
+    def regression(self) -> bool:
+        return self.task == REGRESSION
 
 
 def read_run(run_dir: str | Path) -> RunFiles:
@@ -86,6 +91,12 @@ def read_run(run_dir: str | Path) -> RunFiles:
             f"{run.path(METRICS)} has no 'after' metrics: it is not a metrics.json llmclf wrote. Evaluate "
             "or train the run again."
         )
+    run_info = _read(run, RUN_INFO, lambda _: run.run_info(), dict)
+    task = regression.task_of(config, run_info)
+    predictions = _read(run, PREDICTIONS, lambda _: run.predictions())
+    if task == REGRESSION:
+        regression.check_metrics(metrics, run.path(METRICS))
+        predictions = regression.numeric_predictions(predictions, run.path(PREDICTIONS))
     return RunFiles(
         path=run.root,
         folder=run,
@@ -93,9 +104,10 @@ def read_run(run_dir: str | Path) -> RunFiles:
         config_text=config_text,
         config=config,
         metrics=metrics,
-        run_info=_read(run, RUN_INFO, lambda _: run.run_info(), dict),
+        run_info=run_info,
         summary=_read(run, DATA_SUMMARY, run.optional_json, (dict, type(None))),
-        predictions=_read(run, PREDICTIONS, lambda _: run.predictions()),
+        predictions=predictions,
+        task=task,
     )
 
 
@@ -165,30 +177,6 @@ def confidently_wrong(run: RunFiles, top: int = 10) -> pd.DataFrame:
 
 
 # ------------------------------------------------------------------------------------ blocks
-@dataclass
-class Block:
-    """One piece of the report: kind is verdict (the line under the title), heading, para, table, image
-    or pre."""
-
-    kind: str
-    text: str = ""
-    headers: list[str] = field(default_factory=list)
-    rows: list[list[Any]] = field(default_factory=list)
-    image: plots.Png | None = None
-    half: bool = False  # in HTML, two such images share a row
-
-
-def _cell(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4f}"
-    return "" if value is None else str(value)
-
-
-def _shorten(text: str, limit: int = TEXT_CHARS) -> str:
-    text = " ".join(str(text).split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
 def _data_blocks(run: RunFiles) -> list[Block]:
     s = run.summary
     if s is None:
@@ -204,7 +192,6 @@ def _data_blocks(run: RunFiles) -> list[Block]:
     rows.append(
         ["total", *[sum(counts[x].values()) for x in splits]] + ([sum(weights.values())] if weights else [])
     )
-    truncated = s.get("truncated") or {}
     blocks = [
         Block(
             "para",
@@ -212,15 +199,8 @@ def _data_blocks(run: RunFiles) -> list[Block]:
             + (" and the class weights used in the loss." if weights else " (no class weights)."),
         ),
         Block("table", headers=headers, rows=rows),
-        Block(
-            "para",
-            f"Texts truncated to {s.get('max_length')} tokens: "
-            + (", ".join(f"{k} {v}" for k, v in truncated.items()) or "none")
-            + ".",
-        ),
     ]
-    blocks += [Block("para", f"Note: {note}") for note in s.get("notes") or []]
-    return blocks
+    return blocks + data_notes(s)
 
 
 def _metric_blocks(run: RunFiles) -> list[Block]:
@@ -305,6 +285,10 @@ def _confusion_note(classes: int) -> str:
 
 def _summary_blocks(run: RunFiles) -> list[Block]:
     info = run.run_info
+    if run.regression:
+        scores = regression.summary_rows(run.metrics, info)
+    else:
+        scores = [["test accuracy after training", run.metrics["after"]["accuracy"]]]
     rows = [
         ["run folder", str(run.path)],
         ["base model", base_model_name(run)],
@@ -312,7 +296,7 @@ def _summary_blocks(run: RunFiles) -> list[Block]:
         ["quantized (4-bit)", info.get("quantized")],
         ["training time (s)", info.get("train_runtime_s")],
         *stages.loss_rows(info),
-        ["test accuracy after training", run.metrics["after"]["accuracy"]],
+        *scores,
         ["llmclf / torch", f"{info.get('llmclf_version')} / {info.get('torch_version')}"],
     ]
     return [Block("heading", "Summary"), Block("table", headers=["", "value"], rows=rows)]
@@ -327,17 +311,27 @@ def _figure_blocks(run: RunFiles, images: dict[str, plots.Png]) -> list[Block]:
         for key, png in images.items()
         if key.startswith("confusion")
     ]
-    blocks.append(Block("heading", "Training curves"))
+    return blocks + _training_blocks(run, images)
+
+
+def _training_blocks(run: RunFiles, images: dict[str, plots.Png]) -> list[Block]:
+    """The training curves, and the validations as a table where they are few."""
+    blocks = [Block("heading", "Training curves")]
     if "training" in images:
         caption = "Training and validation loss, validation accuracy"
+        caption = regression.TRAINING_CAPTION if run.regression else caption
         blocks.append(Block("image", text=caption, image=images["training"]))
     else:
         blocks.append(Block("para", "No training log in run_info.json."))
-    validations = stages.validation_rows(run.run_info)
+    if run.regression:
+        validations = stages.validation_rows(run.run_info, regression.VALIDATION_KEYS)
+        headers = regression.VALIDATION_HEADERS
+    else:
+        validations = stages.validation_rows(run.run_info)
+        headers = ["step", "epoch", "validation loss", "validation accuracy", "validation balanced accuracy"]
     if validations:
         n = len(validations)
         blocks.append(Block("para", f"The {n} validation{'s' * (n > 1)} of the run, as numbers:"))
-        headers = ["step", "epoch", "validation loss", "validation accuracy", "validation balanced accuracy"]
         blocks.append(Block("table", headers=headers, rows=validations))
     return blocks
 
@@ -362,7 +356,7 @@ def _wrong_blocks(run: RunFiles, top: int) -> list[Block]:
     if not len(wrong):
         return blocks + [Block("para", "No wrong predictions on the test split.")]
     # the text first: on a narrow page it is what shows, the rest of the row scrolls in the table's box
-    rows = [[i + 1, _shorten(r.text), r.label, r.predicted, float(r.confidence)] for i, r in wrong.iterrows()]
+    rows = [[i + 1, shorten(r.text), r.label, r.predicted, float(r.confidence)] for i, r in wrong.iterrows()]
     return blocks + [
         Block("para", f"The {len(wrong)} wrong test predictions with the highest confidence."),
         Block("table", headers=["#", "text", "true", "predicted", "confidence"], rows=rows),
@@ -372,7 +366,10 @@ def _wrong_blocks(run: RunFiles, top: int) -> list[Block]:
 def build_blocks(
     run: RunFiles, images: dict[str, plots.Png], cal: plots.Calibration | None, top: int
 ) -> list[Block]:
-    """The report, first the verdict, then each section in REPORT_SECTIONS' order."""
+    """The report, first the verdict, then each section in REPORT_SECTIONS' order (a regression run's:
+    regression.SECTIONS)."""
+    if run.regression:
+        return _regression_blocks(run, images, top)
     blocks = [Block("verdict", stages.verdict(run.metrics, run.run_info, run.config))]
     blocks += _summary_blocks(run)
     blocks += [Block("heading", "Data"), *_data_blocks(run)]
@@ -381,6 +378,25 @@ def build_blocks(
     blocks += _figure_blocks(run, images)
     blocks += _calibration_blocks(images, cal)
     blocks += _wrong_blocks(run, top)
+    blocks += [Block("heading", "Configuration"), Block("pre", run.config_text.rstrip())]
+    return blocks
+
+
+def _regression_blocks(run: RunFiles, images: dict[str, plots.Png], top: int) -> list[Block]:
+    """A regression run's report: its scores, the target per split, predicted against true values."""
+    baseline = regression.mean_baseline(run.predictions, run.summary)
+    blocks = [Block("verdict", regression.verdict(run.metrics, run.predictions, run.summary))]
+    blocks += _summary_blocks(run)
+    blocks.append(Block("heading", "Data"))
+    if run.summary is None:
+        blocks.append(Block("para", "data_summary.json is missing from this run folder."))
+    else:
+        blocks += [*regression.data_blocks(run.summary), *data_notes(run.summary)]
+    blocks.append(Block("heading", "Metrics"))
+    blocks += regression.metric_blocks(run.metrics, run.run_info, run.config, baseline)
+    blocks += [Block("heading", "Predicted vs true"), *regression.figure_blocks(images, run.predictions)]
+    blocks += _training_blocks(run, images)
+    blocks += [Block("heading", "Largest errors"), *regression.error_blocks(run.predictions, top)]
     blocks += [Block("heading", "Configuration"), Block("pre", run.config_text.rstrip())]
     return blocks
 
@@ -399,7 +415,7 @@ def md_text(value: Any) -> str:
 
     Line breaks become spaces (so a label cannot start a heading or end a table row), controls become
     visible escapes, Markdown punctuation is backslash-escaped and &, <, > become HTML entities."""
-    text = _MD_SPECIAL.sub(r"\\\1", one_line(_cell(value)))
+    text = _MD_SPECIAL.sub(r"\\\1", one_line(cell(value)))
     text = html.escape(text, quote=False)
     return _WWW.sub(r"\1\\.", _SCHEME.sub(r"\\:", text))
 
@@ -444,12 +460,18 @@ def render_markdown(blocks: list[Block], title: str) -> str:
 
 def render_html(blocks: list[Block], title: str) -> str:
     """One file: CSS inline, images as base64 data URIs, no reference to anything outside it."""
-    return html_page.render_html(blocks, title, _cell)
+    return html_page.render_html(blocks, title, cell)
 
 
 # ------------------------------------------------------------------------------------ the report
 def write_figures(run: RunFiles) -> tuple[dict[str, plots.Png], plots.Calibration | None]:
     """Every PNG of the report, written into the run folder."""
+    if run.regression:
+        images = regression.write_figures(run.folder, run.predictions)
+        if run.run_info.get("log_history"):
+            fig = plots.training_figure(run.run_info["log_history"], regression=True)
+            images["training"] = plots.save_png(fig, run.folder, TRAINING_PNG)
+        return images, None
     images: dict[str, plots.Png] = {}
     for stage in ("after", "before"):  # the after-training views first
         m = run.metrics.get(stage)

@@ -272,10 +272,13 @@ def loss_rows(info: dict) -> list[list[Any]]:
     return rows
 
 
-def validation_rows(info: dict) -> list[list[Any]]:
-    """step, epoch, loss, accuracy, balanced accuracy of each validation; [] when there are more than
-    VALIDATION_ROWS (the curves show them) or none."""
-    keys = ("step", "epoch", "eval_loss", "eval_accuracy", "eval_balanced_accuracy")
+VALIDATION_KEYS = ("eval_accuracy", "eval_balanced_accuracy")
+
+
+def validation_rows(info: dict, keys: tuple[str, ...] = VALIDATION_KEYS) -> list[list[Any]]:
+    """step, epoch, loss and the `keys` (accuracy, balanced accuracy) of each validation; [] when there
+    are more than VALIDATION_ROWS (the curves show them) or none."""
+    keys = ("step", "epoch", "eval_loss", *keys)
     rows = [[number(e.get(k)) for k in keys] for e in log_entries(info) if "eval_loss" in e]
     for row in rows:
         row[0] = int(row[0]) if row[0] is not None else None
