@@ -120,14 +120,14 @@ def test_a_regression_run_reloads_to_its_numbers(rating_run, clf):
     preds = pd.read_csv(rating_run / "predictions_test.csv")
     texts = preds["text"].tolist()
     assert clf.task == "regression"
-    assert clf.predict(texts) == pytest.approx(preds["score"].tolist(), abs=1e-5)
+    assert clf.predict(texts) == pytest.approx(preds["score"].tolist(), rel=2e-5, abs=1e-5)
     assert clf.scores(texts).shape == (len(texts),)
     with pytest.raises(LlmclfError, match="regression model"):
         clf.predict_proba(texts)
     metrics, scores = clf.evaluate(texts, preds["label"].tolist())
     saved = json.loads((rating_run / "metrics.json").read_text())["after"]
     assert metrics["mse"] == pytest.approx(saved["mse"], rel=1e-5)
-    assert scores == pytest.approx(preds["score"].to_numpy(), abs=1e-5)
+    assert scores == pytest.approx(preds["score"].to_numpy(), rel=2e-5, abs=1e-5)
 
 
 def test_the_command_line_predicts_and_evaluates_numbers(rating_run, clf, tmp_path, capsys):
@@ -138,11 +138,13 @@ def test_the_command_line_predicts_and_evaluates_numbers(rating_run, clf, tmp_pa
     assert main([*PREDICT, str(rating_run), "--input", str(data), "--output", str(out)]) == 0
     written = pd.read_csv(out)
     assert list(written.columns) == ["text", "rating", "score"]
-    assert written["score"].tolist() == pytest.approx(preds["score"].tolist(), abs=1e-5)
+    assert written["score"].tolist() == pytest.approx(preds["score"].tolist(), rel=2e-5, abs=1e-5)
     capsys.readouterr()
     assert main([*PREDICT, str(rating_run), "--text", preds["text"][0]]) == 0
     line = json.loads(capsys.readouterr().out.strip())
-    assert line["score"] == pytest.approx(preds["score"][0], abs=1e-5) and "probabilities" not in line
+    assert (
+        line["score"] == pytest.approx(preds["score"][0], rel=2e-5, abs=1e-5) and "probabilities" not in line
+    )
     report = tmp_path / "eval.json"
     assert main(["--quiet", "evaluate", str(rating_run), "--data", str(data), "--output", str(report)]) == 0
     saved = json.loads((rating_run / "metrics.json").read_text())["after"]
@@ -150,8 +152,9 @@ def test_the_command_line_predicts_and_evaluates_numbers(rating_run, clf, tmp_pa
     assert "MSE" in capsys.readouterr().out
     bad = tmp_path / "bad.csv"
     bad.write_text("text,rating\nfine text,2.5\nanother,n/a\n")
-    with pytest.raises(LlmclfError, match=r"row\(s\) 2"):
-        main(["--quiet", "evaluate", str(rating_run), "--data", str(bad)])
+    capsys.readouterr()
+    assert main(["--quiet", "evaluate", str(rating_run), "--data", str(bad)]) != 0
+    assert "'n/a') at row(s) 2" in capsys.readouterr().err
 
 
 def test_the_server_answers_with_scores(clf):
@@ -172,7 +175,9 @@ def test_the_server_answers_with_scores(clf):
         assert [p["score"] for p in got] == pytest.approx(want.tolist(), abs=1e-6)
         assert "probabilities" not in got[0]
         one = client.post("/predict", json={"inputs": texts[0]}).json()  # TEI: [{"label", "score"}]
-        assert one == [{"label": "score", "score": pytest.approx(float(want[0]), abs=1e-6)}]
+        assert one == [
+            {"label": "score", "score": pytest.approx(float(want[0]), abs=5e-5)}
+        ]  # one text, not two
         none = client.post("/predict", json={"inputs": texts, "parameters": {"function_to_apply": "none"}})
         assert none.status_code == 200 and len(none.json()) == 2
         soft = client.post("/predict", json={"inputs": texts, "parameters": {"function_to_apply": "softmax"}})
