@@ -294,3 +294,18 @@ def test_the_loss_is_mean_squared_error_and_a_split_batch_adds_up():
     trainer._loss_denominator = torch.tensor(3.0)  # two parts of one batch of three
     parts = trainer._loss(logits[:1], labels[:1]) + trainer._loss(logits[1:], labels[1:])
     assert parts.item() == pytest.approx((1 + 0 + 4) / 3)
+
+
+def test_validation_scores_numbers_in_their_units_and_keeps_the_lowest_error(tmp_path):
+    from transformers import EvalPrediction
+
+    from llmclf.training.trainer import RegressionMetrics, validation_schedule
+
+    metrics = RegressionMetrics(2.0)(
+        EvalPrediction(np.array([[1.0], [2.0], [3.5]]), np.array([1.0, 2.0, 3.0]))
+    )
+    assert metrics["mse"] == pytest.approx(((2 * 0.5) ** 2) / 3)  # in the column's units: outputs x 2
+    assert metrics["mae"] == pytest.approx(1.0 / 3) and metrics["pearson"] > 0.9
+    schedule = validation_schedule(True, None, None, regression=True)
+    assert (schedule["metric_for_best_model"], schedule["greater_is_better"]) == ("mse", False)
+    assert validation_schedule(True, None)["greater_is_better"] is True

@@ -287,9 +287,9 @@ class TrainConfig:
     validation so that the best can be kept (train.save_steps still adds checkpoints in between). Empty:
     once per epoch. Needs a validation split."""
     early_stopping_patience: int | None = None
-    """Stop when the validation balanced accuracy has not improved for this many validations in a row
-    (each epoch, or every train.eval_steps) and keep the best validation's weights; train.epochs stays the
-    upper bound. Needs a validation split. Empty: train for all the epochs."""
+    """Stop when the validation balanced accuracy (regression: MSE) has not improved for this many
+    validations in a row (each epoch, or every train.eval_steps) and keep the best validation's weights;
+    train.epochs stays the upper bound. Needs a validation split. Empty: train for all the epochs."""
     keep_checkpoint: bool = False
     """Keep the newest checkpoint after a successful run (by default all checkpoints are deleted)."""
 

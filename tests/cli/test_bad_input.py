@@ -73,7 +73,8 @@ LABEL_FILES = {
         csv_text([{**r, "label": f"{(i * 0.37) % 5:.2f}"} for i, r in enumerate(GOOD)]).encode(),
         [
             "column 'label' holds 1",
-            "distinct numbers with fractions",
+            "distinct numbers (e.g.",
+            "--task regression",
             "0.37, 0.74",
             "row(s) 2, 3",
             "bin the scores",

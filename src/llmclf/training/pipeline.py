@@ -478,7 +478,7 @@ def new_trainer(
         save_steps=tc.save_steps,
         step_tokens=backend.step_tokens(tc.step_tokens),
         early_stopping_patience=tc.early_stopping_patience,
-        regression=task.regression,
+        target_scale=task.scale.scale if task.regression else None,
     )
     send_tensorboard_to(trainer, str(out / TENSORBOARD_DIR))
     trainer.fingerprint_sha = checkpoints.fingerprint_sha(fingerprint)

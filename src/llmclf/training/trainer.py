@@ -199,11 +199,21 @@ def metrics_for_trainer(eval_pred: Any) -> dict[str, float]:
     }
 
 
-def regression_metrics_for_trainer(eval_pred: Any) -> dict[str, float]:
-    """Mean squared error on the validation split (in the scaled units trained on), for the best step."""
-    outputs, targets = eval_pred.predictions, eval_pred.label_ids
-    outputs = outputs[0] if isinstance(outputs, tuple) else outputs
-    return {"mse": float(np.mean((np.asarray(outputs).reshape(-1) - np.asarray(targets)) ** 2))}
+class RegressionMetrics:
+    """MSE (the best step's metric), MAE, Pearson and Spearman on the validation split, in the column's
+    units: the outputs and targets the Trainer sees are scaled by 1 / `scale`."""
+
+    def __init__(self, scale: float) -> None:
+        self.scale = scale
+
+    def __call__(self, eval_pred: Any) -> dict[str, float]:
+        from llmclf.inference.metrics import regression_metrics
+
+        outputs, targets = eval_pred.predictions, eval_pred.label_ids
+        outputs = outputs[0] if isinstance(outputs, tuple) else outputs
+        scaled = (np.asarray(targets, dtype=np.float64), np.asarray(outputs, dtype=np.float64).reshape(-1))
+        metrics = regression_metrics(*(values * self.scale for values in scaled))
+        return {k: v for k, v in metrics.items() if k != "n" and v is not None}
 
 
 def require_validation(has_val: bool, eval_steps: int | None, early_stopping_patience: int | None) -> None:
@@ -335,13 +345,15 @@ def build_trainer(
     save_steps: int | None = None,
     step_tokens: int | None = None,
     early_stopping_patience: int | None = None,
-    regression: bool = False,
+    target_scale: float | None = None,
 ) -> WeightedLossTrainer:
     """`cache`: an ActivationCache holding every row the datasets' `row` column points to;
     `step_tokens`: padded tokens one forward/backward pass may hold (None: batches stay whole);
     `save_steps`: also save every N steps (between validations, when `args` validate every N steps);
     `early_stopping_patience`: stop after this many validations in a row without a better balanced
-    accuracy (the best checkpoint's weights are loaded at the end)."""
+    accuracy (the best checkpoint's weights are loaded at the end); `target_scale`: a regression run's
+    (its targets are divided by it), None for classes."""
+    regression = target_scale is not None
     require_validation(val_dataset is not None, None, early_stopping_patience)
     collator = TokenCollator(tokenizer) if cache is None else CachedStatesCollator(cache)
     callbacks: list[TrainerCallback] = [SaveEverySteps(save_steps)] if save_steps else []
@@ -358,7 +370,7 @@ def build_trainer(
         data_collator=collator,  # dynamic padding to each batch's longest
         compute_metrics=None
         if val_dataset is None
-        else regression_metrics_for_trainer
+        else RegressionMetrics(target_scale)
         if regression
         else metrics_for_trainer,
         class_weights=class_weights,
