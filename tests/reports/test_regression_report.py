@@ -243,8 +243,26 @@ def test_values_that_are_not_finite_are_left_out_and_said_so(tmp_path):
     predicted = [*PREDICTED[:7], float("nan")]
     md, _ = built(regression_run(tmp_path / "run", predicted=predicted))
     errors = section(md, "Largest errors")
-    assert "1 test rows hold a value that is not a finite number (NaN or infinite): left out." in errors
+    assert "1 test row holds a value that is not a finite number (NaN or infinite): left out." in errors
     assert "still" not in errors and len([r for i in range(1, 9) for r in table_rows(errors, str(i))]) == 7
+
+
+def test_constant_predictions_and_a_missing_predictions_file_still_make_a_report(tmp_path):
+    after = {**AFTER, "pearson": None, "spearman": None}
+    path = regression_run(tmp_path / "flat", predicted=[3.0] * 8, metrics={"after": after})
+    md, _ = built(path)
+    summary, metrics = section(md, "Summary"), section(md, "Metrics")
+    assert table_rows(summary, "test Pearson after training") == [["test Pearson after training", "n/a"]]
+    assert table_rows(metrics, "MSE") == [["MSE", "0.6681"]]  # no baseline: no before column
+    assert "Before training is the baseline" not in metrics
+    with Image.open(path / regression.PREDICTED_PNG) as image:
+        assert image.format == "PNG"
+    path = regression_run(tmp_path / "no-predictions")
+    (path / "predictions_test.csv").unlink()
+    md, _ = built(path)
+    assert r"predictions\_test.csv is missing: no plots of the predictions." in md  # _ escaped
+    assert r"predictions\_test.csv is missing: no errors to list." in md
+    assert "R²" not in md.splitlines()[2] and not (path / regression.PREDICTED_PNG).exists()
 
 
 def test_a_value_that_is_no_number_is_an_error_naming_its_row(tmp_path):

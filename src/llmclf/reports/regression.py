@@ -116,11 +116,8 @@ def _left_out(predictions: pd.DataFrame) -> list[Block]:
     left = len(predictions) - len(finite_rows(predictions))
     if not left:
         return []
-    return [
-        Block(
-            "para", f"{left} test rows hold a value that is not a finite number (NaN or infinite): left out."
-        )
-    ]
+    rows = "1 test row holds" if left == 1 else f"{left} test rows hold"
+    return [Block("para", f"{rows} a value that is not a finite number (NaN or infinite): left out.")]
 
 
 # ------------------------------------------------------------------------------------ the errors
@@ -167,7 +164,7 @@ def training_mean(summary: dict | None) -> float | None:
     return stages.number(_dict(_dict(_dict(summary).get("targets")).get("train")).get("mean"))
 
 
-def mean_baseline(predictions: pd.DataFrame | None, summary: dict | None) -> dict[str, float] | None:
+def mean_baseline(predictions: pd.DataFrame | None, summary: dict | None) -> dict[str, Any] | None:
     """MSE and MAE on the test split of always predicting the training mean (else the test mean), and
     R² of the model's predictions (1 - its MSE / the variance of the true values); None without rows."""
     if predictions is None:
@@ -224,9 +221,7 @@ def summary_rows(metrics: dict, info: dict) -> list[list[Any]]:
     scale = number_cell(info.get("target_scale"))
     if scale is not None:
         rows.append(["target scale in training (run_info.json target_scale)", scale])
-    rows += [
-        [f"test {name} after training", number_cell(after.get(key))] for name, key in REGRESSION_HEADLINE
-    ]
+    rows += [[f"test {name} after training", or_na(after.get(key))] for name, key in REGRESSION_HEADLINE]
     return rows
 
 
@@ -304,7 +299,7 @@ def _probe_sentence(info: dict, config: dict) -> str:
             + (f" ({', '.join(parts)})." if parts else ".")
         )
     if _dict(config.get("train")).get("head_init") == "probe":
-        return " Fine-tuning started from a linear-probe head (train.head_init: probe), not recorded in run_info.json."
+        return " Fine-tuning started from a linear-probe head (train.head_init: probe)."
     return " Fine-tuning started from that random head (train.head_init: random)."
 
 

@@ -4,6 +4,8 @@ Reads only the files a finished run wrote (metrics.json, data_summary.json, run_
 predictions_test.csv, config.yaml, labels.json), so `llmclf report RUN_DIR` rebuilds it at any time
 without the model. The report is assembled once as a list of blocks (heading, paragraph, table, image,
 preformatted text) and rendered twice, so the Markdown and HTML versions always hold the same content.
+A regression run (`task: regression` in config.yaml) has sections of its own (regression.SECTIONS),
+built by regression.py: its errors and correlations, predicted against true values, the largest errors.
 
 A run folder is shared data: every value from it is escaped in both renderings (`md_text` here is the
 one Markdown escaper, the model card uses it too), reads never leave the folder and writes never go
