@@ -239,6 +239,28 @@ def test_training_curves_show_the_validation_correlations(tmp_path):
     ]
 
 
+def test_a_log_with_the_validation_mse_alone_draws_the_loss_alone(tmp_path):
+    """What llmclf's trainer logs for a regression run: eval_loss and eval_mse (the same MSE)."""
+    log = [{"loss": 2.0, "step": 2}, {"loss": 1.1, "step": 4}, {"eval_loss": 0.9, "eval_mse": 0.9, "step": 4}]
+    fig = plots.training_figure(log, regression=True)
+    assert len(fig.axes) == 1 and fig.axes[0].get_xlabel() == "step"
+    labels = [line.get_label() for line in fig.axes[0].get_lines()]
+    assert labels == ["training loss", "validation loss"]
+    info = {"target_scale": 1.25, "log_history": log}
+    assert regression.validation_table(info) == (
+        ["step", "epoch", "validation loss", "validation MSE"],
+        [[4, None, 0.9, 0.9]],
+    )
+    assert regression.training_caption(info) == "Training and validation loss"
+    path = regression_run(tmp_path / "run", run_info={"task": "regression", **info})
+    curves = section(built(path)[0], "Training curves")
+    assert "divided by its scale (1.2500, the training split's standard deviation" in curves
+    assert "![Training and validation loss](training_curves.png)" in curves
+    assert table_rows(curves, "4") == [["4", "", "0.9000", "0.9000"]]
+    with Image.open(path / "training_curves.png") as image:
+        assert image.size[0] > image.size[1]  # one panel: wider than high
+
+
 def test_values_that_are_not_finite_are_left_out_and_said_so(tmp_path):
     predicted = [*PREDICTED[:7], float("nan")]
     md, _ = built(regression_run(tmp_path / "run", predicted=predicted))

@@ -39,9 +39,8 @@ SECTIONS = (
 )
 PREDICTED_PNG = "predicted_vs_true.png"
 RESIDUALS_PNG = "residuals.png"
-TRAINING_CAPTION = "Training and validation loss, validation Pearson and Spearman correlation"
 VALIDATION_KEYS = ("eval_mse", "eval_mae", "eval_pearson", "eval_spearman")
-VALIDATION_HEADERS = [
+VALIDATION_HEADERS = (
     "step",
     "epoch",
     "validation loss",
@@ -49,7 +48,7 @@ VALIDATION_HEADERS = [
     "validation MAE",
     "validation Pearson",
     "validation Spearman",
-]
+)
 
 
 def _dict(value: Any) -> dict:
@@ -329,6 +328,39 @@ def metric_blocks(metrics: dict, info: dict, config: dict, baseline: dict | None
 
 
 # ------------------------------------------------------------------------------------ figures
+def training_caption(info: dict) -> str:
+    """The training curves' caption: the validation correlations are drawn only where the log has them."""
+    logged = any("eval_pearson" in e or "eval_spearman" in e for e in stages.log_entries(info))
+    return "Training and validation loss" + (
+        ", validation Pearson and Spearman correlation" if logged else ""
+    )
+
+
+def scale_note(info: dict) -> list[Block]:
+    """What the losses are measured in: the model learns the target divided by its scale."""
+    scale = number_cell(info.get("target_scale"))
+    if scale is None:
+        return []
+    shown = f"{scale:.4f}" if isinstance(scale, float) else scale
+    return [
+        Block(
+            "para",
+            f"The losses are mean squared errors of the target divided by its scale ({shown}, the training "
+            "split's standard deviation; run_info.json target_scale), the units the model learns in: "
+            "always predicting the training mean scores about 1 on this scale. The metrics above and "
+            "the saved model are in the target's own units.",
+        )
+    ]
+
+
+def validation_table(info: dict) -> tuple[list[str], list[list[Any]]]:
+    """(headers, rows) of the few validations, leaving out the columns the log has no value for (the
+    trainer may log the validation MSE alone)."""
+    rows = stages.validation_rows(info, VALIDATION_KEYS)
+    keep = [i for i in range(len(VALIDATION_HEADERS)) if i < 3 or any(row[i] is not None for row in rows)]
+    return [VALIDATION_HEADERS[i] for i in keep], [[row[i] for i in keep] for row in rows]
+
+
 def write_figures(folder: RunFolder, predictions: pd.DataFrame | None) -> dict[str, plots.Png]:
     """Predicted against true values and the residuals, as PNGs in the run folder (none without rows)."""
     rows = finite_rows(predictions) if predictions is not None else None

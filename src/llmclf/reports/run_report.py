@@ -321,13 +321,14 @@ def _training_blocks(run: RunFiles, images: dict[str, plots.Png]) -> list[Block]
     blocks = [Block("heading", "Training curves")]
     if "training" in images:
         caption = "Training and validation loss, validation accuracy"
-        caption = regression.TRAINING_CAPTION if run.regression else caption
+        if run.regression:
+            caption = regression.training_caption(run.run_info)
+            blocks += regression.scale_note(run.run_info)
         blocks.append(Block("image", text=caption, image=images["training"]))
     else:
         blocks.append(Block("para", "No training log in run_info.json."))
     if run.regression:
-        validations = stages.validation_rows(run.run_info, regression.VALIDATION_KEYS)
-        headers = regression.VALIDATION_HEADERS
+        headers, validations = regression.validation_table(run.run_info)
     else:
         validations = stages.validation_rows(run.run_info)
         headers = ["step", "epoch", "validation loss", "validation accuracy", "validation balanced accuracy"]
