@@ -187,10 +187,10 @@ def _shown(metrics: dict, key: str) -> str:
     return "n/a" if cell is None else (f"{cell:.4f}" if isinstance(cell, float) else cell)
 
 
-def verdict(metrics: dict, predictions: pd.DataFrame | None, summary: dict | None) -> str:
+def verdict(metrics: dict, info: dict, predictions: pd.DataFrame | None, summary: dict | None) -> str:
     """One line: the test errors and correlations after training, R², what predicting the mean would
-    score, what the model scored before training, and on how many texts."""
-    after, before = metrics["after"], _dict(metrics.get("before"))
+    score, what the model scored before training and the probe head alone, and on how many texts."""
+    after, before, probe = metrics["after"], _dict(metrics.get("before")), _dict(info.get("probe"))
     parts = [
         f"test MAE {_shown(after, 'mae')} after training (MSE {_shown(after, 'mse')}, Pearson "
         f"{_shown(after, 'pearson')}, Spearman {_shown(after, 'spearman')})"
@@ -207,6 +207,8 @@ def verdict(metrics: dict, predictions: pd.DataFrame | None, summary: dict | Non
         parts.append(
             f"before training (random head): MAE {_shown(before, 'mae')}, MSE {_shown(before, 'mse')}"
         )
+    if number_cell(probe.get("test_mse")) is not None:
+        parts.append(f"the linear-probe head alone (before fine-tuning): MSE {_shown(probe, 'test_mse')}")
     n = stages.number(after.get("n"))
     if n is not None:
         parts.append(f"{int(n)} test texts")
@@ -289,6 +291,7 @@ def _probe_sentence(info: dict, config: dict) -> str:
                 ("training R²", "train_r2"),
                 ("cross-validated MSE", "cv_mse"),
                 ("alpha", "alpha"),
+                ("test MSE", "test_mse"),
             )
             if number_cell(probe.get(key)) is not None
         ]
@@ -353,11 +356,19 @@ def scale_note(info: dict) -> list[Block]:
     ]
 
 
+def _mse_is_loss(row: list[Any]) -> bool:
+    """Is a validation's MSE its loss again (as for a model trained with an MSE loss), or absent?"""
+    loss, mse = row[2], row[3]
+    return mse is None or (loss is not None and math.isclose(mse, loss, rel_tol=1e-5))
+
+
 def validation_table(info: dict) -> tuple[list[str], list[list[Any]]]:
     """(headers, rows) of the few validations, leaving out the columns the log has no value for (the
-    trainer may log the validation MSE alone)."""
+    trainer may log the validation MSE alone) and a validation MSE that is the validation loss."""
     rows = stages.validation_rows(info, VALIDATION_KEYS)
     keep = [i for i in range(len(VALIDATION_HEADERS)) if i < 3 or any(row[i] is not None for row in rows)]
+    if all(_mse_is_loss(row) for row in rows):
+        keep = [i for i in keep if i != 3]
     return [VALIDATION_HEADERS[i] for i in keep], [[row[i] for i in keep] for row in rows]
 
 

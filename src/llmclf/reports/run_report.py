@@ -388,7 +388,7 @@ def build_blocks(
 def _regression_blocks(run: RunFiles, images: dict[str, plots.Png], top: int) -> list[Block]:
     """A regression run's report: its scores, the target per split, predicted against true values."""
     baseline = regression.mean_baseline(run.predictions, run.summary)
-    blocks = [Block("verdict", regression.verdict(run.metrics, run.predictions, run.summary))]
+    blocks = [Block("verdict", regression.verdict(run.metrics, run.run_info, run.predictions, run.summary))]
     blocks += _summary_blocks(run)
     blocks.append(Block("heading", "Data"))
     if run.summary is None:
