@@ -56,7 +56,7 @@ def regression_run(path: Path, *, true=TRUE, predicted=PREDICTED, texts=TEXTS, p
         "base_model": "org/base-model",
         "task": "regression",
         "target_scale": 2.0,
-        "probe": {"train_r2": 0.81, "cv_mse": 0.42, "alpha": 10.0},
+        "probe": {"train_r2": 0.81, "cv_mse": 0.42, "alpha": 10.0, "test_mse": 0.5},
         "lexical": None,
         "before_training": "random head",
         "log_history": LOG,
@@ -146,7 +146,7 @@ def test_the_report_shows_the_regression_metrics_before_and_after(tmp_path):
     assert table_rows(metrics, "Spearman") == [["Spearman", "0.7857", "n/a", ""]]
     assert table_rows(metrics, "test texts") == [["test texts", "8", "8", ""]]
     # the probe head as run_info.json records it for regression (ridge: training R², CV MSE, alpha)
-    assert "(training R² 0.8100, cross-validated MSE 0.4200, alpha 10.0000)" in metrics
+    assert "(training R² 0.8100, cross-validated MSE 0.4200, alpha 10.0000, test MSE 0.5000)" in metrics
     summary = section(md, "Summary")
     assert table_rows(summary, "test MSE after training") == [["test MSE after training", "0.6681"]]
     assert table_rows(summary, "test Pearson after training") == [["test Pearson after training", "0.8123"]]
@@ -165,6 +165,7 @@ def test_the_verdict_gives_r2_and_what_predicting_the_mean_scores(tmp_path):
     assert f"R² {r2:.4f} " in verdict and r2 == pytest.approx(1 - 0.668125 / np.var(true))
     assert f"always predicting the training mean (3.0000): MAE {mean_mae:.4f}, MSE {mean_mse:.4f}" in verdict
     assert "before training (random head): MAE 1.6250, MSE 3.2500" in verdict
+    assert "; the linear-probe head alone (before fine-tuning): MSE 0.5000;" in verdict
     assert verdict.endswith("; 8 test texts.")
     assert '<p class="verdict">Verdict: test MAE 0.5250' in page
 
@@ -239,12 +240,55 @@ def test_training_curves_show_the_validation_correlations(tmp_path):
     ]
 
 
+def test_a_log_with_the_validation_mse_alone_draws_the_loss_alone(tmp_path):
+    """What llmclf's trainer logs for a regression run: eval_loss and eval_mse (the same MSE)."""
+    log = [{"loss": 2.0, "step": 2}, {"loss": 1.1, "step": 4}, {"eval_loss": 0.9, "eval_mse": 0.9, "step": 4}]
+    fig = plots.training_figure(log, regression=True)
+    assert len(fig.axes) == 1 and fig.axes[0].get_xlabel() == "step"
+    labels = [line.get_label() for line in fig.axes[0].get_lines()]
+    assert labels == ["training loss", "validation loss"]
+    info = {"target_scale": 1.25, "log_history": log}
+    # its validation MSE is its validation loss again: one column
+    assert regression.validation_table(info) == (["step", "epoch", "validation loss"], [[4, None, 0.9]])
+    other = {"log_history": [{"eval_loss": 0.9, "eval_mse": 2.5, "step": 4}]}  # an MSE of its own: shown
+    assert regression.validation_table(other) == (
+        ["step", "epoch", "validation loss", "validation MSE"],
+        [[4, None, 0.9, 2.5]],
+    )
+    assert regression.training_caption(info) == "Training and validation loss"
+    path = regression_run(tmp_path / "run", run_info={"task": "regression", **info})
+    curves = section(built(path)[0], "Training curves")
+    assert "divided by its scale (1.2500, the training split's standard deviation" in curves
+    assert "![Training and validation loss](training_curves.png)" in curves
+    assert table_rows(curves, "4") == [["4", "", "0.9000"]]
+    with Image.open(path / "training_curves.png") as image:
+        assert image.size[0] > image.size[1]  # one panel: wider than high
+
+
 def test_values_that_are_not_finite_are_left_out_and_said_so(tmp_path):
     predicted = [*PREDICTED[:7], float("nan")]
     md, _ = built(regression_run(tmp_path / "run", predicted=predicted))
     errors = section(md, "Largest errors")
-    assert "1 test rows hold a value that is not a finite number (NaN or infinite): left out." in errors
+    assert "1 test row holds a value that is not a finite number (NaN or infinite): left out." in errors
     assert "still" not in errors and len([r for i in range(1, 9) for r in table_rows(errors, str(i))]) == 7
+
+
+def test_constant_predictions_and_a_missing_predictions_file_still_make_a_report(tmp_path):
+    after = {**AFTER, "pearson": None, "spearman": None}
+    path = regression_run(tmp_path / "flat", predicted=[3.0] * 8, metrics={"after": after})
+    md, _ = built(path)
+    summary, metrics = section(md, "Summary"), section(md, "Metrics")
+    assert table_rows(summary, "test Pearson after training") == [["test Pearson after training", "n/a"]]
+    assert table_rows(metrics, "MSE") == [["MSE", "0.6681"]]  # no baseline: no before column
+    assert "Before training is the baseline" not in metrics
+    with Image.open(path / regression.PREDICTED_PNG) as image:
+        assert image.format == "PNG"
+    path = regression_run(tmp_path / "no-predictions")
+    (path / "predictions_test.csv").unlink()
+    md, _ = built(path)
+    assert r"predictions\_test.csv is missing: no plots of the predictions." in md  # _ escaped
+    assert r"predictions\_test.csv is missing: no errors to list." in md
+    assert "R²" not in md.splitlines()[2] and not (path / regression.PREDICTED_PNG).exists()
 
 
 def test_a_value_that_is_no_number_is_an_error_naming_its_row(tmp_path):

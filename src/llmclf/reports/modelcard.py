@@ -10,6 +10,10 @@ model's hub id where the run knows one, `library_name`, `pipeline_tag`, the trai
 hub dataset, the test accuracy and macro F1 as eval results (`model-index`), and an example text for the
 hub's widget: the run's first test text (predictions_test.csv).
 
+A regression run's card (task: regression) says the model outputs one number, shows the target per
+split and MSE, MAE, Pearson and Spearman (also as eval results), and calls the pipeline with
+`function_to_apply="none"`, so that the number is not squashed by a sigmoid.
+
 Every value from the run folder or the base model (labels, names, counts, the licence) goes through
 `md_text` (literal text: no heading, link, image or HTML can come out of a label), config.yaml sits in
 a code fence longer than any backtick run inside it, the example text enters the code as a JSON string

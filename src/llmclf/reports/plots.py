@@ -202,14 +202,17 @@ def _mark_values(ax: Any, steps: list[int], values: list[float], *, top: float |
 
 def training_figure(log_history: list[dict], *, regression: bool = False) -> Figure:
     """Top: training and validation loss over steps. Bottom: validation accuracy over steps, or for a
-    regression run the validation Pearson and Spearman correlations.
+    regression run the validation Pearson and Spearman correlations where the log has them (without
+    them, the loss alone: the validation MSE a regression run logs is its validation loss again).
 
     Both span the run's steps from 0, so a single validation (one epoch) is a marked point at the step
     where it ran, not a point alone on an axis from step 19 to 21; up to FEW_POINTS validations are
     drawn as larger markers with their values written beside them."""
     curves = curves_from_log(log_history)
-    fig = new_figure(6.0, 6.6)
-    loss_ax, low_ax = fig.subplots(2, 1, sharex=True)
+    lower = not regression or bool(curves.val_pearson[0] or curves.val_spearman[0])
+    fig = new_figure(6.0, 6.6 if lower else 3.6)
+    # without a lower panel the loss axis is also the one that gets the steps' range
+    loss_ax, low_ax = fig.subplots(2, 1, sharex=True) if lower else (fig.add_subplot(),) * 2
     few = 0 < len(curves.val_loss[0]) <= FEW_POINTS
     size = 9 if few else 6
     if curves.train_loss[0]:
@@ -219,12 +222,13 @@ def training_figure(log_history: list[dict], *, regression: bool = False) -> Fig
         if few:
             _mark_values(loss_ax, *curves.val_loss)
             loss_ax.margins(y=0.2)  # room above the highest point for its value
-    _style(loss_ax, "Loss", "loss")
+    _style(loss_ax, "Loss", "loss", "" if lower else "step")
     if loss_ax.lines:
         loss_ax.legend(fontsize=FONT)
-    if regression:
+    low: list[int] = []
+    if regression and lower:
         low = _correlation_panel(low_ax, curves, few, size)
-    else:
+    elif lower:
         low = _accuracy_panel(low_ax, curves, few, size)
     steps = curves.train_loss[0] + curves.val_loss[0] + low
     if steps:
@@ -256,25 +260,21 @@ def _accuracy_panel(ax: Any, curves: Curves, few: bool, size: float) -> list[int
 
 def _correlation_panel(ax: Any, curves: Curves, few: bool, size: float) -> list[int]:
     """Validation Pearson and Spearman correlations of a regression run; returns the steps drawn."""
-    if curves.val_pearson[0] or curves.val_spearman[0]:
-        if curves.val_pearson[0]:
-            ax.plot(*curves.val_pearson, marker="o", markersize=size, label="validation Pearson")
-        if curves.val_spearman[0]:
-            ax.plot(
-                *curves.val_spearman,
-                marker="s",
-                markersize=size * 0.7,
-                linestyle="--",
-                label="validation Spearman",
-            )
-        values = curves.val_pearson[1] + curves.val_spearman[1]
-        ax.set_ylim(min(0.0, min(values) - 0.05), 1.05)  # a correlation may be negative early on
-        if few and curves.val_pearson[0]:
+    if curves.val_pearson[0]:
+        ax.plot(*curves.val_pearson, marker="o", markersize=size, label="validation Pearson")
+        if few:
             _mark_values(ax, *curves.val_pearson, top=1.0)
-        ax.legend(loc="lower right", fontsize=FONT)
-    else:
-        what = "no validation correlation logged" if curves.val_loss[0] else "no validation split"
-        ax.text(0.5, 0.5, what, ha="center", va="center", transform=ax.transAxes)
+    if curves.val_spearman[0]:
+        ax.plot(
+            *curves.val_spearman,
+            marker="s",
+            markersize=size * 0.7,
+            linestyle="--",
+            label="validation Spearman",
+        )
+    values = curves.val_pearson[1] + curves.val_spearman[1]
+    ax.set_ylim(min(0.0, min(values) - 0.05), 1.05)  # a correlation may be negative early on
+    ax.legend(loc="lower right", fontsize=FONT)
     _style(ax, "Validation correlation", "correlation", "step")
     return curves.val_pearson[0] + curves.val_spearman[0]
 

@@ -39,9 +39,8 @@ SECTIONS = (
 )
 PREDICTED_PNG = "predicted_vs_true.png"
 RESIDUALS_PNG = "residuals.png"
-TRAINING_CAPTION = "Training and validation loss, validation Pearson and Spearman correlation"
 VALIDATION_KEYS = ("eval_mse", "eval_mae", "eval_pearson", "eval_spearman")
-VALIDATION_HEADERS = [
+VALIDATION_HEADERS = (
     "step",
     "epoch",
     "validation loss",
@@ -49,7 +48,7 @@ VALIDATION_HEADERS = [
     "validation MAE",
     "validation Pearson",
     "validation Spearman",
-]
+)
 
 
 def _dict(value: Any) -> dict:
@@ -116,11 +115,8 @@ def _left_out(predictions: pd.DataFrame) -> list[Block]:
     left = len(predictions) - len(finite_rows(predictions))
     if not left:
         return []
-    return [
-        Block(
-            "para", f"{left} test rows hold a value that is not a finite number (NaN or infinite): left out."
-        )
-    ]
+    rows = "1 test row holds" if left == 1 else f"{left} test rows hold"
+    return [Block("para", f"{rows} a value that is not a finite number (NaN or infinite): left out.")]
 
 
 # ------------------------------------------------------------------------------------ the errors
@@ -167,7 +163,7 @@ def training_mean(summary: dict | None) -> float | None:
     return stages.number(_dict(_dict(_dict(summary).get("targets")).get("train")).get("mean"))
 
 
-def mean_baseline(predictions: pd.DataFrame | None, summary: dict | None) -> dict[str, float] | None:
+def mean_baseline(predictions: pd.DataFrame | None, summary: dict | None) -> dict[str, Any] | None:
     """MSE and MAE on the test split of always predicting the training mean (else the test mean), and
     R² of the model's predictions (1 - its MSE / the variance of the true values); None without rows."""
     if predictions is None:
@@ -191,10 +187,10 @@ def _shown(metrics: dict, key: str) -> str:
     return "n/a" if cell is None else (f"{cell:.4f}" if isinstance(cell, float) else cell)
 
 
-def verdict(metrics: dict, predictions: pd.DataFrame | None, summary: dict | None) -> str:
+def verdict(metrics: dict, info: dict, predictions: pd.DataFrame | None, summary: dict | None) -> str:
     """One line: the test errors and correlations after training, R², what predicting the mean would
-    score, what the model scored before training, and on how many texts."""
-    after, before = metrics["after"], _dict(metrics.get("before"))
+    score, what the model scored before training and the probe head alone, and on how many texts."""
+    after, before, probe = metrics["after"], _dict(metrics.get("before")), _dict(info.get("probe"))
     parts = [
         f"test MAE {_shown(after, 'mae')} after training (MSE {_shown(after, 'mse')}, Pearson "
         f"{_shown(after, 'pearson')}, Spearman {_shown(after, 'spearman')})"
@@ -211,6 +207,8 @@ def verdict(metrics: dict, predictions: pd.DataFrame | None, summary: dict | Non
         parts.append(
             f"before training (random head): MAE {_shown(before, 'mae')}, MSE {_shown(before, 'mse')}"
         )
+    if number_cell(probe.get("test_mse")) is not None:
+        parts.append(f"the linear-probe head alone (before fine-tuning): MSE {_shown(probe, 'test_mse')}")
     n = stages.number(after.get("n"))
     if n is not None:
         parts.append(f"{int(n)} test texts")
@@ -224,9 +222,7 @@ def summary_rows(metrics: dict, info: dict) -> list[list[Any]]:
     scale = number_cell(info.get("target_scale"))
     if scale is not None:
         rows.append(["target scale in training (run_info.json target_scale)", scale])
-    rows += [
-        [f"test {name} after training", number_cell(after.get(key))] for name, key in REGRESSION_HEADLINE
-    ]
+    rows += [[f"test {name} after training", or_na(after.get(key))] for name, key in REGRESSION_HEADLINE]
     return rows
 
 
@@ -295,6 +291,7 @@ def _probe_sentence(info: dict, config: dict) -> str:
                 ("training R²", "train_r2"),
                 ("cross-validated MSE", "cv_mse"),
                 ("alpha", "alpha"),
+                ("test MSE", "test_mse"),
             )
             if number_cell(probe.get(key)) is not None
         ]
@@ -304,7 +301,7 @@ def _probe_sentence(info: dict, config: dict) -> str:
             + (f" ({', '.join(parts)})." if parts else ".")
         )
     if _dict(config.get("train")).get("head_init") == "probe":
-        return " Fine-tuning started from a linear-probe head (train.head_init: probe), not recorded in run_info.json."
+        return " Fine-tuning started from a linear-probe head (train.head_init: probe)."
     return " Fine-tuning started from that random head (train.head_init: random)."
 
 
@@ -334,6 +331,47 @@ def metric_blocks(metrics: dict, info: dict, config: dict, baseline: dict | None
 
 
 # ------------------------------------------------------------------------------------ figures
+def training_caption(info: dict) -> str:
+    """The training curves' caption: the validation correlations are drawn only where the log has them."""
+    logged = any("eval_pearson" in e or "eval_spearman" in e for e in stages.log_entries(info))
+    return "Training and validation loss" + (
+        ", validation Pearson and Spearman correlation" if logged else ""
+    )
+
+
+def scale_note(info: dict) -> list[Block]:
+    """What the losses are measured in: the model learns the target divided by its scale."""
+    scale = number_cell(info.get("target_scale"))
+    if scale is None:
+        return []
+    shown = f"{scale:.4f}" if isinstance(scale, float) else scale
+    return [
+        Block(
+            "para",
+            f"The losses are mean squared errors of the target divided by its scale ({shown}, the training "
+            "split's standard deviation; run_info.json target_scale), the units the model learns in: "
+            "always predicting the training mean scores about 1 on this scale. The metrics above and "
+            "the saved model are in the target's own units.",
+        )
+    ]
+
+
+def _mse_is_loss(row: list[Any]) -> bool:
+    """Is a validation's MSE its loss again (as for a model trained with an MSE loss), or absent?"""
+    loss, mse = row[2], row[3]
+    return mse is None or (loss is not None and math.isclose(mse, loss, rel_tol=1e-5))
+
+
+def validation_table(info: dict) -> tuple[list[str], list[list[Any]]]:
+    """(headers, rows) of the few validations, leaving out the columns the log has no value for (the
+    trainer may log the validation MSE alone) and a validation MSE that is the validation loss."""
+    rows = stages.validation_rows(info, VALIDATION_KEYS)
+    keep = [i for i in range(len(VALIDATION_HEADERS)) if i < 3 or any(row[i] is not None for row in rows)]
+    if all(_mse_is_loss(row) for row in rows):
+        keep = [i for i in keep if i != 3]
+    return [VALIDATION_HEADERS[i] for i in keep], [[row[i] for i in keep] for row in rows]
+
+
 def write_figures(folder: RunFolder, predictions: pd.DataFrame | None) -> dict[str, plots.Png]:
     """Predicted against true values and the residuals, as PNGs in the run folder (none without rows)."""
     rows = finite_rows(predictions) if predictions is not None else None

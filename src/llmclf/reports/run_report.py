@@ -4,6 +4,8 @@ Reads only the files a finished run wrote (metrics.json, data_summary.json, run_
 predictions_test.csv, config.yaml, labels.json), so `llmclf report RUN_DIR` rebuilds it at any time
 without the model. The report is assembled once as a list of blocks (heading, paragraph, table, image,
 preformatted text) and rendered twice, so the Markdown and HTML versions always hold the same content.
+A regression run (`task: regression` in config.yaml) has sections of its own (regression.SECTIONS),
+built by regression.py: its errors and correlations, predicted against true values, the largest errors.
 
 A run folder is shared data: every value from it is escaped in both renderings (`md_text` here is the
 one Markdown escaper, the model card uses it too), reads never leave the folder and writes never go
@@ -319,13 +321,14 @@ def _training_blocks(run: RunFiles, images: dict[str, plots.Png]) -> list[Block]
     blocks = [Block("heading", "Training curves")]
     if "training" in images:
         caption = "Training and validation loss, validation accuracy"
-        caption = regression.TRAINING_CAPTION if run.regression else caption
+        if run.regression:
+            caption = regression.training_caption(run.run_info)
+            blocks += regression.scale_note(run.run_info)
         blocks.append(Block("image", text=caption, image=images["training"]))
     else:
         blocks.append(Block("para", "No training log in run_info.json."))
     if run.regression:
-        validations = stages.validation_rows(run.run_info, regression.VALIDATION_KEYS)
-        headers = regression.VALIDATION_HEADERS
+        headers, validations = regression.validation_table(run.run_info)
     else:
         validations = stages.validation_rows(run.run_info)
         headers = ["step", "epoch", "validation loss", "validation accuracy", "validation balanced accuracy"]
@@ -385,7 +388,7 @@ def build_blocks(
 def _regression_blocks(run: RunFiles, images: dict[str, plots.Png], top: int) -> list[Block]:
     """A regression run's report: its scores, the target per split, predicted against true values."""
     baseline = regression.mean_baseline(run.predictions, run.summary)
-    blocks = [Block("verdict", regression.verdict(run.metrics, run.predictions, run.summary))]
+    blocks = [Block("verdict", regression.verdict(run.metrics, run.run_info, run.predictions, run.summary))]
     blocks += _summary_blocks(run)
     blocks.append(Block("heading", "Data"))
     if run.summary is None:
