@@ -223,7 +223,7 @@ def test_values_that_are_not_numbers_are_named_by_row(tmp_path):
 def test_regression_refuses_per_class_sizes_and_constant_targets(tmp_path):
     with pytest.raises(LlmclfError, match="no classes to sample per class"):
         build_config({"task": "regression", "data": {"train_per_class": 10}})
-    with pytest.raises(LlmclfError, match="allowed values are single-label, regression"):
+    with pytest.raises(LlmclfError, match="allowed values are single-label, multi-label, regression"):
         build_config({"task": "ordinal"})
     data = write_csv(
         tmp_path / "c.csv", [{"text": f"t {i}", "rating": 3} for i in range(20)], ["text", "rating"]
@@ -287,7 +287,7 @@ def test_the_layer_choice_scores_numbers_by_their_ridge_error():
 
 def test_the_loss_is_mean_squared_error_and_a_split_batch_adds_up():
     trainer = WeightedLossTrainer.__new__(WeightedLossTrainer)
-    trainer.regression, trainer.class_weights, trainer._loss_denominator = True, None, None
+    trainer.task, trainer.class_weights, trainer._loss_denominator = "regression", None, None
     logits = torch.tensor([[1.0], [2.0], [4.0]])
     labels = torch.tensor([0.0, 2.0, 2.0])
     assert trainer._loss(logits, labels).item() == pytest.approx((1 + 0 + 4) / 3)
@@ -306,6 +306,6 @@ def test_validation_scores_numbers_in_their_units_and_keeps_the_lowest_error(tmp
     )
     assert metrics["mse"] == pytest.approx(((2 * 0.5) ** 2) / 3)  # in the column's units: outputs x 2
     assert metrics["mae"] == pytest.approx(1.0 / 3) and metrics["pearson"] > 0.9
-    schedule = validation_schedule(True, None, None, regression=True)
+    schedule = validation_schedule(True, None, None, task="regression")
     assert (schedule["metric_for_best_model"], schedule["greater_is_better"]) == ("mse", False)
     assert validation_schedule(True, None)["greater_is_better"] is True

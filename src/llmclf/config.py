@@ -38,8 +38,8 @@ LEXICAL_CHOICES = ("auto", "off")
 SCHEDULER_CHOICES = ("linear", "cosine", "constant")
 PRECISION_CHOICES = ("auto", "bf16", "fp16", "fp32")
 ATTN_CHOICES = ("auto", "sdpa", "flash_attention_2", "eager")
-TASK_CHOICES = ("single-label", "regression")
-SINGLE_LABEL, REGRESSION = TASK_CHOICES
+TASK_CHOICES = ("single-label", "multi-label", "regression")
+SINGLE_LABEL, MULTI_LABEL, REGRESSION = TASK_CHOICES
 
 
 def _require(ok: bool, key: str, found: Any, allowed: str) -> None:
@@ -74,6 +74,9 @@ class DataConfig:
     """Column holding the input text; a dotted name (`ticket.body`) reaches into nested JSON objects."""
     label_column: str = "label"
     """Column holding the class label (strings or integers; names are kept); dotted names work too."""
+    label_separator: str = ","
+    """Under task=multi-label: what joins a text's labels in the label column (`sports,politics`); a
+    JSONL or Parquet column may hold lists of labels instead."""
     text_pair_column: str | None = None
     """Column holding a second text per row (a hypothesis, an answer, a duplicate candidate): the two
     go to the tokenizer as a pair, the model's own separator or a line break between them. Empty: one
@@ -104,6 +107,12 @@ class DataConfig:
         _number("data", "val_fraction", self.val_fraction, 0.0, 0.5)
         _number("data", "test_fraction", self.test_fraction, 0.0, 0.5)
         _positive_int_or_none("data", "max_length", self.max_length)
+        _require(
+            isinstance(self.label_separator, str) and self.label_separator.strip() != "",
+            "data.label_separator",
+            self.label_separator,
+            "one or more characters that are not all spaces",
+        )
         if self.text_pair_column is not None:
             _require(
                 isinstance(self.text_pair_column, str)
@@ -356,15 +365,17 @@ class RunConfig:
     output: str = "runs/latest"
     """Run folder to write (config, labels, adapter, metrics, predictions)."""
     task: str = SINGLE_LABEL
-    """`single-label`: one class per text, from the label column's names; `regression`: one number per
-    text (a rating, a score), the label column holding numbers; trained with mean squared error on
-    targets divided by their standard deviation, reported in the column's own units."""
+    """`single-label`: one class per text, from the label column's names; `multi-label`: any number of
+    labels per text (joined by data.label_separator, or lists), each decided by its own sigmoid and a
+    threshold tuned on the validation split; `regression`: one number per text (a rating, a score), the
+    label column holding numbers, trained with mean squared error on targets divided by their standard
+    deviation and reported in the column's own units."""
 
     def __post_init__(self) -> None:
         _require(self.task in TASK_CHOICES, "task", self.task, ", ".join(TASK_CHOICES))
-        if self.task == REGRESSION and self.data.train_per_class is not None:
+        if self.task != SINGLE_LABEL and self.data.train_per_class is not None:
             raise LlmclfError(
-                "task=regression has no classes to sample per class: leave data.train_per_class / "
+                f"task={self.task} has no classes to sample per class: leave data.train_per_class / "
                 "val_per_class / test_per_class out and split by data.val_fraction / data.test_fraction."
             )
 

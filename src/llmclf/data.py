@@ -9,7 +9,6 @@ removal (duplicates, rows dropped) is counted in `notes` and printed.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,7 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from llmclf.config import REGRESSION, SINGLE_LABEL
+from llmclf.config import MULTI_LABEL, REGRESSION, SINGLE_LABEL
 from llmclf.datafiles import (  # the readers, re-exported: `from llmclf.data import read_table` keeps working
     DEMO_NAME,
     TABLE_SUFFIXES,
@@ -29,7 +28,10 @@ from llmclf.datafiles import (  # the readers, re-exported: `from llmclf.data im
     read_table,
 )
 from llmclf.errors import LlmclfError
+from llmclf.labelsets import all_labels, normalise_label, parse_label_sets, split_label_sets  # re-exported
+from llmclf.labelsets import counts as label_counts
 from llmclf.targets import SCORE, check_train_targets, parse_targets, split_targets
+from llmclf.tokens import to_dataset, tokenize_texts  # re-exported: their home was here
 
 __all__ = [
     "DEMO_NAME",
@@ -49,8 +51,6 @@ __all__ = [
     "tokenize_texts",
 ]
 
-_INTEGRAL_FLOAT = re.compile(r"[+-]?\d+\.0+")
-
 
 # ------------------------------------------------------------------------------------------ validation
 def _is_missing(value: Any) -> bool:
@@ -59,23 +59,6 @@ def _is_missing(value: Any) -> bool:
     if isinstance(value, float) and math.isnan(value):
         return True
     return isinstance(value, str) and value.strip() == ""
-
-
-def normalise_label(value: Any, names: list[str] | None = None) -> str:
-    """One label name per class, whatever the file's types: 1, 1.0 and "1" all become "1"."""
-    if isinstance(value, np.generic):
-        value = value.item()
-    if names is not None and isinstance(value, int) and 0 <= value < len(names):
-        return names[value]
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    text = str(value).strip()
-    # "1.0" (a CSV column that pandas once wrote as floats) is the class "1", like the number 1.0 above.
-    if _INTEGRAL_FLOAT.fullmatch(text):
-        return str(int(text.split(".")[0]))
-    return text
 
 
 def _rows_text(rows: list) -> str:
@@ -161,12 +144,14 @@ def clean_frame(
     notes: list[str] | None = None,
     in_memory: bool = False,
     pair_column: str | None = None,
-    numeric_labels: bool = False,
+    task: str = SINGLE_LABEL,
+    label_separator: str = ",",
 ) -> pd.DataFrame:
     """Check columns and values; return `text`, `pair` (with a `pair_column`), `label` (if asked) and
     `row` columns. A dotted column name (`ticket.body`) reaches into nested JSON objects / structs.
     `in_memory`: a frame given to `llmclf.train`, whose errors name its index and the keyword arguments
-    to fix them with. `numeric_labels` (regression): labels are numbers (floats), not class names."""
+    to fix them with. `task`: `regression` reads the labels as numbers (floats), `multi-label` as sets of
+    names (tuples), joined by `label_separator` or given as lists; else one class name per row."""
     words = MEMORY_WORDS if in_memory else FILE_WORDS
     flags = {text_column: words["text"]}
     if pair_column:
@@ -181,7 +166,7 @@ def clean_frame(
     _refuse_nested(found[text_column], source, text_column, words["text"], "text", where)
     if pair_column:
         _refuse_nested(found[pair_column], source, pair_column, words["pair"], "text", where)
-    if label_column:
+    if label_column and task != MULTI_LABEL:  # a multi-label column may hold lists
         _refuse_nested(found[label_column], source, label_column, words["label"], "labels", where)
     rows = np.arange(1, len(frame) + 1)
     texts = found[text_column]
@@ -217,9 +202,12 @@ def clean_frame(
     out = pd.DataFrame({"text": [str(t) for t, k in zip(texts, keep) if k], "row": rows[keep]})
     if pair_column:
         out.insert(1, "pair", [str(t) for t, k in zip(found[pair_column], keep) if k])
-    if label_column and numeric_labels:
-        kept = [v for v, k in zip(found[label_column], keep) if k]
+    kept = [v for v, k in zip(found[label_column], keep) if k] if label_column else []
+    if label_column and task == REGRESSION:
         out["label"] = parse_targets(kept, out["row"].tolist(), source, label_column, words["label"], where)
+    elif label_column and task == MULTI_LABEL:
+        rows = out["row"].tolist()
+        out["label"] = parse_label_sets(kept, rows, source, label_column, label_separator, words, where)
     elif label_column:
         out["label"] = [normalise_label(v, class_names) for v, k in zip(found[label_column], keep) if k]
         _refuse_scores(out, source, label_column, words, where)
@@ -330,6 +318,9 @@ class Splits:
             if self.task == REGRESSION:
                 out[name] = {SCORE: len(frame)}
                 continue
+            if self.task == MULTI_LABEL:  # texts carrying each label
+                out[name] = label_counts(frame, self.labels)
+                continue
             vc = frame["label"].value_counts() if len(frame) else {}
             out[name] = {label: int(vc.get(label, 0)) for label in self.labels}
         return out
@@ -389,14 +380,10 @@ def split_data(
     notes = list(notes or [])
     rng = np.random.default_rng(seed)
     pool = _dedupe(pool, source, notes)
-    if task == REGRESSION:
-        fraction = 0 if test_pool is not None else test_fraction
-        train, val, test = split_targets(pool, val_fraction=val_fraction, test_fraction=fraction, rng=rng)
-        check_train_targets(train, source)
-        if test_pool is not None:
-            test = _prepare_test_pool(test_pool, train, val, [SCORE], None, rng, notes, task)
-        _require_test(test, source)
-        return Splits(train, val, test, [SCORE], notes, task)
+    if task != SINGLE_LABEL:
+        return _split_by_fractions(
+            pool, source, labels, test_pool, val_fraction, test_fraction, rng, notes, task
+        )
     if len(labels) < 2:
         raise LlmclfError(
             f"{source}: only one class ({labels[0] if labels else 'none'}) found in the label column. "
@@ -443,6 +430,39 @@ def split_data(
     return Splits(train, val, test, labels, notes)
 
 
+def _split_by_fractions(
+    pool: pd.DataFrame,
+    source: str,
+    labels: list[str],
+    test_pool: pd.DataFrame | None,
+    val_fraction: float,
+    test_fraction: float,
+    rng: np.random.Generator,
+    notes: list[str],
+    task: str,
+) -> Splits:
+    """Regression (at random: `targets.split_targets`) and multi-label (every label in every split where
+    it can be: `labelsets.split_label_sets`) splits by fractions; `test_pool` becomes the test split."""
+    fraction = 0 if test_pool is not None else test_fraction
+    if task == REGRESSION:
+        train, val, test = split_targets(pool, val_fraction=val_fraction, test_fraction=fraction, rng=rng)
+        check_train_targets(train, source)
+    else:
+        train, val, test = split_label_sets(
+            pool,
+            labels,
+            val_fraction=val_fraction,
+            test_fraction=fraction,
+            rng=rng,
+            notes=notes,
+            source=source,
+        )
+    if test_pool is not None:
+        test = _prepare_test_pool(test_pool, train, val, labels, None, rng, notes, task)
+    _require_test(test, source)
+    return Splits(train, val, test, labels, notes, task)
+
+
 def _require_test(test: pd.DataFrame, source: str) -> None:
     if len(test) == 0:
         raise LlmclfError(
@@ -460,7 +480,8 @@ def _prepare_test_pool(
     notes: list[str],
     task: str = SINGLE_LABEL,
 ) -> pd.DataFrame:
-    unseen = [] if task == REGRESSION else sorted(set(test_pool["label"]) - set(labels))
+    found = all_labels(test_pool["label"]) if task == MULTI_LABEL else set(test_pool["label"])
+    unseen = [] if task == REGRESSION else sorted(found - set(labels))
     if unseen:
         case = case_only(unseen, labels)
         raise LlmclfError(
@@ -494,40 +515,6 @@ def class_weights(train_labels: list[str] | pd.Series, labels: list[str]) -> lis
     return (inverse / inverse.sum()).tolist()
 
 
-# ---------------------------------------------------------------------------------------- tokenising
-def tokenize_texts(
-    tokenizer: Any, texts: list[str], max_length: int, pairs: list[str] | None = None
-) -> tuple[list[list[int]], int]:
-    """Token ids truncated to `max_length`, and how many texts (or pairs) were longer than that. A pair
-    is truncated from the longer of its two texts first (`longest_first`), so both parts stay."""
-    if not texts:  # an empty split (no validation): transformers 5's tokenizer fails on []
-        return [], 0
-    full = tokenizer(texts, pairs, add_special_tokens=True, truncation=False)["input_ids"]
-    n_truncated = sum(len(ids) > max_length for ids in full)
-    if n_truncated == 0:
-        return full, 0
-    cut = tokenizer(texts, pairs, truncation="longest_first", max_length=max_length)["input_ids"]
-    return cut, n_truncated
-
-
-def to_dataset(input_ids: list[list[int]], label_ids: list[int], rows: list[int] | None = None) -> Any:
-    """A `datasets.Dataset` ready for the Trainer; padding is left to the collator (dynamic).
-
-    `length` lets the Trainer group texts of similar length into batches; `rows` (optional) are the
-    texts' indices in an activation cache."""
-    import datasets
-
-    columns: dict[str, list] = {
-        "input_ids": input_ids,
-        "attention_mask": [[1] * len(ids) for ids in input_ids],
-        "labels": label_ids,
-        "length": [len(ids) for ids in input_ids],
-    }
-    if rows is not None:
-        columns["row"] = rows
-    return datasets.Dataset.from_dict(columns)
-
-
 # ----------------------------------------------------------------------------------------- top level
 def load_splits(
     path: str | Table,
@@ -544,12 +531,14 @@ def load_splits(
     seed: int = 42,
     text_pair_column: str | None = None,
     task: str = SINGLE_LABEL,
+    label_separator: str = ",",
 ) -> Splits:
     """Read, validate and split. A source with its own `train`/`test` splits uses them for test.
 
     `path` / `eval_data`: what `read_table` reads, or a `Table` already read (data given in memory).
     `text_pair_column`: a second text per row; the splits then have a `pair` column. `task`:
-    `regression` reads the labels as numbers."""
+    `regression` reads the labels as numbers, `multi-label` as sets of names joined by `label_separator`
+    (or lists)."""
     notes: list[str] = []
     table = path if isinstance(path, Table) else read_table(path)
     names = table.class_names.get(label_column)
@@ -565,7 +554,8 @@ def load_splits(
             notes=notes,
             in_memory=of.in_memory,
             pair_column=text_pair_column,
-            numeric_labels=task == REGRESSION,
+            task=task,
+            label_separator=label_separator,
         )
 
     frames = table.frames
@@ -582,7 +572,10 @@ def load_splits(
     pool_frame = frames.get("train", next(iter(frames.values())))
     pool_source = table.source + (" [train]" if "train" in frames and len(frames) > 1 else "")
     pool = clean(pool_frame, pool_source, table, names)
-    labels = [SCORE] if task == REGRESSION else order_labels(set(pool["label"]), names)
+    if task == REGRESSION:
+        labels = [SCORE]
+    else:
+        labels = order_labels(all_labels(pool["label"]) if task == MULTI_LABEL else set(pool["label"]), names)
     return split_data(
         pool,
         source=pool_source,

@@ -267,7 +267,7 @@ def test_report_and_model_card_show_each_part(keyword_run, tmp_path):
 def test_a_lexical_part_missing_from_the_manifest_stops_the_load(keyword_run, tmp_path):
     from llmclf import Classifier
     from llmclf.manifest import write_manifest
-    from llmclf.training.pipeline import MANIFESTED
+    from llmclf.training.saving import MANIFESTED
 
     copy = tmp_path / "run"
     shutil.copytree(keyword_run, copy)

@@ -36,7 +36,7 @@ def reseal(run):
     that this file also runs against a checkout from before the fix and shows the attacks passing.)"""
     try:
         from llmclf.manifest import write_manifest
-        from llmclf.training.pipeline import MANIFESTED
+        from llmclf.training.saving import MANIFESTED
     except ImportError:  # a checkout from before run-folder manifests: nothing to rewrite
         return
     write_manifest(run, names=MANIFESTED)

@@ -13,7 +13,7 @@ from llmclf.cli import main
 from llmclf.errors import LlmclfError
 from llmclf.manifest import write_manifest
 from llmclf.model.loading import load_classifier
-from llmclf.training.pipeline import MANIFESTED
+from llmclf.training.saving import MANIFESTED
 
 LABELS = ["a", "b"]
 

@@ -232,7 +232,7 @@ def test_an_edited_feature_layer_is_refused_on_reload(cut_run, tmp_path, entry):
 
     from llmclf import Classifier
     from llmclf.manifest import write_manifest
-    from llmclf.training.pipeline import MANIFESTED
+    from llmclf.training.saving import MANIFESTED
 
     run = shutil.copytree(cut_run, tmp_path / "run")
     info = _run_info(run)

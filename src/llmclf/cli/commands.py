@@ -15,7 +15,7 @@ import pandas as pd
 
 from llmclf import runtime
 from llmclf.cli.parser import name_flags, train_overrides
-from llmclf.config import REGRESSION, load_config
+from llmclf.config import MULTI_LABEL, REGRESSION, load_config
 from llmclf.data import clean_frame, inputs, read_table
 from llmclf.datafiles import DEMO_NAME, demo_data_path
 from llmclf.errors import LlmclfError
@@ -176,8 +176,12 @@ def _prediction_columns(
         return {column: scores}
     probs = clf.predict_proba(texts, pairs=pairs, progress=progress)
     predicted: list[str | None] = [None] * n
-    for row, i in zip(keep, probs.argmax(axis=1)):
-        predicted[row] = clf.labels[i]
+    if clf.task == MULTI_LABEL:  # the labels that reach their thresholds, joined as in the training data
+        for row, labels in zip(keep, clf.predict(texts, pairs=pairs)):
+            predicted[row] = clf.label_separator.join(labels)
+    else:
+        for row, i in zip(keep, probs.argmax(axis=1)):
+            predicted[row] = clf.labels[i]
     columns: dict[str, list | np.ndarray] = {column: predicted}
     for i, label in enumerate(clf.labels):
         columns[prob_column(label)] = np.full(n, np.nan)
@@ -199,10 +203,12 @@ def _predict_texts(args: argparse.Namespace, pairs_expected: bool) -> int:
             print(json.dumps(record, ensure_ascii=False))
         return 0
     probs = clf.predict_proba(args.text, pairs=args.pair)
+    chosen = clf.predict(args.text, pairs=args.pair) if clf.task == MULTI_LABEL else None
     for k, (text, row) in enumerate(zip(args.text, probs)):
         ranked = sorted(zip(clf.labels, row), key=lambda kv: -kv[1])
         record = {"text": text, **({"pair": args.pair[k]} if args.pair else {})}
-        record |= {"label": ranked[0][0], "probabilities": {k: round(float(v), 6) for k, v in ranked}}
+        record |= {"labels": chosen[k]} if chosen is not None else {"label": ranked[0][0]}
+        record |= {"probabilities": {k: round(float(v), 6) for k, v in ranked}}
         print(json.dumps(record, ensure_ascii=False))
     return 0
 
@@ -221,10 +227,13 @@ def evaluate(args: argparse.Namespace) -> int:
         label_column,
         drop_invalid=args.drop_invalid,
         pair_column=args.text_pair_column or saved.data.text_pair_column,
-        numeric_labels=saved.task == REGRESSION,
+        task=saved.task,
+        label_separator=saved.data.label_separator,
     )
     if saved.task != REGRESSION:  # before the model loads
-        check_labels(frame["label"].tolist(), run.labels(), args.data, label_column)
+        found = frame["label"].tolist()
+        found = [label for labels in found for label in labels] if saved.task == MULTI_LABEL else found
+        check_labels(found, run.labels(), args.data, label_column)
     clf = _load(args)
     texts, pairs = inputs(frame)
     _note_truncated(clf, texts, args.data, pairs)

@@ -5,6 +5,7 @@
     clf.predict(["Stocks fell ..."])  # ['Business']
     clf.predict_proba(texts)        # (n, num_labels) array, rows sum to 1
     # a regression run (--task regression): clf.predict(texts) gives numbers, clf.scores(texts) an array
+    # a multi-label run: clf.predict(texts) gives each text's list of labels, predict_proba each label's
 
 Needs neither the training data nor network: the base model is the one the run recorded (the embedded
 alias or a local folder, checked by hash; a hub model at the exact revision, from the local cache) and
@@ -19,13 +20,13 @@ from typing import Any
 import numpy as np
 
 from llmclf import runtime
-from llmclf.config import REGRESSION, SINGLE_LABEL
+from llmclf.config import MULTI_LABEL, SINGLE_LABEL
 from llmclf.errors import LlmclfError
 from llmclf.inference.lexical import FILES as LEXICAL_FILES
 from llmclf.inference.lexical import LexicalHead, lexical_inputs
 from llmclf.inference.metrics import compute_metrics, regression_metrics
 from llmclf.inference.predict import predict_proba
-from llmclf.inference.task import Task
+from llmclf.inference.task import PROBLEM_TYPES, Task
 from llmclf.manifest import MANIFEST, manifest_problem, read_manifest
 from llmclf.model.adapter import ADAPTER_WEIGHTS, drop_lora_dropout, load_adapter, merge_lora
 from llmclf.model.anatomy import upcast_head
@@ -89,6 +90,21 @@ def recorded_layer(info: dict, where: Path) -> tuple[int, int] | None:
     return layer, of
 
 
+def recorded_thresholds(info: dict, labels: list[str], where: Path) -> list[float]:
+    """A multi-label run's decision thresholds, one per label (run_info's `thresholds`), checked."""
+    entry = info.get("thresholds")
+    values = [entry.get(label) for label in labels] if isinstance(entry, dict) else []
+    ok = len(values) == len(labels) and all(
+        isinstance(v, int | float) and not isinstance(v, bool) and 0.0 <= v <= 1.0 for v in values
+    )
+    if not ok or set(entry) != set(labels):
+        raise LlmclfError(
+            f"{where}: thresholds is {str(entry)[:200]!r}, expected a number in [0, 1] for each of the labels "
+            f"{labels}. The file was changed after training: restore it, or train again."
+        )
+    return [float(v) for v in values]
+
+
 def inference_settings(info: dict, attn_mode: str, requested: str | None = None) -> tuple[str, str]:
     """Precision and attention kernel for loading a run: the caller's `requested` precision (auto:
     measured on this machine), else as in training where this machine can run it (a bf16 run loaded on
@@ -140,6 +156,8 @@ class Classifier:
         lexical: LexicalHead | None = None,
         pair_column: str | None = None,
         task: str = SINGLE_LABEL,
+        thresholds: list[float] | None = None,
+        label_separator: str = ",",
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -150,7 +168,8 @@ class Classifier:
         self.lexical = lexical  # TF-IDF + LR mixed into the model's probabilities (inference/lexical.py)
         self.pair_column = pair_column  # trained on text pairs (this column held the second texts)
         self.task = task  # single-label, or regression: the head outputs one number (saved scale folded in)
-        self._task = Task(task, self.labels)
+        self.label_separator = label_separator  # multi-label: joins a text's labels in files
+        self._task = Task(task, self.labels, thresholds=None if thresholds is None else tuple(thresholds))
         self.model.eval()
 
     @classmethod
@@ -223,7 +242,7 @@ class Classifier:
             revision=revision,
             layers=cut[0] if cut else None,
             base_layers=cut[1] if cut else None,
-            problem_type="regression" if config.task == REGRESSION else None,
+            problem_type=None if config.task == SINGLE_LABEL else PROBLEM_TYPES[config.task],
         )
         if precision in ("bf16", "fp16") and not loaded.quantized:
             # Training kept the head in fp32 over the half-precision base (model.loading.add_lora): load the
@@ -240,6 +259,10 @@ class Classifier:
             lexical=load_lexical(run, info, len(labels)),
             pair_column=config.data.text_pair_column,
             task=config.task,
+            label_separator=config.data.label_separator,
+            thresholds=recorded_thresholds(info, labels, run.path(RUN_INFO))
+            if config.task == MULTI_LABEL
+            else None,
         )
 
     def predict_proba(
@@ -346,11 +369,14 @@ class Classifier:
         *,
         pairs: list[str] | str | None = None,
         batch_size: int | str | None = None,
-    ) -> list[str] | list[float]:
-        """Label names (regression: numbers), in input order."""
+    ) -> list[str] | list[float] | list[list[str]]:
+        """Label names (regression: numbers; multi-label: each text's list of labels whose probability
+        reaches their threshold), in input order."""
         if self._task.regression:
             return self.scores(texts, pairs=pairs, batch_size=batch_size).tolist()
         probs = self.predict_proba(texts, pairs=pairs, batch_size=batch_size)
+        if self._task.multi_label:
+            return [list(labels) for labels in self._task.predicted(probs)]
         return [self.labels[i] for i in probs.argmax(axis=1)]
 
     def evaluate(
@@ -366,6 +392,8 @@ class Classifier:
         if self._task.regression:
             predicted = self.scores(texts, pairs=pairs, progress=progress)
             return regression_metrics([float(v) for v in true_labels], predicted), predicted
+        if self._task.multi_label:
+            return self._evaluate_label_sets(texts, true_labels, pairs, progress)
         unknown = sorted(set(true_labels) - set(self.labels))
         if unknown:
             raise LlmclfError(
@@ -375,6 +403,27 @@ class Classifier:
         index = {label: i for i, label in enumerate(self.labels)}
         probs = self.predict_proba(texts, pairs=pairs, progress=progress)
         return compute_metrics([index[t] for t in true_labels], probs.argmax(axis=1), self.labels), probs
+
+    @property
+    def thresholds(self) -> dict[str, float] | None:
+        """A multi-label classifier's decision threshold per label; None for other tasks."""
+        if not self._task.multi_label:
+            return None
+        return dict(zip(self.labels, self._task.thresholds or [0.5] * len(self.labels)))
+
+    def _evaluate_label_sets(
+        self, texts: list[str], true_labels: list, pairs: list[str] | None, progress: bool | None
+    ) -> tuple[dict, np.ndarray]:
+        """Multi-label metrics of texts whose true labels are lists (or tuples) of names."""
+        sets = [tuple(labels) for labels in true_labels]
+        unknown = sorted({label for labels in sets for label in labels} - set(self.labels))
+        if unknown:
+            raise LlmclfError(
+                f"Label(s) {unknown} are not known to this classifier (it knows {self.labels}). Remove them "
+                "from those rows or map them to known labels."
+            )
+        probs = self.predict_proba(texts, pairs=pairs, progress=progress)
+        return self._task.metrics(self._task.targets(sets), probs), probs
 
     def merged_model(self) -> Any:
         """A plain transformers model with the LoRA update folded in and the trained head kept."""

@@ -57,3 +57,30 @@ def regression_metrics(y_true: np.ndarray | list[float], y_pred: np.ndarray | li
         "pearson": float(pearsonr(y_true, y_pred)[0]) if varies else None,
         "spearman": float(spearmanr(y_true, y_pred)[0]) if varies else None,
     }
+
+
+def multilabel_metrics(truth: np.ndarray, predicted: np.ndarray, labels: list[str]) -> dict:
+    """n, micro_f1, macro_f1, subset_accuracy (every label of a text right), hamming_loss (the share of
+    wrong label decisions), per_label {label: precision/recall/f1/support}, labels: of multi-hot
+    decisions (n, labels) against the true ones."""
+    truth = np.asarray(truth, dtype=int).reshape(-1, len(labels))
+    predicted = np.asarray(predicted, dtype=int).reshape(-1, len(labels))
+    precision, recall, f1, support = precision_recall_fscore_support(truth, predicted, zero_division=0)
+    n = len(truth)
+    return {
+        "n": int(n),
+        "micro_f1": float(f1_score(truth, predicted, average="micro", zero_division=0)) if n else 0.0,
+        "macro_f1": float(f1_score(truth, predicted, average="macro", zero_division=0)) if n else 0.0,
+        "subset_accuracy": float((truth == predicted).all(axis=1).mean()) if n else 0.0,
+        "hamming_loss": float((truth != predicted).mean()) if n else 0.0,
+        "per_label": {
+            label: {
+                "precision": float(precision[i]) if n else 0.0,
+                "recall": float(recall[i]) if n else 0.0,
+                "f1": float(f1[i]) if n else 0.0,
+                "support": int(support[i]) if n else 0,
+            }
+            for i, label in enumerate(labels)
+        },
+        "labels": list(labels),
+    }

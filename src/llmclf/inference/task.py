@@ -1,5 +1,6 @@
 """What a classifier's head outputs mean, decided once from the run's task: class probabilities
-(single-label: softmax over the labels) or one number (regression)."""
+(single-label: softmax over the labels), each label's own probability (multi-label: sigmoid, decided by a
+threshold per label) or one number (regression)."""
 
 from __future__ import annotations
 
@@ -8,23 +9,41 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from llmclf.config import REGRESSION, SINGLE_LABEL
-from llmclf.inference.metrics import compute_metrics, regression_metrics
+from llmclf.config import MULTI_LABEL, REGRESSION, SINGLE_LABEL
+from llmclf.inference.metrics import compute_metrics, multilabel_metrics, regression_metrics
+from llmclf.labelsets import multi_hot
 from llmclf.targets import TargetScale
 
-PROBLEM_TYPES = {SINGLE_LABEL: "single_label_classification", REGRESSION: "regression"}
+PROBLEM_TYPES = {
+    SINGLE_LABEL: "single_label_classification",
+    MULTI_LABEL: "multi_label_classification",
+    REGRESSION: "regression",
+}
 """transformers' `config.problem_type` per task: what plain transformers and `pipeline()` apply to the
-logits (softmax; nothing)."""
+logits (softmax; sigmoid; nothing)."""
+DEFAULT_THRESHOLD = 0.5
 
 
 @dataclass(frozen=True)
 class Task:
     """The run's task, its label names ([SCORE] for regression) and, while training, the scale the
-    targets are divided by (1 once folded into a saved model's head)."""
+    targets are divided by (1 once folded into a saved model's head); for multi-label, each label's
+    decision threshold on its probability (0.5 until tuned on the validation split)."""
 
     name: str
     labels: list[str]
     scale: TargetScale = field(default_factory=TargetScale)
+    thresholds: tuple[float, ...] | None = None
+
+    @property
+    def multi_label(self) -> bool:
+        return self.name == MULTI_LABEL
+
+    def decisions(self, outputs: np.ndarray) -> np.ndarray:
+        """Multi-label: which labels each text gets (n, labels) booleans, each probability against its
+        label's threshold."""
+        limits = np.asarray(self.thresholds or [DEFAULT_THRESHOLD] * len(self.labels))
+        return np.asarray(outputs) >= limits
 
     @property
     def regression(self) -> bool:
@@ -38,13 +57,18 @@ class Task:
         """What the model is trained on for a split's labels: class ids, or the scaled numbers."""
         if self.regression:
             return self.scale.scaled([float(v) for v in values])
+        if self.multi_label:  # label sets as multi-hot rows
+            return multi_hot(values, self.labels)
         index = {label: i for i, label in enumerate(self.labels)}
         return [index[v] for v in values]
 
     def predicted(self, outputs: np.ndarray) -> list:
-        """Predictions from the head's outputs (n, labels): label names, or numbers in the column's units."""
+        """Predictions from the head's outputs (n, labels): label names, label sets (tuples), or numbers
+        in the column's units."""
         if self.regression:
             return self.scale.original(outputs).tolist()
+        if self.multi_label:
+            return [tuple(np.asarray(self.labels)[row].tolist()) for row in self.decisions(outputs)]
         return [self.labels[i] for i in np.asarray(outputs).argmax(axis=1)]
 
     def metrics(self, targets: Sequence, outputs: np.ndarray) -> dict:
@@ -52,10 +76,6 @@ class Task:
         if self.regression:
             truth = np.asarray(targets, dtype=np.float64) * self.scale.scale
             return regression_metrics(truth, self.scale.original(outputs))
+        if self.multi_label:
+            return multilabel_metrics(np.asarray(targets), self.decisions(outputs), self.labels)
         return compute_metrics(targets, np.asarray(outputs).argmax(axis=1), self.labels)
-
-    @staticmethod
-    def headline(metrics: dict) -> tuple[str, float | None]:
-        """The metric a run is summed up by: accuracy, or for regression the MSE."""
-        key = "mse" if "mse" in metrics else "accuracy"
-        return key, metrics.get(key)

@@ -35,11 +35,15 @@ def unwrap(model: Any) -> Any:
 
 
 def activate(logits: torch.Tensor, model: Any) -> torch.Tensor:
-    """The head's logits (n, labels) as what they mean, in fp32: class probabilities (softmax), or for a
-    regression model (`config.problem_type`) the numbers themselves."""
+    """The head's logits (n, labels) as what they mean, in fp32: class probabilities (softmax), each
+    label's probability for a multi-label model (sigmoid), or for a regression model the numbers
+    themselves (by `config.problem_type`)."""
     logits = logits.float()
-    if getattr(unwrap(model).config, "problem_type", None) == "regression":
+    problem = getattr(unwrap(model).config, "problem_type", None)
+    if problem == "regression":
         return logits
+    if problem == "multi_label_classification":  # each label on its own
+        return torch.sigmoid(logits)
     return torch.softmax(logits, dim=-1)
 
 

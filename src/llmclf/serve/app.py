@@ -195,9 +195,13 @@ class Prediction(BaseModel):
     """One text's result, in request order: a classifier's label and probabilities, or a regression
     model's score."""
 
-    label: str | None = Field(default=None, description="The most probable label (classifiers).")
+    label: str | None = Field(default=None, description="The most probable label (single-label).")
+    labels: list[str] | None = Field(
+        default=None, description="The labels whose probability reaches their threshold (multi-label)."
+    )
     probabilities: dict[str, float] | None = Field(
-        default=None, description="Probability of every label; they sum to 1 (classifiers)."
+        default=None,
+        description="Probability of every label; they sum to 1 (single-label), or each is its own (multi-label).",
     )
     score: float | None = Field(
         default=None, description="The predicted number, in the training column's units (regression)."
@@ -267,6 +271,9 @@ class Service:
         self.in_flight = 0
         self.pairs = bool(getattr(predictor, "pairs", False))  # the classifier takes text pairs
         self.regression = bool(getattr(predictor, "regression", False))  # it outputs one number per text
+        self.thresholds = getattr(predictor, "thresholds", None)  # multi-label: a threshold per label
+        # what the model applies to its logits (TEI's function_to_apply)
+        self.function = "none" if self.regression else "sigmoid" if self.thresholds is not None else "softmax"
 
     async def classify(self, texts: list[Input]) -> tuple[Any, list[bool]]:
         """Probabilities and truncation flags: tokenised by the predictor's `encode` (if it has one) in
@@ -296,6 +303,15 @@ class Service:
         """Each text's answer: label and probabilities, or (regression) its score; and whether it was cut."""
         if self.regression:  # probs: (n, 1) numbers
             return [{SCORE: float(row[0]), "truncated": cut} for row, cut in zip(probs, truncated)]
+        if self.thresholds is not None:  # multi-label: every label that reaches its threshold
+            return [
+                {
+                    "labels": [label for label, p in zip(self.labels, row) if p >= self.thresholds[label]],
+                    "probabilities": {label: float(p) for label, p in zip(self.labels, row)},
+                    "truncated": cut,
+                }
+                for row, cut in zip(probs, truncated)
+            ]
         return [
             {
                 "label": self.labels[int(row.argmax())],
@@ -437,7 +453,7 @@ def _add_tei(app: FastAPI, service: Service) -> None:
 
     def parse(body: bytes, options: ServeOptions) -> tuple[list[str], PredictCall]:
         return parse_predict(
-            body, options.max_texts, options.max_length, pairs=service.pairs, regression=service.regression
+            body, options.max_texts, options.max_length, pairs=service.pairs, function=service.function
         )
 
     @app.post("/predict", responses=ERRORS, openapi_extra=extra)

@@ -371,6 +371,11 @@ class ClassifierPredictor:
         return bool(getattr(self.classifier, "pair_column", None))
 
     @property
+    def thresholds(self) -> dict[str, float] | None:
+        """A multi-label classifier's decision threshold per label (None for other tasks)."""
+        return getattr(self.classifier, "thresholds", None)
+
+    @property
     def regression(self) -> bool:
         """Whether the classifier outputs one number per text (task regression) instead of probabilities."""
         return getattr(self.classifier, "task", None) == REGRESSION

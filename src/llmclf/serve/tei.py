@@ -78,13 +78,14 @@ class PredictCall:
 
 
 def parse_predict(
-    body: bytes, max_texts: int, max_length: int | None, *, pairs: bool = False, regression: bool = False
+    body: bytes, max_texts: int, max_length: int | None, *, pairs: bool = False, function: str = "softmax"
 ) -> tuple[list[Any], PredictCall]:
     """The texts (or, for a classifier trained on text pairs, the (first, second) pairs: TEI's
     `[["a", "b"], ...]`) of a /predict or / body and what else it asks, or an ApiError naming the
-    problem. `regression`: the model outputs one number (function_to_apply `none`, not softmax)."""
+    problem. `function`: what the model applies to its logits, the one `function_to_apply` accepted:
+    `softmax`, `sigmoid` (multi-label) or `none` (regression: one number)."""
     request = load_json(body, PredictRequest, PAIR_EXAMPLE if pairs else EXAMPLE)
-    _refuse_unsupported(request, regression)
+    _refuse_unsupported(request, function)
     parameters = request.parameters or InferenceParameters()
     single = isinstance(request.inputs, str) or (pairs and _is_one_pair(request.inputs))
     call = PredictCall(single, parameters.top_k, request.truncate is False, max_length)
@@ -132,10 +133,9 @@ def _texts(inputs: str | list[str] | list[list[str]]) -> list[str]:
     return texts
 
 
-def _refuse_unsupported(request: PredictRequest, regression: bool = False) -> None:
+def _refuse_unsupported(request: PredictRequest, applied: str = "softmax") -> None:
     function = request.parameters.function_to_apply if request.parameters else None
-    applied = "none" if regression else "softmax"
-    if request.raw_scores and not regression:  # a regression model's score is its raw output
+    if request.raw_scores and applied != "none":  # a regression model's score is its raw output
         problem = "raw_scores: true asks for logits"
     elif request.truncation_direction.lower() != "right":
         problem = f"truncation_direction {request.truncation_direction[:20]!r} asks to cut a text's start"
@@ -143,11 +143,10 @@ def _refuse_unsupported(request: PredictRequest, regression: bool = False) -> No
         problem = f"function_to_apply {function[:20]!r} asks for other scores"
     else:
         return
-    answers = (
-        "the regression model's number (function_to_apply none)"
-        if regression
-        else "the classifier's probabilities (softmax)"
-    )
+    answers = {
+        "none": "the regression model's number (function_to_apply none)",
+        "sigmoid": "each label's own probability (sigmoid)",
+    }.get(applied, "the classifier's probabilities (softmax)")
     raise ApiError(
         422,
         "unsupported_parameter",

@@ -56,7 +56,8 @@ def pick_feature_layer(
     `zero_shot`: the label words' head (labels, hidden), scored on the whole model's last-layer test
     states while they are at hand, since the cut model no longer computes them (None: not needed).
     `recorded`: the choice an interrupted run made (a resumed run takes it instead of choosing again).
-    `regression`: the training targets are numbers, scored by a ridge regression's error."""
+    `regression`: the training targets are numbers (or multi-hot rows), scored by a ridge regression's
+    error."""
     if not _applies(setting, model):
         return FeatureLayer(None)
     total = num_layers(model)
@@ -101,7 +102,10 @@ def _choose_layer(
     """Score the candidates on a sample of the training texts. Under a launcher each process runs its
     share of the texts and all of them score the gathered states, so every process cuts at one layer."""
     labels = np.asarray(encoded.labels["train"])
-    strata = quantile_bins(labels) if regression else labels
+    if labels.ndim == 2:  # multi-hot rows (multi-label): sampled by each text's first label
+        strata = labels.argmax(axis=1)
+    else:
+        strata = quantile_bins(labels) if regression else labels
     rows = sample_rows(strata, MAX_TEXTS, seed)  # enough to rank layers; the pass costs one per text
     world, rank = distributed.world_size(), distributed.rank()
     share = f" (a share on each of {world} processes)" if world > 1 else ""

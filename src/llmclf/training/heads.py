@@ -3,13 +3,14 @@ random head), the linear-probe head fine-tuning starts from, and the lexical par
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from llmclf import distributed
+from llmclf import distributed, labelsets
 from llmclf.data import Splits, inputs
 from llmclf.inference.lexical import MIX_WEIGHT, LexicalHead, choose_weight, fit_lexical, lexical_inputs
 from llmclf.inference.metrics import compute_metrics
@@ -18,7 +19,7 @@ from llmclf.model.label_words import set_head
 from llmclf.reports import console
 from llmclf.training import checkpoints
 from llmclf.training.backend import Backend, Encoded
-from llmclf.training.probe import init_head_from_probe, init_head_from_ridge
+from llmclf.training.probe import init_head_from_label_probes, init_head_from_probe, init_head_from_ridge
 
 log = logging.getLogger("llmclf")
 SPLITS = ("train", "val", "test")
@@ -65,6 +66,13 @@ def fit_probe(backend: Backend, encoded: Encoded, weights: list[float] | None, s
     features = backend.features(encoded.ids["train"], encoded.rows["train"])
     if task.regression:
         return fit_ridge(backend, encoded, features, task)
+    if task.multi_label:
+        probe = init_head_from_label_probes(backend.model, features, encoded.labels["train"], seed)
+        probs = backend.probe_probs(encoded.rows["test"])  # the probes' test figure, where nearly free
+        if probs is not None:
+            probe["test_micro_f1"] = task.metrics(encoded.labels["test"], probs)["micro_f1"]
+        log.info("Linear probes per label on the frozen features: %s", probe)
+        return probe
     fitted = init_head_from_probe(backend.model, features, encoded.labels["train"], weights, seed)
     probe = {
         "train_accuracy": fitted.train_accuracy,
@@ -96,6 +104,22 @@ def fit_ridge(backend: Backend, encoded: Encoded, features: np.ndarray, task: Ta
         f", test MSE {ridge['test_mse']:.4g}" if "test_mse" in ridge else "",
     )
     return ridge
+
+
+def tune_thresholds(backend: Backend, encoded: Encoded, task: Task) -> Task:
+    """A multi-label task with each label's threshold tuned for F1 on the validation split (0.5 where
+    there is none, or the label has no positive there); other tasks as they are."""
+    if not task.multi_label:
+        return task
+    if not encoded.ids["val"]:
+        log.info("note: no validation split to tune the labels' thresholds on; each label is decided at 0.5")
+        return task
+    probs = backend.score(encoded.ids["val"], "tuning the labels' thresholds on the validation split")
+    thresholds = labelsets.tune_thresholds(probs, np.asarray(encoded.labels["val"]))
+    log.info(
+        "Thresholds per label (validation F1): %s", dict(zip(task.labels, np.round(thresholds, 3).tolist()))
+    )
+    return dataclasses.replace(task, thresholds=tuple(thresholds))
 
 
 def add_lexical(

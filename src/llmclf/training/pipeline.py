@@ -16,16 +16,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 
 from llmclf import distributed, runfolder, runtime
-from llmclf.config import SINGLE_LABEL, RunConfig
+from llmclf.config import MULTI_LABEL, REGRESSION, SINGLE_LABEL, RunConfig
 from llmclf.data import Splits, class_weights, inputs, load_splits, to_dataset, tokenize_texts
-from llmclf.datafiles import MEMORY_COPIES, InMemory
+from llmclf.datafiles import InMemory
 from llmclf.errors import LlmclfError
-from llmclf.inference.task import Task
-from llmclf.manifest import write_manifest
+from llmclf.inference.task import DEFAULT_THRESHOLD, Task
+from llmclf.labelsets import pos_weights
 from llmclf.model.anatomy import num_layers, resolve_top_layers, trainable_head
 from llmclf.model.label_words import zero_shot_head
 from llmclf.model.layer_choice import MAX_TEXTS
@@ -36,30 +35,18 @@ from llmclf.model.sources import resolve_model_source
 from llmclf.progress import Timings
 from llmclf.reports import console
 from llmclf.reports.run_report import build_report
-from llmclf.targets import SCORE, TargetScale, summary
+from llmclf.targets import TargetScale
 from llmclf.training import backend as backends
 from llmclf.training import checkpoints, estimate, fsdp
 from llmclf.training.backend import Backend, Encoded
 from llmclf.training.callbacks import TENSORBOARD_DIR, send_tensorboard_to
 from llmclf.training.feature_layer import FeatureLayer, pick_feature_layer
-from llmclf.training.heads import SPLITS, add_lexical, evaluate_before, fit_probe
+from llmclf.training.heads import SPLITS, add_lexical, evaluate_before, fit_probe, tune_thresholds
+from llmclf.training.saving import save_memory_copies, save_run, target_summaries
 from llmclf.training.trainer import WeightedLossTrainer, build_trainer, require_validation, training_arguments
 from llmclf.version import __version__
 
 log = logging.getLogger("llmclf")
-MANIFESTED = (
-    runfolder.CONFIG,
-    runfolder.LABELS,
-    runfolder.RUN_INFO,
-    runfolder.ADAPTER,
-    runfolder.TOKENIZER,
-    runfolder.LEXICAL,
-    runfolder.METRICS,
-    runfolder.DATA_SUMMARY,
-    runfolder.PREDICTIONS,
-    *MEMORY_COPIES.values(),
-)
-"""The files training writes for reuse and reporting, listed in the run folder's manifest."""
 
 
 @dataclass
@@ -160,9 +147,10 @@ def _run(
         # The whole model, as `Classifier` runs it: the reported metrics are those of the saved classifier.
         probs = backend.score(encoded.ids["test"], "evaluating after training")
     lexical = None
-    if tc.lexical == "auto" and not task.regression:  # it mixes class probabilities
+    if tc.lexical == "auto" and task.name == SINGLE_LABEL:  # it mixes class probabilities
         with timings("lexical"):
             lexical, probs = add_lexical(backend, splits, encoded, weights, tc.seed, probs)
+    task = tune_thresholds(backend, encoded, task)  # multi-label: each label's, on validation
     after = task.metrics(encoded.labels["test"], probs)
     fold_target_scale(backend.model, task)
     state = backend.trained_state()
@@ -171,7 +159,7 @@ def _run(
     if main:  # the others wait for its writes when the session ends
         timings.seconds["total"] = time.perf_counter() - started
         info = run_info(config, choice, identity, trainer, train_output, backend, probe, timings)
-        info["task"], info["target_scale"] = task.name, task.scale.scale if task.regression else None
+        info.update(task_info(task, config))
         info["lexical"] = None if lexical is None else {"weight": lexical.weight, **lexical.info}
         info["data_in_memory"] = save_memory_copies(out, memory)
         info["before_training"] = "zero-shot" if zero_shot is not None else "random head"
@@ -241,27 +229,36 @@ def load_data(
         seed=config.train.seed,
         text_pair_column=dc.text_pair_column,
         task=config.task,
+        label_separator=dc.label_separator,
     )
-    weigh = config.train.class_weights == "auto" and splits.task == SINGLE_LABEL
-    weights = class_weights(splits.train["label"], splits.labels) if weigh else None
+    weights = None
+    if config.train.class_weights == "auto" and splits.task == SINGLE_LABEL:
+        weights = class_weights(splits.train["label"], splits.labels)
+    elif config.train.class_weights == "auto" and splits.task == MULTI_LABEL:  # each label's positives
+        weights = pos_weights(splits.train, splits.labels, dc.path)
     distributed.check_identical((splits.counts(), weights), "data splits or class weights")
     for note in splits.notes:
         log.info("note: %s", note)
-    if splits.task == SINGLE_LABEL:
+    if splits.task != REGRESSION:  # multi-label: texts carrying each label, and its positive weight
         log.info("%s\n", console.class_balance(splits.counts(), splits.labels, weights))
     else:
         log.info("%s\n", console.target_summary(target_summaries(splits)))
     return splits, weights
 
 
-def target_summaries(splits: Splits) -> dict[str, dict | None]:
-    """Each split's targets (regression): mean, std, min, max."""
-    return {name: summary(getattr(splits, name)) for name in SPLITS}
+def task_info(task: Task, config: RunConfig) -> dict:
+    """run_info.json's record of the task: its name and what a reload needs (a multi-label run's
+    thresholds and separator; a regression run's target scale, already folded into the head)."""
+    info: dict = {"task": task.name, "target_scale": task.scale.scale if task.regression else None}
+    if task.multi_label:
+        info["thresholds"] = dict(zip(task.labels, task.thresholds or [DEFAULT_THRESHOLD] * len(task.labels)))
+        info["label_separator"] = config.data.label_separator
+    return info
 
 
 def define_task(config: RunConfig, splits: Splits) -> Task:
     """The run's task; for regression, the training targets' scale, which the model learns them at."""
-    if splits.task == SINGLE_LABEL:
+    if splits.task != REGRESSION:
         return Task(config.task, splits.labels)
     scale = TargetScale.of(splits.train["label"].tolist())
     log.info(
@@ -280,23 +277,6 @@ def fold_target_scale(model: Any, task: Task) -> None:
         head.weight.mul_(task.scale.scale)
         if head.bias is not None:
             head.bias.mul_(task.scale.scale)
-
-
-def save_memory_copies(out: Path, memory: dict[str, InMemory]) -> dict | None:
-    """Write data given in memory into the run folder (the columns the run used, as JSON Lines: a run
-    from the file splits it alike), so that the folder alone reproduces and reports the run. Returns
-    what was written, by keyword, for run_info.json; None for data read from files."""
-    run = runfolder.RunFolder(out)
-    written = {}
-    for key, data in memory.items():
-        run.write_text(MEMORY_COPIES[key], data.copy)
-        written[key] = {
-            "kind": data.kind,
-            "rows": data.rows,
-            "sha256": data.sha256,
-            "file": MEMORY_COPIES[key],
-        }
-    return written or None
 
 
 def resolve_model(config: RunConfig) -> ModelChoice:
@@ -353,7 +333,7 @@ def cut_at_feature_layer(
     takes the layer and the metrics before training that the interrupted run saved."""
     zero_shot = (
         None
-        if task.regression
+        if task.name != SINGLE_LABEL
         or fsdp.requested()
         or resolve_template(config.model.prompt_template, model) is None
         else zero_shot_head(model, tokenizer, task.labels, choice.source)
@@ -368,7 +348,7 @@ def cut_at_feature_layer(
         batch_size=config.train.eval_batch_size,
         seed=config.train.seed,
         recorded=start.layer,
-        regression=task.regression,
+        regression=task.name != SINGLE_LABEL,  # numbers, or multi-hot rows: scored by ridge regression
     )
     return zero_shot, layer
 
@@ -464,7 +444,7 @@ def new_trainer(
         warmup_ratio=tc.warmup_ratio,
         eval_steps=tc.eval_steps,
         early_stopping_patience=tc.early_stopping_patience,
-        regression=task.regression,
+        task=task.name,
     )
     trainer = build_trainer(
         backend.model,
@@ -478,7 +458,8 @@ def new_trainer(
         save_steps=tc.save_steps,
         step_tokens=backend.step_tokens(tc.step_tokens),
         early_stopping_patience=tc.early_stopping_patience,
-        target_scale=task.scale.scale if task.regression else None,
+        task=task.name,
+        target_scale=task.scale.scale,
     )
     send_tensorboard_to(trainer, str(out / TENSORBOARD_DIR))
     trainer.fingerprint_sha = checkpoints.fingerprint_sha(fingerprint)
@@ -527,64 +508,3 @@ def run_info(
         "probe": probe,
         "timings_s": timings.seconds,
     }
-
-
-def save_run(
-    out: Path,
-    config: RunConfig,
-    trainer: WeightedLossTrainer,
-    tokenizer: Any,
-    state: dict | None,
-    splits: Splits,
-    weights: list[float] | None,
-    encoded: Encoded,
-    metrics: dict,
-    probs: np.ndarray,
-    info: dict,
-    task: Task,
-) -> None:
-    """Everything needed to reuse the classifier and to report on the run; then drop the checkpoints."""
-    run = runfolder.RunFolder(out)
-    trainer.model.save_pretrained(
-        str(out / runfolder.ADAPTER), state_dict=state
-    )  # adapter + head, safetensors
-    tokenizer.save_pretrained(str(out / runfolder.TOKENIZER))
-    run.write_text(runfolder.CONFIG, config.to_yaml())
-    run.write_json(runfolder.LABELS, splits.labels)
-    run.write_json(runfolder.RUN_INFO, info)
-    run.write_json(
-        runfolder.DATA_SUMMARY,
-        {
-            "source": config.data.path,
-            "counts": splits.counts(),
-            "class_weights": dict(zip(splits.labels, weights)) if weights else None,
-            "truncated": encoded.truncated,
-            **({"targets": target_summaries(splits)} if task.regression else {}),
-            "max_length": config.data.max_length,
-            "notes": splits.notes,
-        },
-    )
-    run.write_json(runfolder.METRICS, metrics)
-    frame = predictions_frame(splits, probs, task)
-    runfolder.write_csv(frame, out / runfolder.PREDICTIONS)
-    write_manifest(out, names=MANIFESTED)  # last: it marks the run folder complete, checked on load
-    checkpoints.finish(out, keep_last=config.train.keep_checkpoint)  # the best adapter is saved above
-
-
-def predictions_frame(splits: Splits, probs: np.ndarray, task: Task) -> pd.DataFrame:
-    """The test split with its predictions: text (and pair), label, predicted, prob_<label> per class;
-    regression: text (and pair), label (the true number), score (the predicted one)."""
-    test = splits.test
-    frame = pd.DataFrame(
-        {
-            "text": test["text"].tolist(),
-            **({"pair": test["pair"].tolist()} if "pair" in test else {}),
-            "label": test["label"].tolist(),
-            (SCORE if task.regression else "predicted"): task.predicted(probs),
-        }
-    )
-    if task.regression:
-        return frame
-    for i, label in enumerate(splits.labels):
-        frame[runfolder.prob_column(label)] = probs[:, i]
-    return frame

@@ -171,3 +171,36 @@ def init_head_from_ridge(model: Any, features: np.ndarray, targets: list[float])
     if intercept:
         fsdp.assign(head.bias, torch.as_tensor(bias))
     return RidgeHead(float(ridge.score(scaled, y)), float(-ridge.best_score_), float(ridge.alpha_))
+
+
+def init_head_from_label_probes(
+    model: Any, features: np.ndarray, targets: list[list[float]], seed: int
+) -> dict:
+    """Multi-label: one logistic regression per label (its positives against the rest, balanced, the
+    regularisation by cross-validated log loss where the label has the texts to fold) on the frozen
+    features, copied into that label's row of the head, with the feature scaling folded back as in
+    `init_head_from_probe`. Returns the probes' micro-F1 on the training split."""
+    from sklearn.metrics import f1_score
+
+    y = np.asarray(targets, dtype=int)  # (n, labels) multi-hot
+    head = trainable_head(model)
+    intercept = head.bias is not None
+    scale = features.std(axis=0).astype(np.float64) + 1e-6  # (hidden,)
+    shift = features.mean(axis=0).astype(np.float64) if intercept else np.zeros_like(scale)
+    scaled = (features - shift) / scale
+    coef, bias = np.zeros(head.weight.shape), np.zeros(y.shape[1])
+    predicted = np.zeros_like(y)
+    for j in range(y.shape[1]):
+        if y[:, j].min() == y[:, j].max():  # every text or none: the head only needs its sign
+            bias[j] = 1.0 if y[0, j] else -1.0
+            predicted[:, j] = y[0, j]
+            continue
+        inverse = len(y) / np.bincount(y[:, j], minlength=2)  # negatives, positives: balanced
+        probe = _fit(scaled, y[:, j], (inverse / inverse.sum()).tolist(), intercept, seed)
+        predicted[:, j] = probe.predict(scaled)
+        unscaled = probe.coef_[0] / scale
+        coef[j], bias[j] = unscaled, (probe.intercept_[0] if intercept else 0.0) - unscaled @ shift
+    fsdp.assign(head.weight, torch.as_tensor(coef))
+    if intercept:
+        fsdp.assign(head.bias, torch.as_tensor(bias))
+    return {"train_micro_f1": float(f1_score(y, predicted, average="micro", zero_division=0))}

@@ -23,7 +23,7 @@ from transformers.trainer_utils import IntervalStrategy
 
 from llmclf import distributed
 from llmclf.batches import CPU_BATCH, GPU_BATCH_TOKENS, token_budget_batches
-from llmclf.config import report_to_list
+from llmclf.config import MULTI_LABEL, REGRESSION, SINGLE_LABEL, report_to_list
 from llmclf.errors import LlmclfError
 from llmclf.model.layer_cache import logits_from_states
 from llmclf.training.callbacks import PlainProgressCallback, SaveEverySteps
@@ -36,8 +36,12 @@ class NonFiniteLossError(LlmclfError):
 
 BEST_METRIC = "balanced_accuracy"
 """The validation metric that chooses the best checkpoint and that early stopping watches."""
-BEST_REGRESSION_METRIC = "mse"
-"""... for regression (lower is better)."""
+BEST_METRICS = {
+    SINGLE_LABEL: (BEST_METRIC, True),
+    MULTI_LABEL: ("micro_f1", True),
+    REGRESSION: ("mse", False),
+}
+"""... per task, and whether higher is better."""
 
 
 CPU_STEP_TOKENS = 1024
@@ -70,7 +74,8 @@ def split_batch(inputs: dict[str, torch.Tensor], max_tokens: int) -> list[dict[s
         part = {}
         for key, value in inputs.items():
             value = value[index]
-            if value.dim() >= 2 and value.shape[1] == width:  # (batch, seq, ...): ids, mask, states
+            # (batch, seq, ...): ids, mask, states; not multi-label rows (batch, labels) of the same width
+            if key != "labels" and value.dim() >= 2 and value.shape[1] == width:
                 value = value[:, :keep]
             part[key] = value
         parts.append(part)
@@ -87,11 +92,13 @@ class WeightedLossTrainer(AtomicCheckpoints, Trainer):
         class_weights: list[float] | None = None,
         cache_start: int | None = None,
         step_tokens: int | None = None,
-        regression: bool = False,
+        task: str = SINGLE_LABEL,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
-        self.regression = regression  # mean squared error on one output instead of cross-entropy
+        # cross-entropy over classes; binary cross-entropy per label (class_weights: the positive weights,
+        # multi-label); mean squared error on one output (regression)
+        self.task = task
         self.class_weights = (
             None if class_weights is None else torch.tensor(class_weights, dtype=torch.float32)
         )
@@ -117,8 +124,10 @@ class WeightedLossTrainer(AtomicCheckpoints, Trainer):
         # Each part's loss is its share of the whole batch's weighted mean: sum(w_y * loss) over the
         # part, divided by sum(w_y) over the batch. The parts' gradients then add up to the batch's.
         labels = inputs["labels"]
-        weights = torch.ones(len(labels)) if self.class_weights is None else self.class_weights[labels.cpu()]
-        self._loss_denominator = weights.sum()
+        if self.task == SINGLE_LABEL and self.class_weights is not None:
+            self._loss_denominator = self.class_weights[labels.cpu()].sum()
+        else:  # every element counts once: rows, or rows x labels for multi-label
+            self._loss_denominator = torch.tensor(float(labels.numel()))
         try:
             total = torch.zeros(())
             for part in parts:
@@ -157,8 +166,13 @@ class WeightedLossTrainer(AtomicCheckpoints, Trainer):
         """The batch's mean loss; in one part of a split batch (training_step), the part's sum over the
         whole batch's weight."""
         reduction = "mean" if self._loss_denominator is None else "sum"
-        if self.regression:  # logits (batch, 1); labels: the scaled targets
+        if self.task == REGRESSION:  # logits (batch, 1); labels: the scaled targets
             loss = F.mse_loss(logits[:, 0], labels.float(), reduction=reduction)
+        elif self.task == MULTI_LABEL:  # logits, labels: (batch, labels), labels multi-hot
+            weight = None if self.class_weights is None else self.class_weights.to(logits.device)
+            loss = F.binary_cross_entropy_with_logits(
+                logits, labels.float(), pos_weight=weight, reduction=reduction
+            )
         else:
             weight = None if self.class_weights is None else self.class_weights.to(logits.device)
             loss = F.cross_entropy(logits, labels, weight=weight, reduction=reduction)
@@ -216,6 +230,19 @@ class RegressionMetrics:
         return {k: v for k, v in metrics.items() if k != "n" and v is not None}
 
 
+def multilabel_metrics_for_trainer(eval_pred: Any) -> dict[str, float]:
+    """Micro and macro F1 on the validation split, each label decided at probability 0.5 (logit 0)."""
+    from sklearn.metrics import f1_score
+
+    logits, labels = eval_pred.predictions, eval_pred.label_ids
+    logits = logits[0] if isinstance(logits, tuple) else logits
+    predicted, truth = (np.asarray(logits) > 0).astype(int), np.asarray(labels).astype(int)
+    return {
+        "micro_f1": float(f1_score(truth, predicted, average="micro", zero_division=0)),
+        "macro_f1": float(f1_score(truth, predicted, average="macro", zero_division=0)),
+    }
+
+
 def require_validation(has_val: bool, eval_steps: int | None, early_stopping_patience: int | None) -> None:
     """Validating every N steps and early stopping watch the validation split: refuse them without one."""
     flags = [
@@ -240,7 +267,7 @@ def validation_schedule(
     has_val: bool,
     eval_steps: int | None,
     early_stopping_patience: int | None = None,
-    regression: bool = False,
+    task: str = SINGLE_LABEL,
 ) -> dict[str, Any]:
     """When to validate and save: each epoch; or every `eval_steps` optimizer steps, and at each epoch's
     end (ValidateAtEpochEnd). A checkpoint is saved at each validation, so that the best can be kept
@@ -251,8 +278,8 @@ def validation_schedule(
         return {"eval_strategy": "no", "save_strategy": "epoch", "load_best_model_at_end": False}
     schedule: dict[str, Any] = {
         "load_best_model_at_end": True,
-        "metric_for_best_model": BEST_REGRESSION_METRIC if regression else BEST_METRIC,
-        "greater_is_better": not regression,
+        "metric_for_best_model": BEST_METRICS[task][0],
+        "greater_is_better": BEST_METRICS[task][1],
     }
     if eval_steps is None:
         return {**schedule, "eval_strategy": "epoch", "save_strategy": "epoch"}
@@ -285,7 +312,7 @@ def training_arguments(
     group_by_length: bool = True,
     eval_steps: int | None = None,
     early_stopping_patience: int | None = None,
-    regression: bool = False,
+    task: str = SINGLE_LABEL,
 ) -> TrainingArguments:
     """The recipe's settings: evaluate and save each epoch (or every `eval_steps` steps as well), keep
     the best by validation balanced accuracy (validation_schedule).
@@ -297,7 +324,7 @@ def training_arguments(
     early-stopping count where its checkpoint left it (build_trainer adds the callback)."""
     steps_per_epoch = max(1, math.ceil(n_train / batch_size))
     return TrainingArguments(
-        **validation_schedule(has_val, eval_steps, early_stopping_patience, regression),
+        **validation_schedule(has_val, eval_steps, early_stopping_patience, task),
         restore_callback_states_from_checkpoint=early_stopping_patience is not None,
         lr_scheduler_type=lr_scheduler,
         warmup_steps=math.ceil(warmup_ratio * steps_per_epoch * epochs),
@@ -345,15 +372,16 @@ def build_trainer(
     save_steps: int | None = None,
     step_tokens: int | None = None,
     early_stopping_patience: int | None = None,
-    target_scale: float | None = None,
+    task: str = SINGLE_LABEL,
+    target_scale: float = 1.0,
 ) -> WeightedLossTrainer:
     """`cache`: an ActivationCache holding every row the datasets' `row` column points to;
     `step_tokens`: padded tokens one forward/backward pass may hold (None: batches stay whole);
     `save_steps`: also save every N steps (between validations, when `args` validate every N steps);
     `early_stopping_patience`: stop after this many validations in a row without a better balanced
-    accuracy (the best checkpoint's weights are loaded at the end); `target_scale`: a regression run's
-    (its targets are divided by it), None for classes."""
-    regression = target_scale is not None
+    accuracy (the best checkpoint's weights are loaded at the end); `class_weights`: per class, or per
+    label's positives (multi-label); `target_scale`: what a regression run's targets are divided by."""
+    validate = {SINGLE_LABEL: metrics_for_trainer, MULTI_LABEL: multilabel_metrics_for_trainer}
     require_validation(val_dataset is not None, None, early_stopping_patience)
     collator = TokenCollator(tokenizer) if cache is None else CachedStatesCollator(cache)
     callbacks: list[TrainerCallback] = [SaveEverySteps(save_steps)] if save_steps else []
@@ -370,13 +398,11 @@ def build_trainer(
         data_collator=collator,  # dynamic padding to each batch's longest
         compute_metrics=None
         if val_dataset is None
-        else RegressionMetrics(target_scale)
-        if regression
-        else metrics_for_trainer,
+        else validate.get(task) or RegressionMetrics(target_scale),
         class_weights=class_weights,
         cache_start=None if cache is None else cache.start,
         step_tokens=step_tokens,
-        regression=regression,
+        task=task,
         callbacks=callbacks or None,
     )
     if quiet:
