@@ -1,7 +1,7 @@
 """The report's building block and the two ways its values become text.
 
-Apart from run_report so that the regression report (regression.py) builds the same blocks without
-importing run_report, which dispatches to it.
+Apart from run_report so that the regression and multi-label reports (regression.py, multilabel.py)
+build the same blocks without importing run_report, which dispatches to them.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from typing import Any
 from llmclf.reports import plots
 
 TEXT_CHARS = 400  # an example's text is cut here in the report (the CSV has it whole)
+HALF_MAX = 8  # square heat maps of up to this many labels are shown two in a row (HTML)
 
 
 @dataclass

@@ -36,6 +36,13 @@ COMPARE_METRICS = (
     ("balanced accuracy after", "after", "balanced_accuracy"),
     ("macro F1 after", "after", "macro_f1"),
 )
+MULTILABEL_COMPARE_METRICS = (
+    ("micro F1 before", "before", "micro_f1"),
+    ("micro F1 after", "after", "micro_f1"),
+    ("macro F1 after", "after", "macro_f1"),
+    ("subset accuracy after", "after", "subset_accuracy"),
+    ("Hamming loss after (lower is better)", "after", "hamming_loss"),
+)
 REGRESSION_COMPARE_METRICS = (
     ("MSE before", "before", "mse"),
     ("MSE after", "after", "mse"),
@@ -64,8 +71,9 @@ def compare_runs(run_dirs: list[str | Path]) -> tuple[list[str], list[list[Any]]
         if len({repr(f.get(k)) for f in flat}) > 1
     ]
     rows.append(["test examples", *[_test_size(r) or "" for r in runs]])
-    if runs[0].regression:  # lower errors, higher correlations are better; a null correlation shows n/a
-        for title, stage, key in REGRESSION_COMPARE_METRICS:
+    if runs[0].regression or runs[0].multilabel:  # a metric that is no number (a null correlation): n/a
+        measured = REGRESSION_COMPARE_METRICS if runs[0].regression else MULTILABEL_COMPARE_METRICS
+        for title, stage, key in measured:
             values = [number_cell((r.metrics.get(stage) or {}).get(key)) for r in runs]
             rows.append([title, *["n/a" if v is None else v for v in values]])
     else:
@@ -81,12 +89,13 @@ def compare_runs(run_dirs: list[str | Path]) -> tuple[list[str], list[list[Any]]
 
 
 def _same_task(runs: list[RunFiles], names: list[str]) -> None:
-    """Refuse to set a regression run beside a classifier: their metrics measure different things."""
+    """Refuse to set runs of different tasks side by side: their metrics measure different things."""
     if len({r.task for r in runs}) > 1:
         found = "; ".join(f"{one_line(n)}: {r.task}" for n, r in zip(names, runs))
         raise LlmclfError(
-            f"These runs are of different tasks ({found}): a regression run's errors and correlations "
-            "cannot be compared with a classifier's accuracy. Compare runs of one task at a time."
+            f"These runs are of different tasks ({found}): a single-label run's accuracy, a multi-label "
+            "run's micro F1 and Hamming loss (over every label decision) and a regression run's errors "
+            "and correlations cannot be compared with one another. Compare runs of one task at a time."
         )
 
 

@@ -1,5 +1,5 @@
 """Plain-text tables for the terminal: class balance (or a regression target's summary), before/after
-metrics, per class, confusion.
+metrics, per class (a multi-label run's: per label, with its threshold), confusion.
 
 Labels, texts and config values come from data and run folders that people share: every cell is shown
 through `printable`, so an escape sequence in a label is displayed (as `\x1b[2J`), never obeyed.
@@ -81,6 +81,12 @@ def class_balance(counts: dict[str, dict[str, int]], labels: list[str], weights:
 
 HEADLINE = (("accuracy", "accuracy"), ("balanced accuracy", "balanced_accuracy"), ("macro F1", "macro_f1"))
 REGRESSION_HEADLINE = (("MSE", "mse"), ("MAE", "mae"), ("Pearson", "pearson"), ("Spearman", "spearman"))
+MULTILABEL_HEADLINE = (
+    ("micro F1", "micro_f1"),
+    ("macro F1", "macro_f1"),
+    ("subset accuracy", "subset_accuracy"),
+    ("Hamming loss (lower is better)", "hamming_loss"),
+)
 
 
 def is_regression(metrics: dict | None) -> bool:
@@ -88,12 +94,20 @@ def is_regression(metrics: dict | None) -> bool:
     return isinstance(metrics, dict) and "mse" in metrics
 
 
+def is_multilabel(metrics: dict | None) -> bool:
+    """Are these a multi-label run's metrics (micro F1, subset accuracy, Hamming loss, per label)?"""
+    return isinstance(metrics, dict) and "micro_f1" in metrics
+
+
 def compare(before: dict | None, after: dict, title: str = "Test metrics") -> str:
     """Headline metrics before and after training, with the change: accuracy, balanced accuracy and
-    macro F1, or for a regression run MSE, MAE, Pearson and Spearman (lower errors, higher correlations
+    macro F1; for a multi-label run micro F1, macro F1, subset accuracy and Hamming loss (lower is
+    better); for a regression run MSE, MAE, Pearson and Spearman (lower errors, higher correlations
     are better; a correlation of constant predictions is n/a)."""
     if is_regression(after):
         return _compare_regression(before, after, title)
+    if is_multilabel(after):
+        return _compare_numbers(before, after, MULTILABEL_HEADLINE, title)
     if before is None:
         return table(["metric", "value"], [[name, after[key]] for name, key in HEADLINE], title=title)
     rows = [[name, before[key], after[key], f"{after[key] - before[key]:+.4f}"] for name, key in HEADLINE]
@@ -101,15 +115,23 @@ def compare(before: dict | None, after: dict, title: str = "Test metrics") -> st
 
 
 def _compare_regression(before: dict | None, after: dict, title: str) -> str:
+    return _compare_numbers(before, after, REGRESSION_HEADLINE, title)
+
+
+def _compare_numbers(
+    before: dict | None, after: dict, headline: tuple[tuple[str, str], ...], title: str
+) -> str:
+    """The `headline` metrics before and after, with the change; n/a where a metric is no number."""
+
     def shown(value: object) -> object:
         cell = number_cell(value)
         return "n/a" if cell is None else cell
 
     if before is None:
-        rows = [[name, shown(after.get(key))] for name, key in REGRESSION_HEADLINE]
+        rows = [[name, shown(after.get(key))] for name, key in headline]
         return table(["metric", "value"], rows, title=title)
     rows = []
-    for name, key in REGRESSION_HEADLINE:
+    for name, key in headline:
         old, new = before.get(key), after.get(key)
         both = number_cell(old) is not None and number_cell(new) is not None
         change = signed_change(float(new) - float(old)) if both else ""  # type: ignore[arg-type]
@@ -145,24 +167,44 @@ def confusion(metrics: dict, title: str = "Confusion matrix (rows: true, columns
     return table(["true \\ predicted", *labels], rows, title=title)
 
 
-def full_report(before: dict | None, after: dict) -> str:
-    """The before/after table, then (a classifier's) per class and the confusion matrix."""
+def per_label(metrics: dict, thresholds: dict | None = None, title: str = "Per label") -> str:
+    """A multi-label run's precision, recall, F1 and support per label, and each label's decision
+    threshold where `thresholds` (run_info.json's) gives one."""
+    limits = thresholds if isinstance(thresholds, dict) else {}
+    rows = []
+    for label, m in (metrics.get("per_label") or {}).items():
+        m = m if isinstance(m, dict) else {}
+        row = [label, *[m.get(k, "") for k in ("precision", "recall", "f1", "support")]]
+        limit = number_cell(limits.get(label))
+        rows.append(row + (["" if limit is None else limit] if limits else []))
+    headers = ["label", "precision", "recall", "F1", "support"] + (["threshold"] if limits else [])
+    return table(headers, rows, title=title)
+
+
+def full_report(before: dict | None, after: dict, thresholds: dict | None = None) -> str:
+    """The before/after table, then a classifier's per class and the confusion matrix, or a multi-label
+    run's per label (with each label's decision threshold, run_info.json's `thresholds`, where given)."""
     if is_regression(after):
         return compare(before, after)
+    if is_multilabel(after):
+        return "\n\n".join([compare(before, after), per_label(after, thresholds, title="Per label (after)")])
     parts = [compare(before, after), per_class(after, title="Per class (after)"), confusion(after)]
     return "\n\n".join(parts)
 
 
 def probe_line(probe: dict | None) -> str:
     """The linear-probe head's result as one readable line, e.g. 'Head initialised from a linear probe
-    on the frozen model's features: training accuracy 0.9875, test accuracy 0.9500.'"""
+    on the frozen model's features: training accuracy 0.9875, test accuracy 0.9500.' (a multi-label
+    run's probes per label: training and test micro F1)."""
     if not isinstance(probe, dict):
         return "Head: randomly initialised (no linear probe)."
+    measure = "micro F1" if "train_micro_f1" in probe or "test_micro_f1" in probe else "accuracy"
+    key = measure.replace(" ", "_").lower()
     parts = []
-    for key, name in (("train_accuracy", "training accuracy"), ("test_accuracy", "test accuracy")):
-        value = probe.get(key)
+    for stage, name in (("train", "training"), ("test", "test")):
+        value = probe.get(f"{stage}_{key}")
         if isinstance(value, int | float) and not isinstance(value, bool):
-            parts.append(f"{name} {value:.4f}")
-        elif key == "test_accuracy":
-            parts.append("test accuracy not measured (only where it comes nearly free)")
+            parts.append(f"{name} {measure} {value:.4f}")
+        elif stage == "test":
+            parts.append(f"test {measure} not measured (only where it comes nearly free)")
     return "Head initialised from a linear probe on the frozen model's features: " + ", ".join(parts) + "."

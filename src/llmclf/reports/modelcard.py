@@ -12,7 +12,10 @@ hub's widget: the run's first test text (predictions_test.csv).
 
 A regression run's card (task: regression) says the model outputs one number, shows the target per
 split and MSE, MAE, Pearson and Spearman (also as eval results), and calls the pipeline with
-`function_to_apply="none"`, so that the number is not squashed by a sigmoid.
+`function_to_apply="none"`, so that the number is not squashed by a sigmoid. A multi-label run's card
+(task: multi-label) says each label is decided on its own, lists each label's threshold, shows micro
+and macro F1, subset accuracy and Hamming loss, and its example keeps the labels whose score reaches
+their threshold (`top_k=None`: every label's score).
 
 Every value from the run folder or the base model (labels, names, counts, the licence) goes through
 `md_text` (literal text: no heading, link, image or HTML can come out of a label), config.yaml sits in
@@ -30,8 +33,8 @@ from typing import Any
 import yaml
 
 from llmclf.data import DEMO_NAME, TABLE_SUFFIXES
-from llmclf.reports import regression
-from llmclf.reports.console import REGRESSION_HEADLINE, one_line
+from llmclf.reports import multilabel, regression
+from llmclf.reports.console import MULTILABEL_HEADLINE, REGRESSION_HEADLINE, one_line
 from llmclf.reports.run_report import (
     RunFiles,
     base_model_name,
@@ -41,6 +44,7 @@ from llmclf.reports.run_report import (
     md_text,
     read_run,
 )
+from llmclf.reports.stages import number
 from llmclf.runfolder import atomic_write
 
 UNKNOWN_LICENCE = "unknown — check the base model's licence"
@@ -179,6 +183,8 @@ def model_card(run_dir: str | Path, repo_id: str | None = None) -> str:
     data = card_data(run, licence, repo_id.rsplit("/", 1)[-1] if repo_id else run.path.name)
     if run.regression:
         body = _regression_head(run, base, licence) + _regression_results(run, repo_id)
+    elif run.multilabel:
+        body = _multilabel_head(run, base, licence) + _multilabel_results(run, repo_id)
     else:
         body = _card_head(run, base, licence) + _card_results(run, repo_id)
     return str(ModelCard("\n".join(["---", data.to_yaml(), "---", "", *body])))
@@ -194,7 +200,8 @@ def card_data(run: RunFiles, licence: str | None, name: str) -> Any:
     data = run.config.get("data") if isinstance(run.config.get("data"), dict) else {}
     tested = str(data.get("eval_data") or data.get("path") or "data")
     dataset = tested if tested in datasets else (Path(tested).name or tested)
-    measured = CLASSIFIER_RESULTS if not run.regression else REGRESSION_RESULTS
+    measured = REGRESSION_RESULTS if run.regression else CLASSIFIER_RESULTS
+    measured = MULTILABEL_RESULTS if run.multilabel else measured
     results = [
         EvalResult(
             task_type="text-classification",
@@ -215,7 +222,7 @@ def card_data(run: RunFiles, licence: str | None, name: str) -> Any:
         library_name="transformers",
         license=licence,
         pipeline_tag="text-classification",
-        tags=["llmclf", "lora", *(["regression"] if run.regression else [])],
+        tags=["llmclf", "lora", *([run.task] if run.regression or run.multilabel else [])],
         **({"model_name": name, "eval_results": results} if results else {}),
         **({"widget": [{"text": example}]} if example and pair_example(run) is None else {}),
     )
@@ -224,6 +231,12 @@ def card_data(run: RunFiles, licence: str | None, name: str) -> Any:
 CLASSIFIER_RESULTS = (
     ("accuracy", "accuracy", "accuracy", None),
     ("f1", "macro F1", "macro_f1", {"average": "macro"}),
+)
+MULTILABEL_RESULTS = (
+    ("f1", "micro F1", "micro_f1", {"average": "micro"}),
+    ("f1", "macro F1", "macro_f1", {"average": "macro"}),
+    ("accuracy", "subset accuracy", "subset_accuracy", None),
+    ("hamming_loss", "Hamming loss", "hamming_loss", None),
 )
 REGRESSION_RESULTS = (  # the metric ids of Hugging Face `evaluate`
     ("mse", "MSE", "mse", None),
@@ -346,6 +359,8 @@ def _use_section(run: RunFiles, repo_id: str | None) -> list[str]:
     else:
         create = f'clf = pipeline("text-classification", model={model})'
     lines = ["from transformers import pipeline", "", create, example]
+    if run.multilabel:
+        lines = _multilabel_use(run, create, example)
     return ["## Use", ""] + md_fence("\n".join(lines), "python")
 
 
@@ -421,6 +436,103 @@ def _regression_results(run: RunFiles, repo_id: str | None) -> list[str]:
     out += _use_section(run, repo_id)
     out += ["## Training configuration", ""] + md_fence(run.config_text.rstrip(), "yaml")
     return out
+
+
+# ------------------------------------------------------------------------------------ a multi-label model
+def card_thresholds(run: RunFiles) -> dict[str, float]:
+    """Each label's decision threshold (run_info.json's thresholds); 0.5 where none is recorded."""
+    recorded = run.run_info.get("thresholds") if isinstance(run.run_info.get("thresholds"), dict) else {}
+    out = {}
+    for label in run.labels:
+        value = number(recorded.get(label))
+        out[label] = value if value is not None and 0 <= value <= 1 else 0.5
+    return out
+
+
+def _multilabel_head(run: RunFiles, base: str, licence: str | None) -> list[str]:
+    """Title, how labels are decided and their thresholds, base model and licence, use, limitations."""
+    after, summary = run.metrics["after"], run.summary or {}
+    truncated = summary.get("truncated") if isinstance(summary.get("truncated"), dict) else {}
+    limits = card_thresholds(run)
+    return [
+        f"# Multi-label text classifier fine-tuned from {md_text(base)}",
+        "",
+        "A multi-label sequence-classification model made by llmclf: LoRA fine-tuning with a binary "
+        "cross-entropy loss per label, the adapter merged into the base weights, the trained head kept.",
+        "",
+        "## Labels and thresholds",
+        "",
+        "Each label is decided independently: the model gives every label its own probability (a sigmoid "
+        "of that label's output; they need not add up to 1), and a text gets every label whose probability "
+        "reaches that label's threshold, tuned for the label's F1 on the validation split. A text may get "
+        "several labels, or none. In the order of the model's outputs (also in `config.id2label`):",
+        "",
+        *md_table(["id", "label", "threshold"], [[i, x, limits[x]] for i, x in enumerate(run.labels)]),
+        *_licence_section(base, licence),
+        "## Intended use",
+        "",
+        f"Tagging texts like the training data with any of the {len(run.labels)} labels above (source: "
+        f"{md_text(summary.get('source', 'unknown'))}). Check the metrics below on data of your own before "
+        "relying on it.",
+        "",
+        "## Limitations",
+        "",
+        "- It only knows the labels above; the thresholds were tuned on data from the same source, and "
+        "other data may need others.",
+        f"- Texts are cut at {md_text(summary.get('max_length', '?'))} tokens, as in training (where "
+        f"{md_text(truncated.get('train', '?'))} training texts were cut); the "
+        "tokenizer's `model_max_length` is set to that length.",
+        f"- Measured on {md_text(after.get('n'))} held-out test texts from the same source; results on "
+        "other data (topics, language, style) may be lower. Probabilities are not guaranteed to be calibrated.",
+        "- Biases of the base model and of the training data carry over.",
+        "",
+    ]
+
+
+def _multilabel_results(run: RunFiles, repo_id: str | None) -> list[str]:
+    """Texts per label and split, the test metrics, per label, how to use it, the configuration."""
+    out: list[str] = []
+    if run.summary:
+        out += ["## Training data", "", "Texts carrying each label per split:", ""]
+        out += md_table(*multilabel.data_table(run.summary, run.labels))
+    after, before = run.metrics["after"], run.metrics.get("before") or {}
+    out += ["## Metrics (test split)", ""]
+    out += [
+        "Micro F1 pools every label decision; macro F1 is the mean of the labels' F1; subset accuracy is "
+        "the share of texts whose predicted labels are exactly their true ones; Hamming loss is the share "
+        "of wrong label decisions (lower is better). Before fine-tuning: the base model with a random head.",
+        "",
+    ]
+    rows = [
+        [name, regression.or_na(before.get(key)) if before else "", regression.or_na(after.get(key))]
+        for name, key in MULTILABEL_HEADLINE
+    ]
+    out += md_table(["metric", "before fine-tuning", "after"], rows)
+    per_label, limits = after.get("per_label") or {}, card_thresholds(run)
+    rows = []
+    for label in run.labels:
+        m = per_label.get(label) if isinstance(per_label.get(label), dict) else {}
+        rows.append([label, *[m.get(k) for k in ("precision", "recall", "f1", "support")], limits[label]])
+    out += md_table(["label", "precision", "recall", "F1", "support", "threshold"], rows)
+    out += _use_section(run, repo_id)
+    out += ["## Training configuration", ""] + md_fence(run.config_text.rstrip(), "yaml")
+    return out
+
+
+def _multilabel_use(run: RunFiles, create: str, call: str) -> list[str]:
+    """The pipeline's code for a multi-label model: every label's score (top_k=None, each a sigmoid),
+    and the labels whose score reaches that label's threshold."""
+    call = call[:-1] + ', top_k=None, function_to_apply="sigmoid")'
+    return [
+        "from transformers import pipeline",
+        "",
+        create,
+        "# each label's decision threshold, tuned on the validation split",
+        f"thresholds = {json.dumps(card_thresholds(run))}",
+        "# every label's score, each on its own (top_k=None: all labels, not only the best)",
+        f"scores = {call}",
+        'labels = [s["label"] for s in scores if s["score"] >= thresholds[s["label"]]]',
+    ]
 
 
 def _lexical_note(run: RunFiles) -> list[str]:

@@ -1,5 +1,6 @@
-"""The report's figures: confusion matrices, training curves, reliability diagram, and for a regression
-run predicted against true values and the residuals (matplotlib, Agg).
+"""The report's figures: confusion matrices, training curves, reliability diagram, for a multi-label run
+the label co-occurrence, and for a regression run predicted against true values and the residuals
+(matplotlib, Agg).
 
 Figures are built with `matplotlib.figure.Figure` directly, not pyplot: no global figure registry, no
 interactive backend, nothing to close, safe in a server or a test process. Each builder returns the
@@ -112,19 +113,36 @@ def confusion_figure(matrix: list[list[int]], labels: list[str], *, normalise: b
             "not match its labels. Evaluate or train the run again."
         )
     values = row_normalise(counts) if normalise else counts
+    vmax = 1.0 if normalise else max(1.0, float(np.nanmax(values, initial=0.0)))
+    axes = ("predicted", "true")
+    return heatmap(values, labels, vmax=vmax, digits=2 if normalise else 0, title=title, axes=axes)
+
+
+def heatmap(
+    values: np.ndarray,
+    labels: list[str],
+    *,
+    vmax: float,
+    digits: int,
+    title: str,
+    axes: tuple[str, str],
+    noun: str = "classes",
+) -> Figure:
+    """A k x k heat map of `values` with the value in each cell (`digits` decimals), `labels` on both
+    axes and `axes` = (x title, y title); above ANNOTATE_MAX labels without cell values and names."""
+    k = len(labels)
     size = FONT if k <= 30 else 7  # points: cells of 30 classes still hold 12-point values
     names = [tick_label(label) for label in labels] if k <= ANNOTATE_MAX else []
     rotation = 45 if max(map(len, names), default=0) > 6 else 0
     fig = new_figure(*confusion_size(k, names, size, rotation))
     ax = fig.add_subplot()
-    vmax = 1.0 if normalise else max(1.0, float(np.nanmax(values, initial=0.0)))
     image = ax.imshow(values, cmap="Blues", vmin=0.0, vmax=vmax)
     colorbar = fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     colorbar.ax.tick_params(labelsize=size if names else FONT)
-    ax.set_xlabel("predicted", fontsize=FONT)
-    ax.set_ylabel("true", fontsize=FONT)
+    ax.set_xlabel(axes[0], fontsize=FONT)
+    ax.set_ylabel(axes[1], fontsize=FONT)
     if k > ANNOTATE_MAX:
-        ax.set_title(f"{title}\n{k} classes: no cell values or class names", fontsize=FONT, **LITERAL)
+        ax.set_title(f"{title}\n{k} {noun}: no cell values or names", fontsize=FONT, **LITERAL)
         ax.set_xticks([])
         ax.set_yticks([])
         return fig
@@ -135,11 +153,26 @@ def confusion_figure(matrix: list[list[int]], labels: list[str], *, normalise: b
     for i in range(k):
         for j in range(k):
             value = values[i, j]
-            text = f"{value:.2f}" if normalise else f"{value:.0f}"
             # white text on dark cells, so every number stays readable
             colour = "white" if value > 0.6 * vmax else "black"
-            ax.text(j, i, text, ha="center", va="center", color=colour, fontsize=size)
+            ax.text(j, i, f"{value:.{digits}f}", ha="center", va="center", color=colour, fontsize=size)
     return fig
+
+
+def cooccurrence_figure(
+    matrix: np.ndarray, labels: list[str], title: str, vmax: float | None = None
+) -> Figure:
+    """How many texts carry both labels of each pair (a multi-label run), the diagonal each label's own
+    count: a symmetric heat map with the count in each cell, sized like a confusion matrix; `vmax` (the
+    darkest count) shared by two such maps shown side by side, so that their shades compare."""
+    values = np.asarray(matrix, dtype=float)
+    if values.shape != (len(labels), len(labels)):
+        raise LlmclfError(
+            f"The co-occurrence matrix has shape {values.shape} for {len(labels)} labels: the run's files "
+            "do not match its labels.json. Evaluate or train the run again."
+        )
+    vmax = max(1.0, float(np.nanmax(values, initial=0.0)) if vmax is None else vmax)
+    return heatmap(values, labels, vmax=vmax, digits=0, title=title, axes=("label", "label"), noun="labels")
 
 
 # ------------------------------------------------------------------------------------ training curves
@@ -153,6 +186,8 @@ class Curves:
     val_balanced_accuracy: tuple[list[int], list[float]]
     val_pearson: tuple[list[int], list[float]] = field(default_factory=lambda: ([], []))  # regression
     val_spearman: tuple[list[int], list[float]] = field(default_factory=lambda: ([], []))
+    val_micro_f1: tuple[list[int], list[float]] = field(default_factory=lambda: ([], []))  # multi-label
+    val_macro_f1: tuple[list[int], list[float]] = field(default_factory=lambda: ([], []))
 
 
 def _finite(value: Any) -> bool:
@@ -174,6 +209,8 @@ def curves_from_log(log_history: list[dict]) -> Curves:
         val_balanced_accuracy=series("eval_balanced_accuracy"),
         val_pearson=series("eval_pearson"),
         val_spearman=series("eval_spearman"),
+        val_micro_f1=series("eval_micro_f1"),
+        val_macro_f1=series("eval_macro_f1"),
     )
 
 
@@ -200,8 +237,9 @@ def _mark_values(ax: Any, steps: list[int], values: list[float], *, top: float |
         )
 
 
-def training_figure(log_history: list[dict], *, regression: bool = False) -> Figure:
-    """Top: training and validation loss over steps. Bottom: validation accuracy over steps, or for a
+def training_figure(log_history: list[dict], *, regression: bool = False, multilabel: bool = False) -> Figure:
+    """Top: training and validation loss over steps. Bottom: validation accuracy over steps; for a
+    multi-label run the validation micro and macro F1 (each label decided at probability 0.5); for a
     regression run the validation Pearson and Spearman correlations where the log has them (without
     them, the loss alone: the validation MSE a regression run logs is its validation loss again).
 
@@ -228,6 +266,8 @@ def training_figure(log_history: list[dict], *, regression: bool = False) -> Fig
     low: list[int] = []
     if regression and lower:
         low = _correlation_panel(low_ax, curves, few, size)
+    elif multilabel:
+        low = _f1_panel(low_ax, curves, few, size)
     elif lower:
         low = _accuracy_panel(low_ax, curves, few, size)
     steps = curves.train_loss[0] + curves.val_loss[0] + low
@@ -256,6 +296,27 @@ def _accuracy_panel(ax: Any, curves: Curves, few: bool, size: float) -> list[int
         ax.text(0.5, 0.5, "no validation split", ha="center", va="center", transform=ax.transAxes)
     _style(ax, "Validation accuracy", "accuracy", "step")
     return curves.val_accuracy[0]
+
+
+def _f1_panel(ax: Any, curves: Curves, few: bool, size: float) -> list[int]:
+    """Validation micro and macro F1 of a multi-label run; returns the steps drawn."""
+    if curves.val_micro_f1[0] or curves.val_macro_f1[0]:
+        ax.plot(*curves.val_micro_f1, marker="o", markersize=size, label="validation micro F1")
+        ax.plot(
+            *curves.val_macro_f1,
+            marker="s",
+            markersize=size * 0.7,
+            linestyle="--",
+            label="validation macro F1",
+        )
+        ax.set_ylim(0.0, 1.05)
+        if few:
+            _mark_values(ax, *curves.val_micro_f1, top=1.0)
+        ax.legend(loc="lower right", fontsize=FONT)
+    else:
+        ax.text(0.5, 0.5, "no validation split", ha="center", va="center", transform=ax.transAxes)
+    _style(ax, "Validation F1", "F1", "step")
+    return curves.val_micro_f1[0] + curves.val_macro_f1[0]
 
 
 def _correlation_panel(ax: Any, curves: Curves, few: bool, size: float) -> list[int]:

@@ -26,6 +26,7 @@ from llmclf.errors import LlmclfError
 from llmclf.reports import plots, stages
 from llmclf.reports.blocks import Block, shorten
 from llmclf.reports.console import REGRESSION_HEADLINE, is_regression, number_cell, one_line, signed_change
+from llmclf.reports.multilabel import MULTI_LABEL
 from llmclf.runfolder import RunFolder
 
 SECTIONS = (
@@ -39,6 +40,7 @@ SECTIONS = (
 )
 PREDICTED_PNG = "predicted_vs_true.png"
 RESIDUALS_PNG = "residuals.png"
+KNOWN_TASKS = tuple(dict.fromkeys((*TASK_CHOICES, MULTI_LABEL)))  # once config has MULTI_LABEL: TASK_CHOICES
 VALIDATION_KEYS = ("eval_mse", "eval_mae", "eval_pearson", "eval_spearman")
 VALIDATION_HEADERS = (
     "step",
@@ -60,10 +62,10 @@ def task_of(config: dict, info: dict) -> str:
     """The run's task: config.yaml's top-level `task`, else run_info.json's, else single-label (runs
     from before llmclf had tasks name none)."""
     task = config.get("task") or info.get("task") or SINGLE_LABEL
-    if task not in TASK_CHOICES:
+    if task not in KNOWN_TASKS:
         raise LlmclfError(
             f"The run names task {one_line(str(task))[:100]!r} (config.yaml or run_info.json), which this "
-            f"llmclf does not know (it knows {', '.join(TASK_CHOICES)}). Update llmclf, or fix the file."
+            f"llmclf does not know (it knows {', '.join(KNOWN_TASKS)}). Update llmclf, or fix the file."
         )
     return task
 

@@ -6,6 +6,9 @@ without the model. The report is assembled once as a list of blocks (heading, pa
 preformatted text) and rendered twice, so the Markdown and HTML versions always hold the same content.
 A regression run (`task: regression` in config.yaml) has sections of its own (regression.SECTIONS),
 built by regression.py: its errors and correlations, predicted against true values, the largest errors.
+So has a multi-label run (`task: multi-label`, multilabel.SECTIONS, built by multilabel.py): micro and
+macro F1, subset accuracy and Hamming loss, per label with its threshold, the label co-occurrence, the
+texts with the most wrong labels.
 
 A run folder is shared data: every value from it is escaped in both renderings (`md_text` here is the
 one Markdown escaper, the model card uses it too), reads never leave the folder and writes never go
@@ -25,8 +28,8 @@ import pandas as pd
 
 from llmclf.config import REGRESSION, SINGLE_LABEL, parse_yaml
 from llmclf.errors import LlmclfError
-from llmclf.reports import html_page, plots, regression, stages
-from llmclf.reports.blocks import Block, cell, data_notes, shorten
+from llmclf.reports import html_page, multilabel, plots, regression, stages
+from llmclf.reports.blocks import HALF_MAX, Block, cell, data_notes, shorten
 from llmclf.reports.console import one_line
 from llmclf.runfolder import (
     CONFIG,
@@ -55,7 +58,6 @@ REPORT_SECTIONS = (
     "Most confidently wrong",
     "Configuration",
 )
-HALF_MAX = 8  # confusion matrices of up to this many classes are shown two in a row (HTML)
 CONFIG_VALUES = 100_000  # YAML aliases can make a small config.yaml expand to billions of values
 
 
@@ -72,12 +74,17 @@ class RunFiles:
     metrics: dict
     run_info: dict = field(default_factory=dict)
     summary: dict | None = None
-    predictions: pd.DataFrame | None = None  # a regression run's label and score as floats
+    predictions: pd.DataFrame | None = None  # regression: label, score as floats; multi-label: label sets
     task: str = SINGLE_LABEL
+    label_separator: str = multilabel.DEFAULT_SEPARATOR  # what joins a multi-label run's labels in the CSV
 
     @property
     def regression(self) -> bool:
         return self.task == REGRESSION
+
+    @property
+    def multilabel(self) -> bool:
+        return self.task == multilabel.MULTI_LABEL
 
 
 def read_run(run_dir: str | Path) -> RunFiles:
@@ -95,14 +102,20 @@ def read_run(run_dir: str | Path) -> RunFiles:
         )
     run_info = _read(run, RUN_INFO, lambda _: run.run_info(), dict)
     task = regression.task_of(config, run_info)
+    labels = _read(run, LABELS, lambda _: run.labels(), list)  # checked: distinct non-empty names
     predictions = _read(run, PREDICTIONS, lambda _: run.predictions())
+    separator = multilabel.DEFAULT_SEPARATOR
     if task == REGRESSION:
         regression.check_metrics(metrics, run.path(METRICS))
         predictions = regression.numeric_predictions(predictions, run.path(PREDICTIONS))
+    elif task == multilabel.MULTI_LABEL:
+        multilabel.check_metrics(metrics, run.path(METRICS))
+        separator = multilabel.label_separator(config, run_info, run.path(CONFIG))
+        predictions = multilabel.label_sets(predictions, labels, separator, run.path(PREDICTIONS))
     return RunFiles(
         path=run.root,
         folder=run,
-        labels=_read(run, LABELS, lambda _: run.labels(), list),  # checked: distinct non-empty names
+        labels=labels,
         config_text=config_text,
         config=config,
         metrics=metrics,
@@ -110,6 +123,7 @@ def read_run(run_dir: str | Path) -> RunFiles:
         summary=_read(run, DATA_SUMMARY, run.optional_json, (dict, type(None))),
         predictions=predictions,
         task=task,
+        label_separator=separator,
     )
 
 
@@ -289,6 +303,8 @@ def _summary_blocks(run: RunFiles) -> list[Block]:
     info = run.run_info
     if run.regression:
         scores = regression.summary_rows(run.metrics, info)
+    elif run.multilabel:
+        scores = multilabel.summary_rows(run.metrics, run.labels, run.label_separator)
     else:
         scores = [["test accuracy after training", run.metrics["after"]["accuracy"]]]
     rows = [
@@ -324,11 +340,15 @@ def _training_blocks(run: RunFiles, images: dict[str, plots.Png]) -> list[Block]
         if run.regression:
             caption = regression.training_caption(run.run_info)
             blocks += regression.scale_note(run.run_info)
+        elif run.multilabel:
+            caption = multilabel.training_caption(run.run_info)
         blocks.append(Block("image", text=caption, image=images["training"]))
     else:
         blocks.append(Block("para", "No training log in run_info.json."))
     if run.regression:
         headers, validations = regression.validation_table(run.run_info)
+    elif run.multilabel:
+        headers, validations = multilabel.validation_table(run.run_info)
     else:
         validations = stages.validation_rows(run.run_info)
         headers = ["step", "epoch", "validation loss", "validation accuracy", "validation balanced accuracy"]
@@ -370,9 +390,11 @@ def build_blocks(
     run: RunFiles, images: dict[str, plots.Png], cal: plots.Calibration | None, top: int
 ) -> list[Block]:
     """The report, first the verdict, then each section in REPORT_SECTIONS' order (a regression run's:
-    regression.SECTIONS)."""
+    regression.SECTIONS; a multi-label run's: multilabel.SECTIONS)."""
     if run.regression:
         return _regression_blocks(run, images, top)
+    if run.multilabel:
+        return _multilabel_blocks(run, images, top)
     blocks = [Block("verdict", stages.verdict(run.metrics, run.run_info, run.config))]
     blocks += _summary_blocks(run)
     blocks += [Block("heading", "Data"), *_data_blocks(run)]
@@ -400,6 +422,27 @@ def _regression_blocks(run: RunFiles, images: dict[str, plots.Png], top: int) ->
     blocks += [Block("heading", "Predicted vs true"), *regression.figure_blocks(images, run.predictions)]
     blocks += _training_blocks(run, images)
     blocks += [Block("heading", "Largest errors"), *regression.error_blocks(run.predictions, top)]
+    blocks += [Block("heading", "Configuration"), Block("pre", run.config_text.rstrip())]
+    return blocks
+
+
+def _multilabel_blocks(run: RunFiles, images: dict[str, plots.Png], top: int) -> list[Block]:
+    """A multi-label run's report: its scores, per label, the label co-occurrence, the worst texts."""
+    ml, labels = multilabel, run.labels
+    blocks = [Block("verdict", ml.verdict(run.metrics, run.run_info, run.predictions, labels))]
+    blocks += _summary_blocks(run)
+    blocks.append(Block("heading", "Data"))
+    if run.summary is None:
+        blocks.append(Block("para", "data_summary.json is missing from this run folder."))
+    else:
+        blocks += [*ml.data_blocks(run.summary, labels), *data_notes(run.summary)]
+    blocks += [Block("heading", "Metrics"), *ml.metric_blocks(run.metrics, run.run_info, run.config, labels)]
+    blocks += [Block("heading", "Per label"), *ml.per_label_blocks(run.metrics, run.run_info, labels)]
+    blocks.append(Block("heading", "Label co-occurrence"))
+    blocks += ml.cooccurrence_blocks(images, run.predictions, labels)
+    blocks += _training_blocks(run, images)
+    blocks.append(Block("heading", "Most wrong"))
+    blocks += ml.wrong_blocks(run.predictions, labels, run.label_separator, top)
     blocks += [Block("heading", "Configuration"), Block("pre", run.config_text.rstrip())]
     return blocks
 
@@ -469,10 +512,14 @@ def render_html(blocks: list[Block], title: str) -> str:
 # ------------------------------------------------------------------------------------ the report
 def write_figures(run: RunFiles) -> tuple[dict[str, plots.Png], plots.Calibration | None]:
     """Every PNG of the report, written into the run folder."""
-    if run.regression:
-        images = regression.write_figures(run.folder, run.predictions)
+    if run.regression or run.multilabel:
+        if run.regression:
+            images = regression.write_figures(run.folder, run.predictions)
+        else:
+            images = multilabel.write_figures(run.folder, run.predictions, run.labels)
         if run.run_info.get("log_history"):
-            fig = plots.training_figure(run.run_info["log_history"], regression=True)
+            log = run.run_info["log_history"]
+            fig = plots.training_figure(log, regression=run.regression, multilabel=run.multilabel)
             images["training"] = plots.save_png(fig, run.folder, TRAINING_PNG)
         return images, None
     images: dict[str, plots.Png] = {}
