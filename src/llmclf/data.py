@@ -30,7 +30,7 @@ from llmclf.datafiles import (  # the readers, re-exported: `from llmclf.data im
 from llmclf.errors import LlmclfError
 from llmclf.labelsets import all_labels, normalise_label, parse_label_sets, split_label_sets  # re-exported
 from llmclf.labelsets import counts as label_counts
-from llmclf.targets import SCORE, check_train_targets, parse_targets, split_targets
+from llmclf.targets import SCORE, check_train_targets, fraction_sizes, parse_targets, split_targets
 from llmclf.tokens import to_dataset, tokenize_texts  # re-exported: their home was here
 
 __all__ = [
@@ -353,13 +353,6 @@ def _dedupe(frame: pd.DataFrame, source: str, notes: list[str]) -> pd.DataFrame:
     return frame[~dup]
 
 
-def _per_class_counts(n: int, val_fraction: float, test_fraction: float) -> tuple[int, int]:
-    # Each class gets at least one validation and test example where it has enough rows for it.
-    n_val = max(1, round(n * val_fraction)) if val_fraction > 0 and n >= 3 else 0
-    n_test = max(1, round(n * test_fraction)) if test_fraction > 0 and n >= 3 else 0
-    return n_val, n_test
-
-
 def split_data(
     pool: pd.DataFrame,
     *,
@@ -411,7 +404,7 @@ def split_data(
             n_val, n_test = val_per_class or 0, (0 if test_pool is not None else test_per_class or 0)
             n_train = train_per_class
         else:
-            n_val, n_test = _per_class_counts(
+            n_val, n_test = fraction_sizes(
                 len(rows), val_fraction, 0 if test_pool is not None else test_fraction
             )
             n_train = len(rows) - n_val - n_test

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from llmclf.errors import LlmclfError
+from llmclf.targets import fraction_sizes
 
 _INTEGRAL_FLOAT = re.compile(r"[+-]?\d+\.0+")
 MAX_POS_WEIGHT = 100.0
@@ -113,8 +114,7 @@ def split_label_sets(
     one. A label with too few texts to be everywhere is named in a note."""
     n = len(pool)
     order = rng.permutation(n)
-    n_val = max(1, round(n * val_fraction)) if val_fraction > 0 and n >= 3 else 0
-    n_test = max(1, round(n * test_fraction)) if test_fraction > 0 and n >= 3 else 0
+    n_val, n_test = fraction_sizes(n, val_fraction, test_fraction)
     split = np.zeros(n, dtype=int)  # 0 train, 1 validation, 2 test; by position in `pool`
     split[order[:n_val]], split[order[n_val : n_val + n_test]] = 1, 2
     carriers = {label: [i for i in order if label in pool["label"].iloc[i]] for label in labels}

@@ -59,14 +59,20 @@ def _number(value: Any) -> float | None:
     return number if math.isfinite(number) else None
 
 
+def fraction_sizes(n: int, val_fraction: float, test_fraction: float) -> tuple[int, int]:
+    """Validation and test sizes of n rows: at least one each where asked for and there are 3 rows."""
+    n_val = max(1, round(n * val_fraction)) if val_fraction > 0 and n >= 3 else 0
+    n_test = max(1, round(n * test_fraction)) if test_fraction > 0 and n >= 3 else 0
+    return n_val, n_test
+
+
 def split_targets(
     pool: pd.DataFrame, *, val_fraction: float, test_fraction: float, rng: np.random.Generator
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """Train, validation and test at random, by fractions of the rows (`test_fraction` 0 where the test
     split comes from elsewhere)."""
     n = len(pool)
-    n_val = max(1, round(n * val_fraction)) if val_fraction > 0 and n >= 3 else 0
-    n_test = max(1, round(n * test_fraction)) if test_fraction > 0 and n >= 3 else 0
+    n_val, n_test = fraction_sizes(n, val_fraction, test_fraction)
     order = pool.iloc[rng.permutation(n)].reset_index(drop=True)
     val, test, train = order.iloc[:n_val], order.iloc[n_val : n_val + n_test], order.iloc[n_val + n_test :]
     return train.reset_index(drop=True), val.reset_index(drop=True), test.reset_index(drop=True)

@@ -244,7 +244,7 @@ def evaluate(args: argparse.Namespace) -> int:
         Path(args.output) if args.output else Path(args.run_dir) / f"evaluation_{Path(args.data).stem}.json"
     )
     write_json(output, {"data": str(args.data), **metrics})
-    print(console.compare(None, metrics) if saved.task == REGRESSION else console.full_report(None, metrics))
+    print(console.full_report(None, metrics, thresholds=clf.thresholds))
     print(f"\nMetrics written to {output}")
     return 0
 

@@ -67,13 +67,22 @@ def signed_change(value: float) -> str:
     return f"{value:+.4f}" if isinstance(cell, float) else f"{value:+.4g}"
 
 
-def class_balance(counts: dict[str, dict[str, int]], labels: list[str], weights: list[float] | None) -> str:
-    """Rows per split and class, with the class weights used in the loss."""
-    headers = ["class", "train", "val", "test"] + (["weight"] if weights else [])
+def class_balance(
+    counts: dict[str, dict[str, int]],
+    labels: list[str],
+    weights: list[float] | None,
+    texts: dict[str, int] | None = None,
+) -> str:
+    """Rows per split and class, with the class weights used in the loss. `texts`: a multi-label run's
+    texts per split (its counts are texts carrying each label, and its weights the positive weights)."""
+    headers = ["label" if texts else "class", "train", "val", "test"] + (["weight"] if weights else [])
     rows = []
     for i, label in enumerate(labels):
         row: list[object] = [label] + [counts[s].get(label, 0) for s in ("train", "val", "test")]
         rows.append(row + ([weights[i]] if weights else []))
+    if texts:
+        rows.append(["texts"] + [texts[s] for s in ("train", "val", "test")] + ([""] if weights else []))
+        return table(headers, rows, title="Texts carrying each label")
     totals: list[object] = ["total"] + [sum(counts[s].values()) for s in ("train", "val", "test")]
     rows.append(totals + ([sum(weights)] if weights else []))
     return table(headers, rows, title="Class balance")

@@ -23,15 +23,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from llmclf.config import MULTI_LABEL
 from llmclf.errors import LlmclfError
 from llmclf.reports import plots, stages
 from llmclf.reports.blocks import HALF_MAX, Block, shorten
 from llmclf.reports.console import MULTILABEL_HEADLINE, is_multilabel, number_cell, one_line, signed_change
 from llmclf.runfolder import RunFolder
 
-MULTI_LABEL = (
-    "multi-label"  # the task's name in config.yaml and run_info.json (llmclf.config's, once it has it)
-)
 DEFAULT_SEPARATOR = ","
 SECTIONS = (
     "Summary",

@@ -26,7 +26,6 @@ from llmclf.errors import LlmclfError
 from llmclf.reports import plots, stages
 from llmclf.reports.blocks import Block, shorten
 from llmclf.reports.console import REGRESSION_HEADLINE, is_regression, number_cell, one_line, signed_change
-from llmclf.reports.multilabel import MULTI_LABEL
 from llmclf.runfolder import RunFolder
 
 SECTIONS = (
@@ -40,7 +39,7 @@ SECTIONS = (
 )
 PREDICTED_PNG = "predicted_vs_true.png"
 RESIDUALS_PNG = "residuals.png"
-KNOWN_TASKS = tuple(dict.fromkeys((*TASK_CHOICES, MULTI_LABEL)))  # once config has MULTI_LABEL: TASK_CHOICES
+KNOWN_TASKS = TASK_CHOICES
 VALIDATION_KEYS = ("eval_mse", "eval_mae", "eval_pearson", "eval_spearman")
 VALIDATION_HEADERS = (
     "step",

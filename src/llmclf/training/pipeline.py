@@ -240,7 +240,8 @@ def load_data(
     for note in splits.notes:
         log.info("note: %s", note)
     if splits.task != REGRESSION:  # multi-label: texts carrying each label, and its positive weight
-        log.info("%s\n", console.class_balance(splits.counts(), splits.labels, weights))
+        texts = {name: len(getattr(splits, name)) for name in SPLITS} if splits.task == MULTI_LABEL else None
+        log.info("%s\n", console.class_balance(splits.counts(), splits.labels, weights, texts))
     else:
         log.info("%s\n", console.target_summary(target_summaries(splits)))
     return splits, weights
@@ -310,7 +311,7 @@ def load_model(config: RunConfig, task: Task, choice: ModelChoice) -> tuple[Any,
         attn_implementation=choice.attn,
         gradient_checkpointing=config.train.gradient_checkpointing,
         allow_pickle=mc.allow_pickle,
-        problem_type=task.problem_type if task.regression else None,
+        problem_type=None if task.name == SINGLE_LABEL else task.problem_type,  # sigmoid, or no function
     )
     # framed texts everywhere the tokenizer runs, the saved and exported tokenizer included
     apply_template(loaded.tokenizer, resolve_template(mc.prompt_template, loaded.model))
