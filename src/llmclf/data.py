@@ -265,9 +265,9 @@ def _refuse_label_sets(
             raise LlmclfError(
                 f"{source}: column '{column}' has {len(joined)} label(s) such as '{label}' (at "
                 f"{where(_first_rows(frame, [label]))}) that join labels also found alone ({parts}) with "
-                f"'{sep}': this looks like several labels per text (multi-label data), which llmclf does not "
-                "train yet. Give each text one label; or, if such a label is a class of its own, write it "
-                f"without '{sep}'."
+                f"'{sep}': this looks like several labels per text. Train with --task multi-label "
+                f"--label-separator '{sep}'; or, if such a label is a class of its own, write it without "
+                f"'{sep}'."
             )
 
 

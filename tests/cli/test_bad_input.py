@@ -83,7 +83,7 @@ LABEL_FILES = {
     "several labels per text": (
         "multi.csv",
         with_rows({5: {"label": "World,Sports"}}),
-        ["'World,Sports'", "row(s) 6", "['World', 'Sports']", "multi-label", "one label"],
+        ["'World,Sports'", "row(s) 6", "['World', 'Sports']", "--task multi-label", "--label-separator ','"],
     ),
 }
 
