@@ -254,9 +254,9 @@ LAYER_PASS = textwrap.dedent(
         seen.append(len(ids))
         return real_states(model, ids, *args, **kwargs)
 
-    def keep(states, labels, candidates, total):
+    def keep(states, labels, candidates, total, **options):
         kept["states"] = states
-        return real_choose(states, labels, candidates, total)
+        return real_choose(states, labels, candidates, total, **options)
 
     feature_layer.layer_states, feature_layer.choose = counted, keep
     with distributed.session():
