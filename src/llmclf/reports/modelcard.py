@@ -34,6 +34,7 @@ import yaml
 
 from llmclf.data import DEMO_NAME, TABLE_SUFFIXES
 from llmclf.reports import multilabel, regression
+from llmclf.reports.blocks import or_na
 from llmclf.reports.console import MULTILABEL_HEADLINE, REGRESSION_HEADLINE, one_line
 from llmclf.reports.run_report import (
     RunFiles,
@@ -427,7 +428,7 @@ def _regression_results(run: RunFiles, repo_id: str | None) -> list[str]:
         "random head.",
         "",
     ]
-    shown = regression.or_na
+    shown = or_na
     rows = [
         [name, shown(before.get(key)) if before else "", shown(after.get(key))]
         for name, key in REGRESSION_HEADLINE
@@ -504,7 +505,7 @@ def _multilabel_results(run: RunFiles, repo_id: str | None) -> list[str]:
         "",
     ]
     rows = [
-        [name, regression.or_na(before.get(key)) if before else "", regression.or_na(after.get(key))]
+        [name, or_na(before.get(key)) if before else "", or_na(after.get(key))]
         for name, key in MULTILABEL_HEADLINE
     ]
     out += md_table(["metric", "before fine-tuning", "after"], rows)

@@ -26,8 +26,8 @@ import pandas as pd
 from llmclf.config import MULTI_LABEL
 from llmclf.errors import LlmclfError
 from llmclf.reports import plots, stages
-from llmclf.reports.blocks import HALF_MAX, Block, shorten
-from llmclf.reports.console import MULTILABEL_HEADLINE, is_multilabel, number_cell, one_line, signed_change
+from llmclf.reports.blocks import HALF_MAX, Block, as_dict, metric_rows, or_na, shorten
+from llmclf.reports.console import MULTILABEL_HEADLINE, is_multilabel, number_cell, one_line
 from llmclf.runfolder import RunFolder
 
 DEFAULT_SEPARATOR = ","
@@ -48,26 +48,17 @@ VALIDATION_KEYS = ("eval_micro_f1", "eval_macro_f1")
 VALIDATION_HEADERS = ["step", "epoch", "validation loss", "validation micro F1", "validation macro F1"]
 
 
-def _dict(value: Any) -> dict:
-    return value if isinstance(value, dict) else {}
-
-
 def _shown(value: Any) -> str:
     """A metric as text: 4 decimals (or 4 significant digits), n/a where it is no number."""
     cell = number_cell(value)
     return "n/a" if cell is None else (f"{cell:.4f}" if isinstance(cell, float) else cell)
 
 
-def _or_na(value: Any) -> float | str:
-    cell = number_cell(value)
-    return "n/a" if cell is None else cell
-
-
 # ------------------------------------------------------------------------------------ reading the run
 def label_separator(config: dict, info: dict, source: Path) -> str:
     """What joins a text's labels in predictions_test.csv: config.yaml's data.label_separator, else
     run_info.json's label_separator, else a comma."""
-    data = _dict(config.get("data"))
+    data = as_dict(config.get("data"))
     found = data.get("label_separator", info.get("label_separator", DEFAULT_SEPARATOR))
     if not isinstance(found, str) or not found.strip():
         raise LlmclfError(
@@ -162,7 +153,7 @@ def _decision_counts(predictions: pd.DataFrame | None, labels: list[str]) -> dic
 def verdict(metrics: dict, info: dict, predictions: pd.DataFrame | None, labels: list[str]) -> str:
     """One line: micro-F1 after training with the other scores, what the model scored before training
     and the probe heads alone, what predicting no label scores, and the errors on the test texts."""
-    after, before, probe = metrics["after"], _dict(metrics.get("before")), _dict(info.get("probe"))
+    after, before, probe = metrics["after"], as_dict(metrics.get("before")), as_dict(info.get("probe"))
     parts = [
         f"test micro-F1 {_shown(after.get('micro_f1'))} after training (macro-F1 "
         f"{_shown(after.get('macro_f1'))}, subset accuracy {_shown(after.get('subset_accuracy'))}, "
@@ -189,7 +180,7 @@ def verdict(metrics: dict, info: dict, predictions: pd.DataFrame | None, labels:
 
 def summary_rows(metrics: dict, labels: list[str], separator: str) -> list[list[Any]]:
     """The Summary table's multi-label rows: the task, then each test score before → after training."""
-    before, after = _dict(metrics.get("before")), metrics["after"]
+    before, after = as_dict(metrics.get("before")), metrics["after"]
     rows: list[list[Any]] = [
         [
             "task",
@@ -207,7 +198,7 @@ def summary_rows(metrics: dict, labels: list[str], separator: str) -> list[list[
                 ]
             )
         else:
-            rows.append([f"test {name} after training", _or_na(after.get(key))])
+            rows.append([f"test {name} after training", or_na(after.get(key))])
     return rows
 
 
@@ -215,12 +206,12 @@ def summary_rows(metrics: dict, labels: list[str], separator: str) -> list[list[
 def data_table(summary: dict, labels: list[str]) -> tuple[list[str], list[list[Any]]]:
     """(headers, rows): texts carrying each label per split with its positive weight, then the texts
     per split and the labels per text (data_summary.json's counts, rows and pos_weights)."""
-    counts, texts = _dict(summary.get("counts")), _dict(summary.get("rows"))
-    weights = _dict(summary.get("pos_weights"))
+    counts, texts = as_dict(summary.get("counts")), as_dict(summary.get("rows"))
+    weights = as_dict(summary.get("pos_weights"))
     splits = [split for split in ("train", "val", "test") if split in counts or split in texts]
     rows: list[list[Any]] = []
     for label in labels:
-        row = [label, *[_dict(counts.get(split)).get(label, 0) for split in splits]]
+        row = [label, *[as_dict(counts.get(split)).get(label, 0) for split in splits]]
         rows.append(row + ([number_cell(weights.get(label))] if weights else []))
     tail = [""] if weights else []
     if texts:
@@ -236,12 +227,12 @@ def data_table(summary: dict, labels: list[str]) -> tuple[list[str], list[list[A
 
 def _carried(counts: Any) -> float | None:
     """All label occurrences in a split (a text with two labels counts twice)."""
-    values = [stages.number(v) for v in _dict(counts).values()]
+    values = [stages.number(v) for v in as_dict(counts).values()]
     return sum(v for v in values if v is not None) if values else None
 
 
 def data_blocks(summary: dict, labels: list[str]) -> list[Block]:
-    weights = _dict(summary.get("pos_weights"))
+    weights = as_dict(summary.get("pos_weights"))
     text = (
         f"Source: {summary.get('source')}. Texts carrying each label per split (a text with several labels "
         "counts under each), then the texts per split and the labels they carry on average"
@@ -258,26 +249,9 @@ def data_blocks(summary: dict, labels: list[str]) -> list[Block]:
 
 
 # ------------------------------------------------------------------------------------ metrics
-def metric_rows(metrics: dict) -> tuple[list[str], list[list[Any]]]:
-    """(headers, rows) of the test metrics after training, beside the baseline's with the change."""
-    before, after = _dict(metrics.get("before")), metrics["after"]
-    rows: list[list[Any]] = []
-    for name, key in MULTILABEL_HEADLINE:
-        if not before:
-            rows.append([name, _or_na(after.get(key))])
-            continue
-        both = number_cell(after.get(key)) is not None and number_cell(before.get(key)) is not None
-        change = signed_change(after[key] - before[key]) if both else ""
-        rows.append([name, _or_na(after.get(key)), _or_na(before.get(key)), change])
-    if not before:
-        return ["metric", "after training"], rows + [["test texts", after.get("n")]]
-    rows.append(["test texts", after.get("n"), before.get("n"), ""])
-    return ["metric", "after training", "before training (baseline)", "change"], rows
-
-
 def _probe_sentence(info: dict, config: dict) -> str:
     """Where fine-tuning started: the linear probes per label run_info.json records, or not."""
-    probe = _dict(info.get("probe"))
+    probe = as_dict(info.get("probe"))
     if probe:
         parts = [
             f"{name} {_shown(probe.get(key))}"
@@ -289,7 +263,7 @@ def _probe_sentence(info: dict, config: dict) -> str:
             "per label fitted on the frozen model's features of the training split"
             + (f" ({', '.join(parts)})." if parts else ".")
         )
-    if _dict(config.get("train")).get("head_init") == "probe":
+    if as_dict(config.get("train")).get("head_init") == "probe":
         return " Fine-tuning started from linear-probe heads (train.head_init: probe)."
     return " Fine-tuning started from that random head (train.head_init: random)."
 
@@ -312,20 +286,20 @@ def metric_blocks(metrics: dict, info: dict, config: dict, labels: list[str]) ->
     if metrics.get("before"):
         caption += " Before training is the baseline: the base model with a randomly initialised head."
         caption += _probe_sentence(info, config)
-    headers, rows = metric_rows(metrics)
+    headers, rows = metric_rows(metrics, MULTILABEL_HEADLINE)
     return [Block("para", caption), Block("table", headers=headers, rows=rows)]
 
 
 def per_label_blocks(metrics: dict, info: dict, labels: list[str]) -> list[Block]:
     """Precision, recall, F1 (and before training), support and the threshold of each label."""
-    after = _dict(metrics["after"].get("per_label"))
-    before = _dict(_dict(metrics.get("before")).get("per_label"))
-    thresholds = _dict(info.get("thresholds"))
+    after = as_dict(metrics["after"].get("per_label"))
+    before = as_dict(as_dict(metrics.get("before")).get("per_label"))
+    thresholds = as_dict(info.get("thresholds"))
     rows = []
     for label in labels:
-        m = _dict(after.get(label))
+        m = as_dict(after.get(label))
         cells = [number_cell(m.get(key)) for key in ("precision", "recall", "f1")]
-        f1_before = number_cell(_dict(before.get(label)).get("f1"))
+        f1_before = number_cell(as_dict(before.get(label)).get("f1"))
         support = stages.number(m.get("support"))
         support = int(support) if support is not None else None
         rows.append([label, *cells, f1_before, support, number_cell(thresholds.get(label))])

@@ -24,8 +24,8 @@ import pandas as pd
 from llmclf.config import REGRESSION, SINGLE_LABEL, TASK_CHOICES
 from llmclf.errors import LlmclfError
 from llmclf.reports import plots, stages
-from llmclf.reports.blocks import Block, shorten
-from llmclf.reports.console import REGRESSION_HEADLINE, is_regression, number_cell, one_line, signed_change
+from llmclf.reports.blocks import Block, as_dict, metric_rows, or_na, shorten
+from llmclf.reports.console import REGRESSION_HEADLINE, is_regression, number_cell, one_line
 from llmclf.runfolder import RunFolder
 
 SECTIONS = (
@@ -50,10 +50,6 @@ VALIDATION_HEADERS = (
     "validation Pearson",
     "validation Spearman",
 )
-
-
-def _dict(value: Any) -> dict:
-    return value if isinstance(value, dict) else {}
 
 
 # ------------------------------------------------------------------------------------ reading the run
@@ -161,7 +157,7 @@ def error_blocks(predictions: pd.DataFrame | None, top: int) -> list[Block]:
 # ------------------------------------------------------------------------------------ baselines
 def training_mean(summary: dict | None) -> float | None:
     """The training split's mean target (data_summary.json), what a model that learned nothing predicts."""
-    return stages.number(_dict(_dict(_dict(summary).get("targets")).get("train")).get("mean"))
+    return stages.number(as_dict(as_dict(as_dict(summary).get("targets")).get("train")).get("mean"))
 
 
 def mean_baseline(predictions: pd.DataFrame | None, summary: dict | None) -> dict[str, Any] | None:
@@ -191,7 +187,7 @@ def _shown(metrics: dict, key: str) -> str:
 def verdict(metrics: dict, info: dict, predictions: pd.DataFrame | None, summary: dict | None) -> str:
     """One line: the test errors and correlations after training, R², what predicting the mean would
     score, what the model scored before training and the probe head alone, and on how many texts."""
-    after, before, probe = metrics["after"], _dict(metrics.get("before")), _dict(info.get("probe"))
+    after, before, probe = metrics["after"], as_dict(metrics.get("before")), as_dict(info.get("probe"))
     parts = [
         f"test MAE {_shown(after, 'mae')} after training (MSE {_shown(after, 'mse')}, Pearson "
         f"{_shown(after, 'pearson')}, Spearman {_shown(after, 'spearman')})"
@@ -231,13 +227,13 @@ def summary_rows(metrics: dict, info: dict) -> list[list[Any]]:
 def target_rows(summary: dict) -> list[list[Any]]:
     """split, n, mean, std, min, max of the target, from data_summary.json (empty cells for a split
     without rows or a value that is no number)."""
-    counts, targets = _dict(summary.get("counts")), _dict(summary.get("targets"))
+    counts, targets = as_dict(summary.get("counts")), as_dict(summary.get("targets"))
     rows = []
     for split in ("train", "val", "test"):
         if split not in counts and split not in targets:
             continue
-        n = sum(v for v in _dict(counts.get(split)).values() if stages.number(v) is not None)
-        values = _dict(targets.get(split))
+        n = sum(v for v in as_dict(counts.get(split)).values() if stages.number(v) is not None)
+        values = as_dict(targets.get(split))
         rows.append([split, int(n), *[number_cell(values.get(k)) for k in ("mean", "std", "min", "max")]])
     return rows
 
@@ -245,7 +241,7 @@ def target_rows(summary: dict) -> list[list[Any]]:
 def target_range(summary: dict | None, split: str = "train") -> tuple[Any, Any]:
     """(smallest, largest) target value of a split as data_summary.json records them (each None when
     it records no number), shown as table cells."""
-    values = _dict(_dict(_dict(summary).get("targets")).get(split))
+    values = as_dict(as_dict(as_dict(summary).get("targets")).get(split))
     return number_cell(values.get("min")), number_cell(values.get("max"))
 
 
@@ -258,33 +254,9 @@ def data_blocks(summary: dict) -> list[Block]:
     return [Block("para", text), Block("table", headers=headers, rows=target_rows(summary))]
 
 
-def or_na(value: Any) -> float | str:
-    """A metric as a table cell; "n/a" where metrics.json has none (a correlation of constant
-    predictions is null)."""
-    cell = number_cell(value)
-    return "n/a" if cell is None else cell
-
-
-def metric_rows(metrics: dict) -> tuple[list[str], list[list[Any]]]:
-    """(headers, rows) of the test metrics after training, beside the baseline's with the change."""
-    before, after = _dict(metrics.get("before")), metrics["after"]
-    rows: list[list[Any]] = []
-    for name, key in REGRESSION_HEADLINE:
-        if not before:
-            rows.append([name, or_na(after.get(key))])
-            continue
-        both = number_cell(after.get(key)) is not None and number_cell(before.get(key)) is not None
-        change = signed_change(after[key] - before[key]) if both else ""
-        rows.append([name, or_na(after.get(key)), or_na(before.get(key)), change])
-    if not before:
-        return ["metric", "after training"], rows + [["test texts", after.get("n")]]
-    rows.append(["test texts", after.get("n"), before.get("n"), ""])
-    return ["metric", "after training", "before training (baseline)", "change"], rows
-
-
 def _probe_sentence(info: dict, config: dict) -> str:
     """Where fine-tuning started: the linear probe (ridge regression) run_info.json records, or not."""
-    probe = _dict(info.get("probe"))
+    probe = as_dict(info.get("probe"))
     if probe:
         parts = [
             f"{name} {_shown(probe, key)}"
@@ -301,7 +273,7 @@ def _probe_sentence(info: dict, config: dict) -> str:
             "fitted on the frozen model's features of the training split"
             + (f" ({', '.join(parts)})." if parts else ".")
         )
-    if _dict(config.get("train")).get("head_init") == "probe":
+    if as_dict(config.get("train")).get("head_init") == "probe":
         return " Fine-tuning started from a linear-probe head (train.head_init: probe)."
     return " Fine-tuning started from that random head (train.head_init: random)."
 
@@ -318,7 +290,7 @@ def metric_blocks(metrics: dict, info: dict, config: dict, baseline: dict | None
     if metrics.get("before"):
         caption += " Before training is the baseline: the base model with a randomly initialised head."
         caption += _probe_sentence(info, config)
-    headers, rows = metric_rows(metrics)
+    headers, rows = metric_rows(metrics, REGRESSION_HEADLINE)
     blocks = [Block("para", caption), Block("table", headers=headers, rows=rows)]
     if baseline is not None:
         blocks.append(
