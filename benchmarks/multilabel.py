@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pairs import C_GRID, _value, cpu_name  # noqa: E402
+from pairs import C_GRID, add_run_options, cpu_name, run_options  # noqa: E402
 
 SOURCE = ("Johann-75/Emotion-Classifier-using-BiLSTM-RNN", "2018-E-c-En-train.txt")
 SEPARATOR = "|"
@@ -128,22 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--git-dir", type=Path, default=Path(f"/work/.mirror/{SOURCE[0].replace('/', '+')}/repo"))
     p.add_argument("--train", type=int, default=2000)
     p.add_argument("--test", type=int, default=1000)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--runs-dir", type=Path, default=Path("runs/multilabel"))
-    p.add_argument("--baselines", default="tfidf,minilm", help="comma-separated: tfidf, minilm (or none)")
-    p.add_argument("--json", type=Path)
-    p.add_argument("--model", help="llmclf's model (default: llmclf's default model)")
-    p.add_argument(
-        "--option", action="append", default=[], metavar="NAME=VALUE", help="an llmclf.train option"
-    )
+    add_run_options(p, Path("runs/multilabel"), "tfidf,minilm")
     args = p.parse_args(argv)
-    options = {k: _value(v) for k, v in (o.split("=", 1) for o in args.option)}
-    if args.model:
-        options["model"] = args.model
-    from llmclf import runtime
-
-    runtime.quiet_libraries()
-    runtime.set_threads()
+    options = run_options(args)
     frame, emotions = read_ec(args.git_dir)
     shuffled = frame.sample(frac=1.0, random_state=args.seed).reset_index(drop=True)
     test, train = shuffled.iloc[: args.test], shuffled.iloc[args.test : args.test + args.train]

@@ -161,14 +161,12 @@ def _value(text: str):
     return yaml.safe_load(text)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--git-dir", type=Path, default=Path("/work/.mirror/F0restL1n+BERT/repo"))
-    p.add_argument("--train", type=int, default=2000)
-    p.add_argument("--test", type=int, default=1000)
+def add_run_options(p: argparse.ArgumentParser, runs_dir: Path, baselines: str) -> None:
+    """The options the task benchmarks share: seed, runs folder, baselines, JSON output, llmclf's model
+    and llmclf.train options."""
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--runs-dir", type=Path, default=Path("runs/pairs"))
-    p.add_argument("--baselines", default="tfidf,minilm", help="comma-separated: tfidf, minilm (or none)")
+    p.add_argument("--runs-dir", type=Path, default=runs_dir)
+    p.add_argument("--baselines", default=baselines, help=f"comma-separated: {baselines} (or none)")
     p.add_argument("--json", type=Path)
     p.add_argument("--model", help="llmclf's model (default: llmclf's default model)")
     p.add_argument(
@@ -178,14 +176,28 @@ def main(argv: list[str] | None = None) -> int:
         metavar="NAME=VALUE",
         help="an llmclf.train option (YAML value)",
     )
-    args = p.parse_args(argv)
+
+
+def run_options(args: argparse.Namespace) -> dict:
+    """llmclf.train's options from --option and --model; the libraries quietened, threads set."""
+    from llmclf import runtime
+
     options = {k: _value(v) for k, v in (o.split("=", 1) for o in args.option)}
     if args.model:
         options["model"] = args.model
-    from llmclf import runtime
-
     runtime.quiet_libraries()
     runtime.set_threads()
+    return options
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--git-dir", type=Path, default=Path("/work/.mirror/F0restL1n+BERT/repo"))
+    p.add_argument("--train", type=int, default=2000)
+    p.add_argument("--test", type=int, default=1000)
+    add_run_options(p, Path("runs/pairs"), "tfidf,minilm")
+    args = p.parse_args(argv)
+    options = run_options(args)
     train, test = split(read_mrpc(args.git_dir), args.train, args.test, args.seed)
     args.runs_dir.mkdir(parents=True, exist_ok=True)
     train_csv, test_csv = args.runs_dir / "train.csv", args.runs_dir / "test.csv"

@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pairs import _value, cpu_name  # noqa: E402
+from pairs import add_run_options, cpu_name, run_options  # noqa: E402
 
 SOURCE = ("sudha93/semanticTextualSimilarity", "stsbenchmark/sts-{split}.csv")
 ALPHAS = (0.01, 0.1, 1.0, 10.0, 100.0, 1000.0)
@@ -145,24 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--train", type=int, default=2000)
     p.add_argument("--test", type=int, default=1379)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--runs-dir", type=Path, default=Path("runs/regression"))
-    p.add_argument(
-        "--baselines", default="tfidf,minilm,cosine", help="comma-separated: tfidf, minilm, cosine"
-    )
-    p.add_argument("--json", type=Path)
-    p.add_argument("--model", help="llmclf's model (default: llmclf's default model)")
-    p.add_argument(
-        "--option", action="append", default=[], metavar="NAME=VALUE", help="an llmclf.train option"
-    )
+    add_run_options(p, Path("runs/regression"), "tfidf,minilm,cosine")
     args = p.parse_args(argv)
-    options = {k: _value(v) for k, v in (o.split("=", 1) for o in args.option)}
-    if args.model:
-        options["model"] = args.model
-    from llmclf import runtime
-
-    runtime.quiet_libraries()
-    runtime.set_threads()
+    options = run_options(args)
     pool = read_sts(args.git_dir, "train")
     train = pool.sample(n=min(args.train, len(pool)), random_state=args.seed).reset_index(drop=True)
     test = read_sts(args.git_dir, "test").head(args.test)

@@ -227,3 +227,83 @@ def test_the_pairs_benchmark_trains_on_pairs_and_builds_both_texts_features(tmp_
     predictions = pd.read_csv(tmp_path / "runs" / "llmclf" / "predictions_test.csv")
     assert len(predictions) == 30 and predictions["pair"].notna().all()  # trained and tested on pairs
     assert row["llmclf_options"]["epochs"] == 1 and row["llmclf"]["seconds"] > 0
+
+
+def _git_repo(repo, files: dict[str, str]) -> str:
+    """A git repository holding `files` (path: text), committed; returns its git dir."""
+    for path, text in files.items():
+        (repo / path).parent.mkdir(parents=True, exist_ok=True)
+        (repo / path).write_text(text, encoding="utf-8")
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    for step in (["init", "-q"], ["add", "."], ["commit", "-q", "-m", "data"]):
+        subprocess.run([*git, *step], check=True)
+    return str(repo / ".git")
+
+
+TINY_OPTIONS = ["epochs=1", "lr=2e-3", "batch_size=8", "max_length=64", "quantize=none", "precision=fp32"]
+
+
+def _run_benchmark(name: str, git_dir: str, tmp_path, tiny_model_dir, *extra: str) -> dict:
+    out = tmp_path / f"{name}.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), "--git-dir", git_dir, *extra]
+    cmd += ["--baselines", "tfidf", "--runs-dir", str(tmp_path / "runs"), "--json", str(out)]
+    cmd += ["--model", str(tiny_model_dir), *[arg for option in TINY_OPTIONS for arg in ("--option", option)]]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def test_the_regression_benchmark_scores_numbers_on_pairs(tmp_path, tiny_model_dir):
+    """benchmarks/regression.py on STS-benchmark-shaped files: llmclf with --task regression and the pair
+    column, TF-IDF + ridge, both scored by correlation and MSE on the same test pairs."""
+    import random
+
+    import pandas as pd
+
+    from conftest import read_demo_rows
+
+    rows, rng = read_demo_rows(), random.Random(0)
+
+    def sts(n: int) -> str:
+        lines = []
+        for i in range(n):
+            a, b = rng.sample(rows, 2)
+            score = 4.0 if a["label"] == b["label"] else 1.0
+            lines.append(f"g\tf\t2012\t{i:04d}\t{score + rng.random():.3f}\t{a['text']}\t{b['text']}")
+        return "\n".join(lines) + "\n"
+
+    git_dir = _git_repo(
+        tmp_path / "repo", {"stsbenchmark/sts-train.csv": sts(80), "stsbenchmark/sts-test.csv": sts(30)}
+    )
+    row = _run_benchmark("regression", git_dir, tmp_path, tiny_model_dir, "--train", "60", "--test", "25")
+    assert (row["train"], row["test"]) == (60, 25)
+    for side in (row["tfidf"], row["llmclf"]["after"]):
+        assert -1.0 <= side["pearson"] <= 1.0 and side["mse"] >= 0
+    predictions = pd.read_csv(tmp_path / "runs" / "llmclf" / "predictions_test.csv")
+    assert list(predictions.columns) == ["text", "pair", "label", "score"] and len(predictions) == 25
+
+
+def test_the_multilabel_benchmark_scores_label_sets(tmp_path, tiny_model_dir):
+    """benchmarks/multilabel.py on a SemEval-E-c-shaped file: tweets without an emotion left out, llmclf
+    with --task multi-label and TF-IDF + one-vs-rest LR scored by micro and macro F1 on the same tweets."""
+    import random
+
+    import pandas as pd
+
+    from conftest import read_demo_rows
+
+    rows, rng = read_demo_rows(), random.Random(0)
+    topics = sorted({r["label"] for r in rows})
+    lines = ["ID\tTweet\t" + "\t".join(t.replace("/", "") for t in topics)]
+    for i in range(120):
+        a, b = rng.sample(rows, 2)
+        flags = ["1" if t in (a["label"], b["label"]) else "0" for t in topics]
+        lines.append(f"{i}\t{a['text']} {b['text']}\t" + "\t".join(flags if i % 20 else ["0"] * len(topics)))
+    git_dir = _git_repo(tmp_path / "repo", {"2018-E-c-En-train.txt": "\n".join(lines) + "\n"})
+    row = _run_benchmark("multilabel", git_dir, tmp_path, tiny_model_dir, "--train", "70", "--test", "30")
+    assert (row["train"], row["test"]) == (70, 30)  # 6 tweets without an emotion left out of 120
+    for side in (row["tfidf"], row["llmclf"]["after"]):
+        assert 0.0 <= side["micro_f1"] <= 1.0 and 0.0 <= side["macro_f1"] <= 1.0
+    assert set(row["llmclf"]["thresholds"]) == {t.replace("/", "") for t in topics}
+    predictions = pd.read_csv(tmp_path / "runs" / "llmclf" / "predictions_test.csv", keep_default_na=False)
+    assert len(predictions) == 30 and predictions["label"].str.len().gt(0).all()
