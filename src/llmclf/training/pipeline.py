@@ -1,7 +1,10 @@
-"""The whole recipe as one flow of named steps: load data → load model → tokenise → choose the backend
-(and build the activation cache) → evaluate before → fit the probe head → train → evaluate after → save.
+"""The whole recipe as one flow of named steps: load data → define the task → load model → tokenise →
+choose the feature layer → choose the backend (and build the activation cache) → evaluate before → fit
+the probe head → train → evaluate after (with the lexical part; multi-label: thresholds tuned) → save.
 
-Each step takes plain arguments from the config; the config object stops here.
+Each step takes plain arguments from the config; the config object stops here. The task (single-label,
+multi-label, regression) is decided once, in `define_task`: the `Task` it returns says what the head's
+outputs mean, and the steps ask it rather than testing the task themselves.
 """
 
 from __future__ import annotations
