@@ -308,3 +308,21 @@ def test_recorded_thresholds_are_checked_as_untrusted_data(tmp_path):
     ):
         with pytest.raises(LlmclfError, match="thresholds is"):
             recorded_thresholds({"thresholds": bad}, labels, tmp_path)
+
+
+def test_label_sets_under_single_label_suggest_multi_label(tmp_path):
+    # every row joins two names, none alone: 6 labels made of 4 names
+    pairs = ["a;b", "a;c", "a;d", "b;c", "b;d", "c;d"]
+    rows = [{"text": f"text {i}", "topics": pairs[i % 6]} for i in range(60)]
+    data = write_csv(tmp_path / "s.csv", rows, ["text", "topics"])
+    with pytest.raises(LlmclfError, match="--task multi-label --label-separator ';'") as error:
+        load_splits(str(data), "text", "topics")
+    assert "recurring across the column's labels (4 names)" in str(error.value)
+    splits = load_splits(str(data), "text", "topics", task="multi-label", label_separator=";")  # as suggested
+    assert splits.labels == ["a", "b", "c", "d"]
+    # class names that merely hold the character stay classes
+    names = ["R&D; design", "sales; marketing", "support"]
+    rows = [{"text": f"text {i}", "topics": names[i % 3]} for i in range(30)]
+    assert load_splits(
+        str(write_csv(tmp_path / "n.csv", rows, ["text", "topics"])), "text", "topics"
+    ).labels == sorted(names)

@@ -252,19 +252,23 @@ def _refuse_scores(
 def _refuse_label_sets(
     frame: pd.DataFrame, source: str, column: str, where: Callable[[list[int]], str]
 ) -> None:
-    """Labels such as "sports,politics" beside "sports" and "politics" are several labels per text."""
+    """Labels such as "sports,politics" beside "sports" and "politics" are several labels per text; so
+    are labels most of which join names that recur in others ("a,b", "a,c", "b,c": 3 names, 3 labels)."""
     present = set(frame["label"])
     for sep in LABEL_SEPARATORS:
-        joined = {}
-        for label in present:
-            parts = [p.strip() for p in label.split(sep)]
-            if len(parts) > 1 and all(p in present for p in parts):
-                joined[label] = parts
-        if joined:
-            label, parts = sorted(joined.items())[0]
+        split = {label: [p.strip() for p in label.split(sep)] for label in present}
+        joined = {label: parts for label, parts in split.items() if len(parts) > 1}
+        names = {p for parts in split.values() for p in parts}
+        alone = {label: parts for label, parts in joined.items() if all(p in present for p in parts)}
+        recurring = len(joined) > len(present) / 2 and len(names) < len(present)
+        if alone or recurring:
+            label, parts = sorted((alone or joined).items())[0]
+            found = (
+                "also found alone" if alone else f"recurring across the column's labels ({len(names)} names)"
+            )
             raise LlmclfError(
-                f"{source}: column '{column}' has {len(joined)} label(s) such as '{label}' (at "
-                f"{where(_first_rows(frame, [label]))}) that join labels also found alone ({parts}) with "
+                f"{source}: column '{column}' has {len(alone or joined)} label(s) such as '{label}' (at "
+                f"{where(_first_rows(frame, [label]))}) that join labels {found} ({parts}) with "
                 f"'{sep}': this looks like several labels per text. Train with --task multi-label "
                 f"--label-separator '{sep}'; or, if such a label is a class of its own, write it without "
                 f"'{sep}'."
