@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import TRAIN_ARGS
+from conftest import TRAIN_ARGS, write_csv
 from llmclf.batches import shard_indices
 from llmclf.data import load_splits
 from llmclf.inference.predict import reassemble
@@ -89,7 +89,9 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 FSDP_CPU_CONFIG = Path(__file__).resolve().parents[1] / "examples" / "accelerate" / "fsdp_cpu.yaml"
 
 
-def launch(tmp_path: Path, launcher: list[str], data: Path, model: Path, name: str) -> dict:
+def launch(
+    tmp_path: Path, launcher: list[str], data: Path, model: Path, name: str, args: list[str] | None = None
+) -> dict:
     """Run `llmclf train` on the tiny model under `launcher` (2 CPU processes), the non-zero ranks
     watched for writes into the run folder. Returns the run folder, the result and per-rank logs."""
     out = tmp_path / name
@@ -126,7 +128,7 @@ def launch(tmp_path: Path, launcher: list[str], data: Path, model: Path, name: s
         str(model),
         "--output",
         str(out),
-        *TRAIN_ARGS,
+        *(TRAIN_ARGS if args is None else args),
     ]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=420)
     stdout = {int(p.parent.name): p.read_text() for p in logs.rglob("stdout.log")}
@@ -180,14 +182,14 @@ def check_run(out: Path, small_csv: Path) -> tuple[dict, dict, np.ndarray]:
     return info, metrics, probs
 
 
-def check_only_rank0_wrote(run: dict) -> None:
+def check_only_rank0_wrote(run: dict, printed: str = "Confusion matrix") -> None:
     """Only rank 0 wrote the run folder and printed the report. (The other ranks do write the Trainer's
     checkpoint parts into checkpoints/: their RNG state, under FSDP their shards; removed at the end.)"""
     recorded = run["rank1_writes"]
     assert any(f"{os.sep}checkpoints" in line for line in recorded)  # the watcher saw rank 1's Trainer
     assert [line for line in recorded if f"{os.sep}checkpoints" not in line] == []
     stdout = run["stdout"]
-    assert "Run folder:" in stdout[0] and "Confusion matrix" in stdout[0]
+    assert "Run folder:" in stdout[0] and printed in stdout[0]
     assert (
         "Run folder:" not in stdout[1]
         and "Test metrics" not in stdout[1]
@@ -302,3 +304,31 @@ def test_the_layer_pass_is_shared_between_processes(tmp_path, tiny_model_dir):
     for r in (0, 1):
         np.testing.assert_allclose(np.load(tmp_path / "two" / f"states-{r}.npy"), want, atol=1e-5)
         assert ranks[r]["layer"] == alone["layer"] and ranks[r]["scores"] == pytest.approx(alone["scores"])
+
+
+@pytest.mark.parametrize("task", ["multi-label", "regression"])
+def test_the_other_tasks_train_under_torchrun(tmp_path, tiny_model_dir, task):
+    """A multi-label and a regression run under torchrun (2 CPU processes): the sharded test scoring
+    reassembles their outputs, the thresholds are tuned (multi-label) and the scale folded (regression)
+    alike on every rank, and the saved run reloads to the numbers it wrote."""
+    from llmclf.inference.classifier import Classifier
+    from test_multilabel import fraction_args, topic_rows
+    from test_regression import rating_rows
+
+    multi = task == "multi-label"
+    rows, column = (topic_rows(160), "topics") if multi else (rating_rows()[:160], "rating")
+    data = write_csv(tmp_path / "d.csv", rows, ["text", column])
+    extra = ["--task", task, "--label-column", column] + (["--label-separator", "|"] if multi else [])
+    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    run = launch(tmp_path, torchrun, data, tiny_model_dir, f"{task}-run", fraction_args() + extra)
+    out = run["out"]
+    check_only_rank0_wrote(run, "Per label (after)" if multi else "Spearman")
+    preds = pd.read_csv(out / "predictions_test.csv", keep_default_na=False)
+    clf = Classifier.load(out)
+    if multi:
+        labels = json.loads((out / "labels.json").read_text())
+        saved = preds[[f"prob_{label}" for label in labels]].to_numpy()
+        np.testing.assert_allclose(clf.predict_proba(preds["text"].tolist()), saved, atol=1e-4)
+        assert set(json.loads((out / "run_info.json").read_text())["thresholds"]) == set(labels)
+    else:
+        np.testing.assert_allclose(clf.scores(preds["text"].tolist()), preds["score"], rtol=1e-4, atol=1e-4)
