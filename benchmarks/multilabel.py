@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pairs import C_GRID, add_run_options, cpu_name, run_options  # noqa: E402
+from pairs import C_GRID, add_run_options, cpu_name, finish, run_options  # noqa: E402
 
 SOURCE = ("Johann-75/Emotion-Classifier-using-BiLSTM-RNN", "2018-E-c-En-train.txt")
 SEPARATOR = "|"
@@ -153,11 +153,7 @@ def main(argv: list[str] | None = None) -> int:
             row[f"{name}_s"] = round(time.perf_counter() - started, 1)
             print(f"{name}: {row[name]} in {row[f'{name}_s']} s", flush=True)
     row["llmclf"] = run_llmclf(train_csv, test_csv, args.runs_dir / "llmclf", options)
-    row["llmclf_options"] = options
-    print(f"llmclf: {row['llmclf']}", flush=True)
-    if args.json:
-        args.json.write_text(json.dumps(row, indent=2))
-    return 0
+    return finish(row, options, args.json)
 
 
 if __name__ == "__main__":

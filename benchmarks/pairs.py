@@ -190,6 +190,15 @@ def run_options(args: argparse.Namespace) -> dict:
     return options
 
 
+def finish(row: dict, options: dict, json_path: Path | None) -> int:
+    """Print llmclf's side, record its options, write the row as JSON where asked."""
+    row["llmclf_options"] = options
+    print(f"llmclf: {row['llmclf']}", flush=True)
+    if json_path:
+        json_path.write_text(json.dumps(row, indent=2))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--git-dir", type=Path, default=Path("/work/.mirror/F0restL1n+BERT/repo"))
@@ -212,11 +221,7 @@ def main(argv: list[str] | None = None) -> int:
             row[name], row[f"{name}_s"] = timed(fn, train, test, args.seed)
             print(f"{name}: {row[name]} in {row[f'{name}_s']} s", flush=True)
     row["llmclf"] = run_llmclf(train_csv, test_csv, args.runs_dir / "llmclf", options)
-    row["llmclf_options"] = options
-    print(f"llmclf: {row['llmclf']}", flush=True)
-    if args.json:
-        args.json.write_text(json.dumps(row, indent=2))
-    return 0
+    return finish(row, options, args.json)
 
 
 if __name__ == "__main__":

@@ -121,6 +121,15 @@ TRAIN_ARGS = [
 ]
 
 
+PER_CLASS_FLAGS = ("--train-per-class", "--val-per-class", "--test-per-class")
+FRACTION_ARGS = [
+    arg
+    for k, arg in enumerate(TRAIN_ARGS)
+    if arg not in PER_CLASS_FLAGS and TRAIN_ARGS[k - 1] not in PER_CLASS_FLAGS
+]
+"""TRAIN_ARGS without the per-class sizes: for the tasks that split by fractions (multi-label, regression)."""
+
+
 def saved_probs(run: Path):
     """A run's written test predictions and their probability columns, shape (rows, labels)."""
     import pandas as pd

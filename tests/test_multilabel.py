@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import TRAIN_ARGS, read_demo_rows, write_csv
+from conftest import FRACTION_ARGS, read_demo_rows, write_csv
 from llmclf.cli import main
 from llmclf.data import load_splits
 from llmclf.errors import LlmclfError
@@ -42,11 +42,7 @@ def topic_rows(n: int = 400, seed: int = 0) -> list[dict]:
 
 def fraction_args() -> list[str]:
     """The shared small settings without the per-class sizes (multi-label splits by fractions)."""
-    args = list(TRAIN_ARGS)
-    for flag in ("--train-per-class", "--val-per-class", "--test-per-class"):
-        at = args.index(flag)
-        del args[at : at + 2]
-    return args + ["--max-length", "96", "--val-fraction", "0.15", "--test-fraction", "0.15"]
+    return FRACTION_ARGS + ["--max-length", "96", "--val-fraction", "0.15", "--test-fraction", "0.15"]
 
 
 @pytest.fixture(scope="module")

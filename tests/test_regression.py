@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import read_demo_rows, write_csv
+from conftest import FRACTION_ARGS, read_demo_rows, write_csv
 from llmclf.cli import main
 from llmclf.config import build_config
 from llmclf.data import load_splits
@@ -56,28 +56,9 @@ def rating_csv(tmp_path_factory):
 
 
 def train_regression(data, model, out, *extra: str) -> int:
-    """`llmclf train` with the shared settings, the per-class sizes left out (regression refuses them)."""
-    from conftest import TRAIN_ARGS
-
-    args = list(TRAIN_ARGS)
-    for flag in ("--train-per-class", "--val-per-class", "--test-per-class"):
-        at = args.index(flag)
-        del args[at : at + 2]
-    return main(
-        [
-            "--quiet",
-            "train",
-            "--data",
-            str(data),
-            "--model",
-            str(model),
-            "--output",
-            str(out),
-            *args,
-            *REGRESSION,
-            *extra,
-        ]
-    )
+    """`llmclf train` with the shared settings, split by fractions (regression refuses per-class sizes)."""
+    argv = ["--quiet", "train", "--data", str(data), "--model", str(model), "--output", str(out)]
+    return main([*argv, *FRACTION_ARGS, *REGRESSION, *extra])
 
 
 @pytest.fixture(scope="module")
