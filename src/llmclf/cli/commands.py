@@ -177,7 +177,7 @@ def _prediction_columns(
     probs = clf.predict_proba(texts, pairs=pairs, progress=progress)
     predicted: list[str | None] = [None] * n
     if clf.task == MULTI_LABEL:  # the labels that reach their thresholds, joined as in the training data
-        for row, labels in zip(keep, clf.predict(texts, pairs=pairs)):
+        for row, labels in zip(keep, clf.chosen_labels(probs)):
             predicted[row] = clf.label_separator.join(labels)
     else:
         for row, i in zip(keep, probs.argmax(axis=1)):
@@ -203,7 +203,7 @@ def _predict_texts(args: argparse.Namespace, pairs_expected: bool) -> int:
             print(json.dumps(record, ensure_ascii=False))
         return 0
     probs = clf.predict_proba(args.text, pairs=args.pair)
-    chosen = clf.predict(args.text, pairs=args.pair) if clf.task == MULTI_LABEL else None
+    chosen = clf.chosen_labels(probs) if clf.task == MULTI_LABEL else None
     for k, (text, row) in enumerate(zip(args.text, probs)):
         ranked = sorted(zip(clf.labels, row), key=lambda kv: -kv[1])
         record = {"text": text, **({"pair": args.pair[k]} if args.pair else {})}

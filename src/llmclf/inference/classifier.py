@@ -376,7 +376,7 @@ class Classifier:
             return self.scores(texts, pairs=pairs, batch_size=batch_size).tolist()
         probs = self.predict_proba(texts, pairs=pairs, batch_size=batch_size)
         if self._task.multi_label:
-            return [list(labels) for labels in self._task.predicted(probs)]
+            return self.chosen_labels(probs)
         return [self.labels[i] for i in probs.argmax(axis=1)]
 
     def evaluate(
@@ -403,6 +403,11 @@ class Classifier:
         index = {label: i for i, label in enumerate(self.labels)}
         probs = self.predict_proba(texts, pairs=pairs, progress=progress)
         return compute_metrics([index[t] for t in true_labels], probs.argmax(axis=1), self.labels), probs
+
+    def chosen_labels(self, probs: np.ndarray) -> list[list[str]]:
+        """A multi-label classifier's labels per text from its probabilities (n, labels): those that
+        reach their thresholds."""
+        return [list(labels) for labels in self._task.predicted(probs)]
 
     @property
     def thresholds(self) -> dict[str, float] | None:
