@@ -54,9 +54,7 @@ def init_head_from_probe(
     # features): unscaled, L-BFGS crawls. The probe is fitted on features divided by their standard
     # deviation (and, with an intercept, centred), and that is folded back into the head:
     # W (x - m) / s + b = (W / s) x + (b - (W / s) m).
-    scale = features.std(axis=0).astype(np.float64) + 1e-6  # (hidden,)
-    shift = features.mean(axis=0).astype(np.float64) if intercept else np.zeros_like(scale)
-    scaled = (features - shift) / scale
+    scaled, scale, shift = standardised(features, intercept)
     probe = _fit(scaled, y, class_weights, intercept, seed)
     fitted = ProbeHead(float((probe.predict(scaled) == y).mean()), cv_log_loss(probe))  # score(): its scoring
     if soften and fitted.cv_log_loss is not None:
@@ -78,6 +76,14 @@ def init_head_from_probe(
     if intercept:
         fsdp.assign(head.bias, torch.as_tensor(bias))
     return fitted
+
+
+def standardised(features: np.ndarray, centre: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Features (n, hidden) divided by their standard deviation and, with `centre` (a head with an
+    intercept), less their mean; and that scale and shift (hidden,), to fold back into the head."""
+    scale = features.std(axis=0).astype(np.float64) + 1e-6
+    shift = features.mean(axis=0).astype(np.float64) if centre else np.zeros_like(scale)
+    return (features - shift) / scale, scale, shift
 
 
 def cv_log_loss(probe: Any) -> float | None:
@@ -160,9 +166,7 @@ def init_head_from_ridge(model: Any, features: np.ndarray, targets: list[float])
     y = np.asarray(targets, dtype=np.float64)
     head = trainable_head(model)
     intercept = head.bias is not None
-    scale = features.std(axis=0).astype(np.float64) + 1e-6  # (hidden,)
-    shift = features.mean(axis=0).astype(np.float64) if intercept else np.zeros_like(scale)
-    scaled = (features - shift) / scale
+    scaled, scale, shift = standardised(features, intercept)
     ridge = RidgeCV(alphas=RIDGE_ALPHAS, fit_intercept=intercept, scoring="neg_mean_squared_error")
     ridge.fit(scaled, y)
     coef = ridge.coef_.reshape(1, -1) / scale  # (1, hidden): weights on the raw features
@@ -185,9 +189,7 @@ def init_head_from_label_probes(
     y = np.asarray(targets, dtype=int)  # (n, labels) multi-hot
     head = trainable_head(model)
     intercept = head.bias is not None
-    scale = features.std(axis=0).astype(np.float64) + 1e-6  # (hidden,)
-    shift = features.mean(axis=0).astype(np.float64) if intercept else np.zeros_like(scale)
-    scaled = (features - shift) / scale
+    scaled, scale, shift = standardised(features, intercept)
     coef, bias = np.zeros(head.weight.shape), np.zeros(y.shape[1])
     predicted = np.zeros_like(y)
     for j in range(y.shape[1]):
