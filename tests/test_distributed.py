@@ -306,11 +306,13 @@ def test_the_layer_pass_is_shared_between_processes(tmp_path, tiny_model_dir):
         assert ranks[r]["layer"] == alone["layer"] and ranks[r]["scores"] == pytest.approx(alone["scores"])
 
 
+@pytest.mark.parametrize("launcher", ["torchrun", "fsdp"])
 @pytest.mark.parametrize("task", ["multi-label", "regression"])
-def test_the_other_tasks_train_under_torchrun(tmp_path, tiny_model_dir, task):
-    """A multi-label and a regression run under torchrun (2 CPU processes): the sharded test scoring
-    reassembles their outputs, the thresholds are tuned (multi-label) and the scale folded (regression)
-    alike on every rank, and the saved run reloads to the numbers it wrote."""
+def test_the_other_tasks_train_under_a_launcher(tmp_path, tiny_model_dir, task, launcher):
+    """A multi-label and a regression run under torchrun (DDP) and under FSDP (2 CPU processes): the
+    sharded test scoring reassembles their outputs, the thresholds are tuned (multi-label) and the scale
+    folded into the (sharded) head (regression) alike on every rank, and the saved run reloads to the
+    numbers it wrote."""
     from llmclf.inference.classifier import Classifier
     from test_multilabel import fraction_args, topic_rows
     from test_regression import rating_rows
@@ -319,8 +321,12 @@ def test_the_other_tasks_train_under_torchrun(tmp_path, tiny_model_dir, task):
     rows, column = (topic_rows(160), "topics") if multi else (rating_rows()[:160], "rating")
     data = write_csv(tmp_path / "d.csv", rows, ["text", column])
     extra = ["--task", task, "--label-column", column] + (["--label-separator", "|"] if multi else [])
-    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    run = launch(tmp_path, torchrun, data, tiny_model_dir, f"{task}-run", fraction_args() + extra)
+    command = (
+        ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+        if launcher == "torchrun"
+        else ["-m", "accelerate.commands.launch", "--config_file", str(FSDP_CPU_CONFIG)]
+    )
+    run = launch(tmp_path, command, data, tiny_model_dir, f"{task}-run", fraction_args() + extra)
     out = run["out"]
     check_only_rank0_wrote(run, "Per label (after)" if multi else "Spearman")
     preds = pd.read_csv(out / "predictions_test.csv", keep_default_na=False)
