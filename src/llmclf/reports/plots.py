@@ -279,44 +279,34 @@ def training_figure(log_history: list[dict], *, regression: bool = False, multil
 
 def _accuracy_panel(ax: Any, curves: Curves, few: bool, size: float) -> list[int]:
     """Validation accuracy and balanced accuracy; returns the steps drawn."""
-    if curves.val_accuracy[0]:
-        ax.plot(*curves.val_accuracy, marker="o", markersize=size, label="validation accuracy")
-        ax.plot(
-            *curves.val_balanced_accuracy,
-            marker="s",
-            markersize=size * 0.7,
-            linestyle="--",
-            label="validation balanced acc.",
-        )
-        ax.set_ylim(0.0, 1.05)
-        if few:
-            _mark_values(ax, *curves.val_accuracy, top=1.0)
-        ax.legend(loc="lower right", fontsize=FONT)
-    else:
-        ax.text(0.5, 0.5, "no validation split", ha="center", va="center", transform=ax.transAxes)
+    series = (curves.val_accuracy, curves.val_balanced_accuracy)
+    names = ("validation accuracy", "validation balanced acc.")
+    _validation_pair(ax, series, names, few, size)
     _style(ax, "Validation accuracy", "accuracy", "step")
     return curves.val_accuracy[0]
 
 
 def _f1_panel(ax: Any, curves: Curves, few: bool, size: float) -> list[int]:
     """Validation micro and macro F1 of a multi-label run; returns the steps drawn."""
-    if curves.val_micro_f1[0] or curves.val_macro_f1[0]:
-        ax.plot(*curves.val_micro_f1, marker="o", markersize=size, label="validation micro F1")
-        ax.plot(
-            *curves.val_macro_f1,
-            marker="s",
-            markersize=size * 0.7,
-            linestyle="--",
-            label="validation macro F1",
-        )
-        ax.set_ylim(0.0, 1.05)
-        if few:
-            _mark_values(ax, *curves.val_micro_f1, top=1.0)
-        ax.legend(loc="lower right", fontsize=FONT)
-    else:
-        ax.text(0.5, 0.5, "no validation split", ha="center", va="center", transform=ax.transAxes)
+    series = (curves.val_micro_f1, curves.val_macro_f1)
+    _validation_pair(ax, series, ("validation micro F1", "validation macro F1"), few, size)
     _style(ax, "Validation F1", "F1", "step")
     return curves.val_micro_f1[0] + curves.val_macro_f1[0]
+
+
+def _validation_pair(ax: Any, series: tuple, names: tuple[str, str], few: bool, size: float) -> None:
+    """Two validation scores in [0, 1] over the steps, the first marked with its values when there are
+    few; a note where nothing was validated."""
+    (first, second) = series
+    if not (first[0] or second[0]):
+        ax.text(0.5, 0.5, "no validation split", ha="center", va="center", transform=ax.transAxes)
+        return
+    ax.plot(*first, marker="o", markersize=size, label=names[0])
+    ax.plot(*second, marker="s", markersize=size * 0.7, linestyle="--", label=names[1])
+    ax.set_ylim(0.0, 1.05)
+    if few:
+        _mark_values(ax, *first, top=1.0)
+    ax.legend(loc="lower right", fontsize=FONT)
 
 
 def _correlation_panel(ax: Any, curves: Curves, few: bool, size: float) -> list[int]:
