@@ -26,7 +26,7 @@ from llmclf.inference.lexical import FILES as LEXICAL_FILES
 from llmclf.inference.lexical import LexicalHead, lexical_inputs
 from llmclf.inference.metrics import compute_metrics, regression_metrics
 from llmclf.inference.predict import predict_proba
-from llmclf.inference.task import DEFAULT_THRESHOLD, PROBLEM_TYPES, Task
+from llmclf.inference.task import PROBLEM_TYPES, Task
 from llmclf.manifest import MANIFEST, manifest_problem, read_manifest
 from llmclf.model.adapter import ADAPTER_WEIGHTS, drop_lora_dropout, load_adapter, merge_lora
 from llmclf.model.anatomy import upcast_head
@@ -414,7 +414,7 @@ class Classifier:
         """A multi-label classifier's decision threshold per label; None for other tasks."""
         if not self._task.multi_label:
             return None
-        return dict(zip(self.labels, self._task.thresholds or [DEFAULT_THRESHOLD] * len(self.labels)))
+        return self._task.threshold_map()
 
     def _evaluate_label_sets(
         self, texts: list[str], true_labels: list, pairs: list[str] | None, progress: bool | None

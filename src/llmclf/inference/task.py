@@ -39,10 +39,14 @@ class Task:
     def multi_label(self) -> bool:
         return self.name == MULTI_LABEL
 
+    def threshold_map(self) -> dict[str, float]:
+        """Each label's decision threshold (DEFAULT_THRESHOLD until tuned), by label."""
+        return dict(zip(self.labels, self.thresholds or [DEFAULT_THRESHOLD] * len(self.labels)))
+
     def decisions(self, outputs: np.ndarray) -> np.ndarray:
         """Multi-label: which labels each text gets (n, labels) booleans, each probability against its
         label's threshold."""
-        limits = np.asarray(self.thresholds or [DEFAULT_THRESHOLD] * len(self.labels))
+        limits = np.asarray(list(self.threshold_map().values()))
         return np.asarray(outputs) >= limits
 
     @property

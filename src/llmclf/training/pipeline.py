@@ -26,7 +26,7 @@ from llmclf.config import MULTI_LABEL, REGRESSION, SINGLE_LABEL, RunConfig
 from llmclf.data import Splits, class_weights, inputs, load_splits, to_dataset, tokenize_texts
 from llmclf.datafiles import InMemory
 from llmclf.errors import LlmclfError
-from llmclf.inference.task import DEFAULT_THRESHOLD, Task
+from llmclf.inference.task import Task
 from llmclf.labelsets import pos_weights
 from llmclf.model.anatomy import num_layers, resolve_top_layers, trainable_head
 from llmclf.model.label_words import zero_shot_head
@@ -255,7 +255,7 @@ def task_info(task: Task, config: RunConfig) -> dict:
     thresholds and separator; a regression run's target scale, already folded into the head)."""
     info: dict = {"task": task.name, "target_scale": task.scale.scale if task.regression else None}
     if task.multi_label:
-        info["thresholds"] = dict(zip(task.labels, task.thresholds or [DEFAULT_THRESHOLD] * len(task.labels)))
+        info["thresholds"] = task.threshold_map()
         info["label_separator"] = config.data.label_separator
     return info
 
