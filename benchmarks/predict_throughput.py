@@ -6,7 +6,7 @@ tokenise each batch of 32 in file order, pad to the batch's longest, forward und
 
     python benchmarks/predict_throughput.py --run RUN_DIR --data test.csv --text-column content --rows 600
 
-llmclf's side is `Classifier.load(RUN_DIR)` (LoRA folded into the weights in fp32, bf16 weights packed for
+llmclf's side is `Classifier.load(RUN_DIR)` (LoRA folded into the weights, bf16 weights packed for
 oneDNN on a CPU, length-sorted batches, `inference_mode`); the recipe's side is the same base model and
 adapter as a peft model, as users load it.
 
@@ -16,7 +16,8 @@ adapter as a peft model, as users load it.
 squares over each length's best of `--rounds` interleaved rounds) for three models in one process: the
 run as `Classifier.load` built it before the per-pass work was cut (peft's LoRA layers with their dropout
 modules over plain bf16 weights, and the two walks over every module that `predict_proba` made per call),
-`Classifier.load` now, and `Classifier.load(merge_lora=True)`; then how far the probabilities of the
+`Classifier.load` now (LoRA merged, as the run's own evaluation after training was, unless the run is
+4-bit or was sharded) and `Classifier.load(merge_lora=False)`; then how far the probabilities of the
 last two differ from the first's on the demo texts and on as many half-and-half mixes of them.
 """
 
@@ -221,7 +222,7 @@ def fit_overhead(run: str, rounds: int) -> None:
     from llmclf import Classifier, runtime
 
     now = Classifier.load(run)
-    merged = Classifier.load(run, merge_lora=True)
+    unmerged = Classifier.load(run, merge_lora=False)
     with runtime.library_output_to_log():
         before = previous_model(run, now.precision, now.labels)
     tokenizer = now.tokenizer
@@ -235,7 +236,7 @@ def fit_overhead(run: str, rounds: int) -> None:
         before.train(False)
         return probs
 
-    sides = {"before": previous, "now": now.model_proba, "merge_lora=True": merged.model_proba}
+    sides = {"before": previous, "now": now.model_proba, "merge_lora=False": unmerged.model_proba}
     texts = texts_of_lengths(tokenizer, list(range(8, 168, 8)))
     tokens = np.array([len(ids) for ids in tokenizer(texts)["input_ids"]])
     print(f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC  {machine()}")
@@ -246,7 +247,7 @@ def fit_overhead(run: str, rounds: int) -> None:
             side([text])
     for _ in range(rounds):
         for i, text in enumerate(texts):
-            for name, side in sides.items():  # before, now, merged, before, now, ...: noise hits all alike
+            for name, side in sides.items():  # before, now, unmerged, before, now, ...: noise hits all alike
                 started = time.perf_counter()
                 side([text])
                 best[name][i] = min(best[name][i], time.perf_counter() - started)
@@ -259,7 +260,7 @@ def fit_overhead(run: str, rounds: int) -> None:
         print(
             f"{name:>16}: fixed {fixed:6.1f} ms + {per_token:.3f} ms/token   (16 tokens: {fixed + 16 * per_token:.1f} ms)"
         )
-    for name in ("now", "merge_lora=True"):
+    for name in ("now", "merge_lora=False"):
         print(
             f"{name:>16} / before: fixed {fits[name][0] / fits['before'][0]:.2f}x, per token "
             f"{fits[name][1] / fits['before'][1]:.2f}x, best times {np.median(best[name] / best['before']):.2f}x (median)"
@@ -276,7 +277,7 @@ def compare_probabilities(sides: dict, mixes: int = 300) -> None:
     print(
         f"batch-composition noise of before (100 mixes, 1 vs 32 per pass): max {np.abs(alone - reference[-100:]).max():.2e}"
     )
-    for name in ("now", "merge_lora=True"):
+    for name in ("now", "merge_lora=False"):
         diff = np.abs(probs[name] - reference)
         agree = (probs[name].argmax(1) == reference.argmax(1)).mean()
         print(

@@ -268,7 +268,7 @@ def run_llmclf(workdir: Path, args: argparse.Namespace) -> dict:
     dtype = "bf16" if next(clf.model.parameters()).dtype == torch.bfloat16 else "fp32"
     return {
         "seconds": result.seconds,
-        "train_examples_per_s": n_train * config.train.epochs / train_s,
+        "train_examples_per_s": n_train * config.train.epochs_for(n_train) / train_s,
         "predict_rows_per_s": len(test) / predict_s,
         "accuracy_before": result.metrics["before"]["accuracy"],
         "accuracy_after": result.metrics["after"]["accuracy"],

@@ -206,7 +206,7 @@ def ddp_run(tmp_path_factory, tiny_model_dir, small_csv) -> dict:
 
 def test_torchrun_two_cpu_processes(ddp_run, small_csv):
     info, _, _ = check_run(ddp_run["out"], small_csv)
-    assert info["fsdp"] is False
+    assert info["fsdp"] is False and info["lora_merged"] is True
     check_only_rank0_wrote(ddp_run)
 
 
@@ -216,7 +216,7 @@ def test_fsdp_two_cpu_processes_match_ddp(tmp_path, tiny_model_dir, small_csv, d
     launcher = ["-m", "accelerate.commands.launch", "--config_file", str(FSDP_CPU_CONFIG)]
     run = launch(tmp_path, launcher, small_csv, tiny_model_dir, "fsdp-run")
     info, metrics, probs = check_run(run["out"], small_csv)
-    assert info["fsdp"] is True
+    assert info["fsdp"] is True and info["lora_merged"] is False  # a sharded base is not merged
     check_only_rank0_wrote(run)
 
     # Same data, seed and batches as the DDP run: FSDP must train the same model, to float rounding.

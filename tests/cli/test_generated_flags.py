@@ -187,7 +187,7 @@ def test_config_errors_name_the_flag():
 def test_bad_values_are_usage_errors_with_the_flag_name(capsys):
     for argv, needle in [
         (["--lora-layers", "some"], "argument --lora-layers: expected a whole number, auto or all"),
-        (["--epochs", "many"], "argument --epochs: invalid float value: 'many'"),
+        (["--epochs", "many"], "argument --epochs: expected a number or auto, found 'many'"),
         (["--quantize", "8bit"], "argument --quantize: invalid choice: '8bit'"),
     ]:
         with pytest.raises(SystemExit) as exit_info:

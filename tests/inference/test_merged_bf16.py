@@ -1,6 +1,7 @@
-"""A bf16 classifier for inference: LoRA kept apart by default (the probabilities of training), folded
-into the bf16 weights on request (`merge_lora=True`: W + scale * B @ A in fp32, rounded once), and the bf16
-weights packed for oneDNN on a CPU (`PackedLinear`: the same numbers, bit for bit).
+"""A bf16 classifier for inference: LoRA folded into the bf16 weights (`merge_lora=True`, the default for
+runs whose evaluation after training merged: W + scale * B @ A in fp32, rounded once) or kept apart
+(`merge_lora=False`), and the bf16 weights packed for oneDNN on a CPU (`PackedLinear`: the same numbers,
+bit for bit).
 
 On the tiny model from conftest.py, its fp32 run loaded in bf16 (`precision="bf16"`, as on a CPU with
 native bf16)."""
@@ -32,7 +33,7 @@ def packing_here() -> bool:
 
 @pytest.fixture(scope="module")
 def unmerged(trained_run):
-    return Classifier.load(trained_run, precision="bf16")
+    return Classifier.load(trained_run, precision="bf16", merge_lora=False)
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +76,7 @@ def test_merge_is_computed_in_fp32_and_rounded_once(trained_run):
 
     from llmclf.model.loading import PackedLinear
 
-    clf = Classifier.load(trained_run, precision="bf16")
+    clf = Classifier.load(trained_run, precision="bf16", merge_lora=False)
     expected = {}
     for name, module in clf.model.named_modules():
         if isinstance(module, LoraLinear):
@@ -110,3 +111,22 @@ def test_packed_bf16_weights_give_bit_identical_probabilities(unmerged, merged):
         assert np.array_equal(np.vstack([unmerged.model_proba([t]) for t in batch[:8]]), single)
     finally:
         pack_linears(unmerged.model)
+
+
+def test_merge_is_decided_once_and_recorded(trained_run):
+    """Plain weights held whole are merged; a 4-bit or a sharded base is not. The run records what its
+    evaluation after training did, and a reload follows the record; runs from before the record merge
+    in fp32 only (where merging kept their probabilities)."""
+    import json
+
+    from llmclf.inference.classifier import merge_default
+    from llmclf.model.adapter import merged_at_inference
+
+    assert merged_at_inference(quantized=False, sharded=False)
+    assert not merged_at_inference(quantized=True, sharded=False)
+    assert not merged_at_inference(quantized=False, sharded=True)
+    assert json.loads((trained_run / "run_info.json").read_text())["lora_merged"] is True
+    assert merge_default({"lora_merged": True}, "bf16", quantized=False)
+    assert not merge_default({"lora_merged": False}, "fp32", quantized=False)
+    assert not merge_default({"lora_merged": True}, "bf16", quantized=True)
+    assert merge_default({}, "fp32", quantized=False) and not merge_default({}, "bf16", quantized=False)

@@ -109,7 +109,8 @@ def test_integer_labels_and_4bit_qlora(tmp_path, tiny_model_dir):
     )
     assert code == 0
     assert json.loads((out / "labels.json").read_text()) == ["1", "2", "3", "4"]
-    assert json.loads((out / "run_info.json").read_text())["quantized"] is True
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["quantized"] is True and info["lora_merged"] is False  # merging would round the 4-bit base
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["after"]["n"] == 20  # 10% of 200, stratified: 5 per class
 
@@ -208,3 +209,45 @@ def test_a_lone_fingerprint_of_a_failed_run_does_not_block_the_retry(tmp_path):
     with pytest.raises(LlmclfError, match="is not empty"):
         prepare_output(str(run), overwrite=False)
     assert (run / "notes.txt").read_text() == "the user's"
+
+
+def test_auto_epochs_scale_with_the_training_split():
+    """About 80 optimizer steps, at least one pass and at most eight; a set number is kept as it is."""
+    from llmclf.config import TrainConfig
+
+    assert TrainConfig().epochs == 1.0  # the default: auto gained nothing on the suite's small data
+    auto = TrainConfig(epochs="auto")
+    assert auto.epochs_for(1800) == 1  # 113 steps in one pass: the 2,000-text suite datasets
+    assert auto.epochs_for(1280) == 1 and auto.epochs_for(1279) == 1 and auto.epochs_for(1264) == 2
+    assert auto.epochs_for(223) == 6  # 14 steps a pass: medical_abstracts
+    assert auto.epochs_for(16) == 8 and auto.epochs_for(0) == 8
+    assert TrainConfig(epochs=3).epochs_for(223) == 3 and TrainConfig(epochs=0.5).epochs_for(10) == 0.5
+    with pytest.raises(LlmclfError, match="train.epochs"):
+        TrainConfig(epochs="many")
+
+
+def test_auto_epochs_are_resolved_and_saved_with_the_run(tmp_path, tiny_model_dir, small_csv):
+    """80 training texts at batch 8 are 10 steps a pass: `--epochs auto` makes 8 passes, validates after
+    each, and the run's config.yaml holds the number, not the word."""
+    k = TRAIN_ARGS.index("--epochs")
+    args = [*TRAIN_ARGS[:k], "--epochs", "auto", *TRAIN_ARGS[k + 2 :]]
+    out = tmp_path / "auto"
+    assert (
+        main(
+            [
+                "--quiet",
+                "train",
+                "--data",
+                str(small_csv),
+                "--model",
+                str(tiny_model_dir),
+                "--output",
+                str(out),
+                *args,
+            ]
+        )
+        == 0
+    )
+    assert yaml.safe_load((out / "config.yaml").read_text())["train"]["epochs"] == 8
+    log = json.loads((out / "run_info.json").read_text())["log_history"]
+    assert sum("eval_accuracy" in entry for entry in log) == 8

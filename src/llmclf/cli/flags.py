@@ -45,6 +45,16 @@ def int_or_auto(value: str) -> int | str:
         raise argparse.ArgumentTypeError(f"expected a whole number or auto, found {value!r}") from None
 
 
+def float_or_auto(value: str) -> float | str:
+    """argparse type of --epochs: a number or `auto`."""
+    if value == "auto":
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or auto, found {value!r}") from None
+
+
 def layers_value(value: str) -> int | str:
     """argparse type of --lora-layers: a whole number, `auto` or `all`."""
     if value in ("auto", "all"):
@@ -80,6 +90,7 @@ CONVERTERS: dict[str, Any] = {
     "lora.targets": str,  # comma-separated; the config splits it
     "lora.layers": layers_value,
     "model.feature_layer": layer_number,
+    "train.epochs": float_or_auto,
     "train.eval_batch_size": int_or_auto,
     "train.step_tokens": int_or_auto,
 }

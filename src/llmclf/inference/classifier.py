@@ -120,17 +120,14 @@ def inference_settings(info: dict, attn_mode: str, requested: str | None = None)
     return precision, runtime.resolve_attn_implementation(attn_mode, precision)
 
 
-def prepare_for_inference(model: Any, precision: str, *, quantized: bool, merge: bool | None) -> Any:
-    """A loaded peft model made ready to predict, computing as at the end of training unless `merge`:
+def prepare_for_inference(model: Any, precision: str, *, quantized: bool, merge: bool) -> Any:
+    """A loaded peft model made ready to predict:
 
-    - LoRA folded into the base weights (`adapter.merge_lora`) where that keeps the outputs, fp32 (to float
-      rounding), or where asked (`merge=True`: bf16/fp16 weights too, rounded once). Otherwise the LoRA
-      layers stay, without their eval-time dropout modules.
+    - LoRA folded into the base weights (`adapter.merge_lora`) where `merge` (`merge_default`). Otherwise
+      the LoRA layers stay, without their eval-time dropout modules.
     - On a CPU, the bf16 weights reordered once for oneDNN (`loading.PackedLinear`): bit-identical
       outputs at about half the cost of a short pass (docs/performance.md#per-pass-overhead).
     """
-    if merge is None:
-        merge = not quantized and precision not in ("bf16", "fp16")
     if merge:
         model = merge_lora(model)
     else:
@@ -139,6 +136,17 @@ def prepare_for_inference(model: Any, precision: str, *, quantized: bool, merge:
         pack_linears(model)
         runtime.release_memory()  # the plain weights' pages (200 MiB for SmolLM2-135M), else kept by malloc
     return model
+
+
+def merge_default(info: dict, precision: str, quantized: bool) -> bool:
+    """Whether a run's classifier predicts with LoRA merged unless the caller says: as its evaluation after
+    training did (`lora_merged` in run_info.json), so the probabilities stay those the run wrote. Runs
+    written before that was recorded merged at evaluation in no precision; merging kept their fp32
+    outputs to float rounding, so only those are merged."""
+    recorded = info.get("lora_merged")
+    if recorded is not None:
+        return bool(recorded) and not quantized
+    return not quantized and precision not in ("bf16", "fp16")
 
 
 class Classifier:
@@ -192,9 +200,9 @@ class Classifier:
         code (`trust_remote_code`) or reading pickle weights (`allow_pickle`) is the caller's choice,
         never the folder's. `precision` (bf16, fp16, fp32, auto) overrides the precision the run
         recorded (default: as trained, where this machine can run it). `full_precision` ignores 4-bit
-        training (export). `merge_lora` folds LoRA into the base weights (default: in fp32 only, where
-        the probabilities stay those of training; True: into bf16/fp16 weights too, a little faster per
-        pass, the probabilities then a little different, see docs/performance.md). What the libraries
+        training (export). `merge_lora` folds LoRA into the base weights (default: as the run's own
+        evaluation after training did, `lora_merged` in run_info.json, so the probabilities stay those the
+        run wrote; False keeps the LoRA layers, about 8 ms more per pass, see docs/performance.md). What the libraries
         print while loading goes to the `llmclf` logger at DEBUG; `verbose=True` lets them print."""
         with runtime.library_output_to_log(verbose):
             return cls._load(
@@ -250,7 +258,12 @@ class Classifier:
             upcast_head(loaded.model)
         model = load_adapter(loaded.model, run.path(ADAPTER), labels)
         return cls(
-            prepare_for_inference(model, precision, quantized=loaded.quantized, merge=merge_lora),
+            prepare_for_inference(
+                model,
+                precision,
+                quantized=loaded.quantized,
+                merge=merge_default(info, precision, loaded.quantized) if merge_lora is None else merge_lora,
+            ),
             loaded.tokenizer,
             labels,
             max_length=config.data.max_length,

@@ -99,6 +99,21 @@ def merge_lora(model: Any) -> Any:
     return model.merge_and_unload()
 
 
+def merged_at_inference(*, quantized: bool, sharded: bool) -> bool:
+    """Whether a run predicts with LoRA folded into its base weights: the one place this is decided. Merged
+    wherever the base is plain weights held whole (a 4-bit base would be rounded again, a sharded one is
+    not held whole): a pass then runs no adapter matmuls (docs/performance.md#per-pass-overhead). Training's
+    evaluation after training runs merged too (`merge_in_place`), so a reload gives the probabilities the
+    run wrote."""
+    return not quantized and not sharded
+
+
+def merge_in_place(model: Any) -> None:
+    """Fold LoRA into the base weights of a trained peft model, keeping the adapter's matrices so that
+    they can still be saved: the same arithmetic as `merge_lora` (peft's `merge`), hence the same model."""
+    model.merge_adapter()
+
+
 def drop_lora_dropout(model: Any) -> int:
     """Replace the LoRA layers' dropout (an identity in eval mode, still a module call per layer) by
     `nn.Identity`, for a model that is only used for inference. Returns how many were replaced."""

@@ -9,6 +9,7 @@ outputs mean, and the steps ask it rather than testing the task themselves.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import random
@@ -28,6 +29,7 @@ from llmclf.datafiles import InMemory
 from llmclf.errors import LlmclfError
 from llmclf.inference.task import Task
 from llmclf.labelsets import pos_weights
+from llmclf.model.adapter import merge_in_place, merged_at_inference
 from llmclf.model.anatomy import num_layers, resolve_top_layers, trainable_head
 from llmclf.model.label_words import zero_shot_head
 from llmclf.model.layer_choice import MAX_TEXTS
@@ -99,11 +101,11 @@ def _run(
     config: RunConfig, overwrite: bool, quiet: bool, resume: str | None, memory: dict[str, InMemory]
 ) -> RunResult:
     started, timings = time.perf_counter(), Timings()
-    tc = config.train
     out = prepare_output(config.output, overwrite, resume)
-    seed_everything(tc.seed)
+    seed_everything(config.train.seed)
     splits, weights = load_data(config, memory)
-    task = define_task(config, splits)
+    config = plan_epochs(config, len(splits.train))
+    tc, task = config.train, define_task(config, splits)
     require_validation(len(splits.val) > 0, tc.eval_steps, tc.early_stopping_patience)  # before the slow load
     with timings("load_model"):
         choice = resolve_model(config)
@@ -146,6 +148,7 @@ def _run(
     with timings("train"):
         train_output = fine_tune(backend, trainer, start.checkpoint)
     runtime.release_memory()  # the activations of the longest batches
+    merged = merge_for_inference(backend, choice.quantized)
     with timings("eval_after"):
         # The whole model, as `Classifier` runs it: the reported metrics are those of the saved classifier.
         probs = backend.score(encoded.ids["test"], "evaluating after training")
@@ -161,7 +164,7 @@ def _run(
     main = distributed.is_main()
     if main:  # the others wait for its writes when the session ends
         timings.seconds["total"] = time.perf_counter() - started
-        info = run_info(config, choice, identity, trainer, train_output, backend, probe, timings)
+        info = run_info(config, choice, identity, trainer, train_output, backend, probe, timings, merged)
         info.update(task_info(task, config))
         info["lexical"] = None if lexical is None else {"weight": lexical.weight, **lexical.info}
         info["data_in_memory"] = save_memory_copies(out, memory)
@@ -248,6 +251,19 @@ def load_data(
     else:
         log.info("%s\n", console.target_summary(target_summaries(splits)))
     return splits, weights
+
+
+def plan_epochs(config: RunConfig, train_texts: int) -> RunConfig:
+    """The run's config with `train.epochs: auto` resolved for its training split, as it is saved."""
+    epochs = config.train.epochs_for(train_texts)
+    if config.train.epochs == "auto":
+        log.info(
+            "Epochs (auto): %g over %d training texts at batch %d",
+            epochs,
+            train_texts,
+            config.train.batch_size,
+        )
+    return dataclasses.replace(config, train=dataclasses.replace(config.train, epochs=epochs))
 
 
 def task_info(task: Task, config: RunConfig) -> dict:
@@ -479,6 +495,16 @@ def fine_tune(backend: Backend, trainer: WeightedLossTrainer, checkpoint: str | 
     return output
 
 
+def merge_for_inference(backend: Backend, quantized: bool) -> bool:
+    """LoRA folded into the trained model's weights where the saved classifier will predict that way
+    (`adapter.merged_at_inference`), so that what training scores from here on is what a reload computes.
+    Returns whether it did, for run_info.json (`lora_merged`), which `Classifier.load` follows."""
+    merged = merged_at_inference(quantized=quantized, sharded=backend.sharded)
+    if merged:
+        merge_in_place(backend.model)
+    return merged
+
+
 def run_info(
     config: RunConfig,
     choice: ModelChoice,
@@ -488,8 +514,10 @@ def run_info(
     backend: Backend,
     probe: dict | None,
     timings: Timings,
+    merged: bool,
 ) -> dict:
-    """What ran: the resolved model, precision and launch, versions, the training log, step timings."""
+    """What ran: the resolved model, precision and launch, versions, the training log, step timings,
+    whether LoRA was merged for the evaluation after training (and so for inference)."""
     cache = backend.cache
     return {
         "base_model": config.model.name,
@@ -501,6 +529,7 @@ def run_info(
         "attn_implementation": choice.attn,
         "world_size": distributed.world_size(),
         "fsdp": backend.sharded,
+        "lora_merged": merged,
         "llmclf_version": __version__,
         "torch_version": torch.__version__,
         "train_runtime_s": train_output.metrics.get("train_runtime"),
