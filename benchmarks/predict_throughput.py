@@ -104,7 +104,7 @@ def main() -> None:
         layers=clf.model.config.num_hidden_layers,
     )
     recipe_model = PeftModel.from_pretrained(base.model, f"{args.run}/adapter").eval()
-    model, tokenizer = clf.model, clf.tokenizer
+    tokenizer = clf.tokenizer
     lengths = [len(ids) for ids in tokenizer(texts)["input_ids"]]
     print(
         f"{datetime.date.today()}  {platform.processor() or platform.machine()}  torch {torch.__version__}  "
@@ -115,9 +115,10 @@ def main() -> None:
         f"max {max(lengths)}"
     )
 
-    predict_proba(model, tokenizer, texts[:64], batch_size=args.batch_size, progress=False)  # warm-up
+    # llmclf's side as users call it: the model part of Classifier (its precision's autocast, no lexical part)
+    clf.model_proba(texts[:64], batch_size=args.batch_size)  # warm-up
     start = time.perf_counter()
-    ours = predict_proba(model, tokenizer, texts, batch_size=args.batch_size, progress=False)
+    ours = clf.model_proba(texts, batch_size=args.batch_size)
     ours_s = time.perf_counter() - start
     start = time.perf_counter()
     recipe = recipe_loop(recipe_model, tokenizer, texts, batch_size=args.batch_size)

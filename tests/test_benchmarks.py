@@ -36,6 +36,43 @@ def test_gpu_benchmark_tiny_mode_runs_on_cpu(tmp_path):
     assert "ratio b/a" in done.stdout
 
 
+@pytest.fixture(scope="module")
+def bf16_run(tmp_path_factory, tiny_model_dir, small_csv) -> Path:
+    """A tiny run trained in bf16 (head in fp32 over a bf16 base: what a CPU with native bf16 trains)."""
+    from conftest import train_tiny
+
+    out = tmp_path_factory.mktemp("bf16") / "run"
+    assert train_tiny(small_csv, tiny_model_dir, out, "--precision", "bf16") == 0
+    return out
+
+
+def test_predict_throughput_times_llmclf_against_the_recipe_loop_and_fits_the_pass_cost(bf16_run):
+    """benchmarks/predict_throughput.py on a bf16 run: the batched comparison (which once called the
+    model outside its autocast and failed on the fp32 head) and the per-pass fit of three models."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "predict_throughput.py"), "--run", str(bf16_run)]
+    done = subprocess.run([*cmd, "--rows", "40"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rates = [float(r) for r in re.findall(r"\(.*batch 32\): +([\d.]+) rows/s", done.stdout)]
+    ratio = re.search(r"ratio llmclf / recipe: ([\d.]+)x +same predicted label: ([\d.]+)", done.stdout)
+    assert len(rates) == 2 and ratio, done.stdout
+    assert float(ratio[1]) == pytest.approx(rates[1] / rates[0], rel=0.05)
+    # The same trained weights on both sides (bf16 against the recipe's fp32: the tiny model's near-ties
+    # may flip); a random head would agree on about a quarter of the 4-label texts.
+    assert float(ratio[2]) >= 0.6
+    done = subprocess.run(
+        [*cmd, "--fit-overhead", "--rounds", "1"], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    fits = re.findall(
+        r"^ *(before|now|merge_lora=False): fixed +(-?[\d.]+) ms \+ (-?[\d.]+) ms/token", done.stdout, re.M
+    )
+    assert [name for name, _, _ in fits] == ["before", "now", "merge_lora=False"], done.stdout
+    # The unmerged model is the one before, loaded the new way: the same probabilities, bit for bit.
+    assert re.search(r"merge_lora=False vs before on \d+ texts: max \|prob diff\| 0.00e\+00", done.stdout), (
+        done.stdout
+    )
+
+
 def test_serve_load_benchmark_checks_every_answer_and_prints_both_rates(trained_run):
     cmd = [sys.executable, str(ROOT / "benchmarks" / "serve_load.py"), "--run", str(trained_run)]
     done = subprocess.run(

@@ -131,7 +131,7 @@ def sample(flag) -> tuple[list[str], object]:
         return [flag.flag, "3"], flag.kind(3)
     if flag.kind is str:
         return [flag.flag, "x_y"], "x_y"
-    return [flag.flag, "7"], 7  # int_or_auto, layers_value
+    return [flag.flag, "7"], 7  # number_or_words(int, ...)
 
 
 @pytest.mark.parametrize("flag", train_flags(), ids=lambda f: f.flag)

@@ -229,25 +229,8 @@ def test_auto_epochs_scale_with_the_training_split():
 def test_auto_epochs_are_resolved_and_saved_with_the_run(tmp_path, tiny_model_dir, small_csv):
     """80 training texts at batch 8 are 10 steps a pass: `--epochs auto` makes 8 passes, validates after
     each, and the run's config.yaml holds the number, not the word."""
-    k = TRAIN_ARGS.index("--epochs")
-    args = [*TRAIN_ARGS[:k], "--epochs", "auto", *TRAIN_ARGS[k + 2 :]]
     out = tmp_path / "auto"
-    assert (
-        main(
-            [
-                "--quiet",
-                "train",
-                "--data",
-                str(small_csv),
-                "--model",
-                str(tiny_model_dir),
-                "--output",
-                str(out),
-                *args,
-            ]
-        )
-        == 0
-    )
+    assert train_tiny(small_csv, tiny_model_dir, out, "--epochs", "auto") == 0  # the last --epochs counts
     assert yaml.safe_load((out / "config.yaml").read_text())["train"]["epochs"] == 8
     log = json.loads((out / "run_info.json").read_text())["log_history"]
     assert sum("eval_accuracy" in entry for entry in log) == 8

@@ -35,44 +35,21 @@ from llmclf.config import (
 )
 
 
-def int_or_auto(value: str) -> int | str:
-    """argparse type of --eval-batch-size and --step-tokens: a whole number or `auto`."""
-    if value == "auto":
-        return value
-    try:
-        return int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number or auto, found {value!r}") from None
+def number_or_words(kind: type, number: str, *words: str) -> Any:
+    """An argparse type: a `kind` (int or float) or one of `words`; `number` names it in the error."""
+    expected = (
+        f"{number}, {', '.join(words[:-1])} or {words[-1]}" if len(words) > 1 else f"{number} or {words[0]}"
+    )
 
+    def convert(value: str) -> Any:
+        if value in words:
+            return value
+        try:
+            return kind(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, found {value!r}") from None
 
-def float_or_auto(value: str) -> float | str:
-    """argparse type of --epochs: a number or `auto`."""
-    if value == "auto":
-        return value
-    try:
-        return float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or auto, found {value!r}") from None
-
-
-def layers_value(value: str) -> int | str:
-    """argparse type of --lora-layers: a whole number, `auto` or `all`."""
-    if value in ("auto", "all"):
-        return value
-    try:
-        return int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, auto or all, found {value!r}") from None
-
-
-def layer_number(value: str) -> int | str:
-    """argparse type of --feature-layer: a layer number, `auto` or `last`."""
-    if value in ("auto", "last"):
-        return value
-    try:
-        return int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a layer number, auto or last, found {value!r}") from None
+    return convert
 
 
 FLAG_NAMES = {
@@ -88,11 +65,11 @@ FLAG_NAMES = {
 
 CONVERTERS: dict[str, Any] = {
     "lora.targets": str,  # comma-separated; the config splits it
-    "lora.layers": layers_value,
-    "model.feature_layer": layer_number,
-    "train.epochs": float_or_auto,
-    "train.eval_batch_size": int_or_auto,
-    "train.step_tokens": int_or_auto,
+    "lora.layers": number_or_words(int, "a whole number", "auto", "all"),
+    "model.feature_layer": number_or_words(int, "a layer number", "auto", "last"),
+    "train.epochs": number_or_words(float, "a number", "auto"),
+    "train.eval_batch_size": number_or_words(int, "a whole number", "auto"),
+    "train.step_tokens": number_or_words(int, "a whole number", "auto"),
 }
 """argparse types of the fields whose annotation is not one plain type (with or without None)."""
 
