@@ -141,11 +141,11 @@ def prepare_for_inference(model: Any, precision: str, *, quantized: bool, merge:
 def merge_default(info: dict, precision: str, quantized: bool) -> bool:
     """Whether a run's classifier predicts with LoRA merged unless the caller says: as its evaluation after
     training did (`lora_merged` in run_info.json), so the probabilities stay those the run wrote. Runs
-    written before that was recorded merged at evaluation in no precision; merging kept their fp32
-    outputs to float rounding, so only those are merged."""
+    written before the record evaluated unmerged; merging keeps fp32 outputs to float rounding, so of
+    those only fp32 ones are merged."""
     recorded = info.get("lora_merged")
-    if recorded is not None:
-        return bool(recorded) and not quantized
+    if isinstance(recorded, bool):
+        return recorded and not quantized
     return not quantized and precision not in ("bf16", "fp16")
 
 
@@ -202,8 +202,8 @@ class Classifier:
         recorded (default: as trained, where this machine can run it). `full_precision` ignores 4-bit
         training (export). `merge_lora` folds LoRA into the base weights (default: as the run's own
         evaluation after training did, `lora_merged` in run_info.json, so the probabilities stay those the
-        run wrote; False keeps the LoRA layers, about 8 ms more per pass, see docs/performance.md). What the libraries
-        print while loading goes to the `llmclf` logger at DEBUG; `verbose=True` lets them print."""
+        run wrote; False keeps the LoRA layers, a little slower per token, see docs/performance.md). What the
+        libraries print while loading goes to the `llmclf` logger at DEBUG; `verbose=True` lets them print."""
         with runtime.library_output_to_log(verbose):
             return cls._load(
                 open_verified(run_dir),
