@@ -254,7 +254,7 @@ class TrainConfig:
     """Passes over the training split. `auto`: enough passes for about 80 optimizer steps, at least 1 and
     at most 8 (one over 1,280 texts or more at batch 16, six over 223), chosen once the training split is
     known and saved resolved; with a validation split the best epoch's weights are kept. Not the default:
-    on a few hundred long texts it gained nothing over one pass (docs/accuracy.md)."""
+    on the suite's two datasets of a few hundred texts it did not beat one pass (docs/accuracy.md)."""
     lr: float = 5e-4
     """Peak learning rate (the recipe: 1e-4)."""
     batch_size: int = 16
