@@ -67,10 +67,14 @@ def test_predict_throughput_times_llmclf_against_the_recipe_loop_and_fits_the_pa
         r"^ *(before|now|merge_lora=False): fixed +(-?[\d.]+) ms \+ (-?[\d.]+) ms/token", done.stdout, re.M
     )
     assert [name for name, _, _ in fits] == ["before", "now", "merge_lora=False"], done.stdout
-    # The unmerged model is the one before, loaded the new way: the same probabilities, bit for bit.
-    assert re.search(r"merge_lora=False vs before on \d+ texts: max \|prob diff\| 0.00e\+00", done.stdout), (
-        done.stdout
-    )
+    # The unmerged model is the one before, loaded the new way: in bf16 the same probabilities, bit for bit.
+    # On a CPU without native bf16 the run loads in fp32, where "before" merged LoRA: float rounding apart.
+    same = re.search(r"merge_lora=False vs before on \d+ texts: max \|prob diff\| ([\d.e+-]+)", done.stdout)
+    assert same, done.stdout
+    if re.search(r"^run .* \(bf16\);", done.stdout, re.M):
+        assert float(same[1]) == 0.0, done.stdout
+    else:
+        assert float(same[1]) < 1e-4, done.stdout
 
 
 def test_serve_load_benchmark_checks_every_answer_and_prints_both_rates(trained_run):
