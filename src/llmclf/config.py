@@ -39,6 +39,7 @@ LEXICAL_CHOICES = ("auto", "off")
 SCHEDULER_CHOICES = ("linear", "cosine", "constant")
 PRECISION_CHOICES = ("auto", "bf16", "fp16", "fp32")
 ATTN_CHOICES = ("auto", "sdpa", "flash_attention_2", "eager")
+POOLING_CHOICES = ("auto", "last", "mean")
 TASK_CHOICES = ("single-label", "multi-label", "regression")
 AUTO_EPOCH_STEPS = 80  # train.epochs auto: the optimizer steps to reach
 AUTO_MAX_EPOCHS = 8
@@ -168,6 +169,10 @@ class ModelConfig:
     probe on the training texts scores best (every second layer of the top two thirds), `last`, or a
     layer number (1 = the first). The layers above it are not trained, run, saved or exported. Encoders
     read their own pooling of the last layer."""
+    pooling: str = "auto"
+    """What a decoder's head reads of that layer's output: `last` (the last real token, the model's own),
+    `mean` (the mean over the text's tokens), or `auto`: whichever scores best in the feature layer's
+    cross-validated probe (the last token where no layer is scored). Encoders read their own pooling."""
     allow_pickle: bool = False
     """Allow a base model with pickle weights only (`pytorch_model.bin`), read with
     `torch.load(weights_only=True)`; otherwise safetensors only."""
@@ -203,6 +208,7 @@ class ModelConfig:
             self.feature_layer,
             "auto, last, or a layer number from 1",
         )
+        _require(self.pooling in POOLING_CHOICES, "model.pooling", self.pooling, ", ".join(POOLING_CHOICES))
         _require(
             self.attn_implementation in ATTN_CHOICES,
             "model.attn_implementation",
@@ -448,7 +454,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "head_init": "random",
             "lexical": "off",
         },
-        "model": {"prompt_template": "none", "feature_layer": "last"},
+        "model": {"prompt_template": "none", "feature_layer": "last", "pooling": "last"},
     },
 }
 """Named sets of values under the YAML file and flags. `recipe`: the hand-made recipe llmclf productises

@@ -64,6 +64,8 @@ def test_train_reload_and_export_on_the_default_model(tmp_path):
                 "3",
                 "--max-length",
                 "64",
+                "--pooling",
+                "last",  # exportable whatever the layer pass finds on 16 texts (a mean-pooled run is not)
                 "--output",
                 str(run),
             ]

@@ -89,3 +89,20 @@ def test_zero_shot_before_training_is_far_above_chance_on_a_planted_task(tmp_pat
         assert before["accuracy"] >= 0.9  # chance is 0.25
         report = (out / "report.md").read_text()
         assert "zero-shot before training: accuracy" in report
+
+
+def test_zero_shot_reads_the_next_word_position_when_the_head_reads_the_mean(tmp_path, echo_model):
+    """Under --pooling mean the label words are still scored at the last token (where the next word is
+    predicted): the planted task stays far above chance before training."""
+    loaded = load_classifier(str(echo_model), ["a", "b"], for_training=False)
+    data = write_csv(tmp_path / "planted.csv", planted_rows(loaded.tokenizer))
+    out = tmp_path / "run"
+    assert (
+        train_tiny(
+            data, echo_model, out, "--prompt-template", "{text}", "--lexical", "off", "--pooling", "mean"
+        )
+        == 0
+    )
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["pooling"] == "mean" and info["before_training"] == "zero-shot"
+    assert json.loads((out / "metrics.json").read_text())["before"]["accuracy"] >= 0.9

@@ -250,7 +250,7 @@ def evaluate(args: argparse.Namespace) -> int:
 
 
 def export(args: argparse.Namespace) -> int:
-    from llmclf.inference.classifier import Classifier
+    from llmclf.inference.classifier import Classifier, check_exportable
     from llmclf.reports.modelcard import exported_name, write_model_card
 
     out = Path(args.output).expanduser()
@@ -259,6 +259,7 @@ def export(args: argparse.Namespace) -> int:
         _check_repo_id(repo)
     if out.exists() and any(out.iterdir()):
         raise LlmclfError(f"Export folder {out} is not empty. Choose an empty or new folder.")
+    check_exportable(args.run_dir)
     clf = Classifier.load(args.run_dir, full_precision=True, **loading_options(args))
     merged = clf.merged_model()
     # A GGUF-converted base carries its file's internal name ("Smollm2 135M 8k Lc100K Mix1 Ep2") in the

@@ -31,6 +31,7 @@ from llmclf.manifest import MANIFEST, manifest_problem, read_manifest
 from llmclf.model.adapter import ADAPTER_WEIGHTS, drop_lora_dropout, load_adapter, merge_lora
 from llmclf.model.anatomy import upcast_head
 from llmclf.model.loading import can_pack, load_classifier, pack_linears, unpack_linears
+from llmclf.model.pooling import POOLINGS, pooling_of, use_pooling
 from llmclf.model.provenance import resolve_recorded
 from llmclf.runfolder import ADAPTER, CONFIG, LABELS, LEXICAL, RUN_INFO, TOKENIZER, RunFolder
 
@@ -88,6 +89,31 @@ def recorded_layer(info: dict, where: Path) -> tuple[int, int] | None:
             "The file was changed after training: restore it, or train again."
         )
     return layer, of
+
+
+MEAN_NOT_EXPORTABLE = (
+    "This run's head reads the mean of the text's tokens (model.pooling mean), which a plain transformers "
+    "model does not do: its export would read the last token and give other predictions. Serve the run "
+    "folder with `llmclf serve` or `llmclf predict`, or train with --pooling last to export."
+)
+
+
+def check_exportable(run_dir: str | Path) -> None:
+    """Refuse, before the slow load, a run whose export would not compute what the run does."""
+    run = open_verified(run_dir)
+    if recorded_pooling(run.run_info(), run.path(RUN_INFO)) == "mean":
+        raise LlmclfError(f"{run.root}: {MEAN_NOT_EXPORTABLE}")
+
+
+def recorded_pooling(info: dict, where: Path) -> str:
+    """What the run's head reads (run_info's `pooling`; runs written before it read the last token)."""
+    pooling = info.get("pooling", "last")
+    if pooling not in POOLINGS:
+        raise LlmclfError(
+            f"{where}: pooling is {str(pooling)[:100]!r}, expected one of {', '.join(POOLINGS)}. The file was "
+            "changed after training: restore it, or train again."
+        )
+    return pooling
 
 
 def recorded_thresholds(info: dict, labels: list[str], where: Path) -> list[float]:
@@ -257,13 +283,15 @@ class Classifier:
             # saved fp32 head into an fp32 copy, not a rounded one.
             upcast_head(loaded.model)
         model = load_adapter(loaded.model, run.path(ADAPTER), labels)
+        model = prepare_for_inference(
+            model,
+            precision,
+            quantized=loaded.quantized,
+            merge=merge_default(info, precision, loaded.quantized) if merge_lora is None else merge_lora,
+        )
+        use_pooling(model, recorded_pooling(info, run.path(RUN_INFO)))
         return cls(
-            prepare_for_inference(
-                model,
-                precision,
-                quantized=loaded.quantized,
-                merge=merge_default(info, precision, loaded.quantized) if merge_lora is None else merge_lora,
-            ),
+            model,
             loaded.tokenizer,
             labels,
             max_length=config.data.max_length,
@@ -450,6 +478,8 @@ class Classifier:
         merged = self.model
         if getattr(merged.config, "quantization_config", None):
             raise LlmclfError("Merging into a 4-bit base is lossy; load the run in full precision to export.")
+        if pooling_of(merged) == "mean":
+            raise LlmclfError(MEAN_NOT_EXPORTABLE)
         unpack_linears(merged)  # plain bf16 weights again (loaded for inference on a CPU: packed)
         if isinstance(merged, PeftModel):
             merged = merge_lora(merged)

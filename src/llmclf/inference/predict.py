@@ -15,6 +15,7 @@ from llmclf.data import case_only
 from llmclf.errors import LlmclfError
 from llmclf.inference.metrics import compute_metrics
 from llmclf.model.anatomy import activate, device_of, trainable_head
+from llmclf.model.pooling import pool
 from llmclf.progress import Progress
 
 
@@ -108,9 +109,7 @@ def _pooled(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     hidden) and the model keeps the last real token's logits; an encoder's gets one vector per text."""
     if hidden.dim() == 2:
         return hidden
-    positions = torch.arange(mask.shape[1], device=mask.device)
-    last = (positions * mask).argmax(dim=1)  # rightmost real token, either padding side
-    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    return pool(hidden, mask, "last")  # under mean pooling every position holds the mean (model.pooling)
 
 
 def reassemble(parts: Sequence[tuple[np.ndarray, np.ndarray]], n: int, width: int) -> np.ndarray:

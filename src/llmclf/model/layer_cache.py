@@ -75,7 +75,8 @@ def pooled_from_states(
     """Run layers `start ..` and the final norm on cached states; take each row's last real token.
 
     states: (batch, seq, hidden), right-padded; attention_mask: (batch, seq). Returns (batch, hidden):
-    the same vector the model's own pooling feeds to the head (rightmost non-pad token).
+    the same vector the model's own pooling feeds to the head (rightmost non-pad token; under mean
+    pooling, `pooling.use_pooling`, the final norm's hook has put the mean there).
     """
     decoder = decoder_of(model)
     with _swapped(decoder, range(start, len(decoder.layers)), drop_norm=False):

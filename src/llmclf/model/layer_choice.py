@@ -19,10 +19,14 @@ import torch
 
 from llmclf.batches import length_batches
 from llmclf.model.anatomy import decoder_of, unwrap
+from llmclf.model.pooling import pool
 
 log = logging.getLogger("llmclf")
 RIDGE_ALPHAS = (1e-1, 1.0, 1e1, 1e2, 1e3, 1e4)
 """Ridge penalties (on standardised features) the leave-one-out score chooses from, per layer."""
+MEAN_MARGIN = 0.02
+"""How much higher the mean of the tokens must score than the last token for `auto` to take it: a
+mean-pooled run cannot be exported as a plain transformers model, so a near-tie keeps the last token."""
 MAX_TEXTS = 2000
 """Training texts scored per layer at most (a stratified sample beyond): enough to rank layers."""
 
@@ -36,6 +40,10 @@ class LayerChoice:
     candidates: list[int] = field(default_factory=list)
     scores: list[float] = field(default_factory=list)  # leave-one-out balanced accuracy (R²) per candidate
     chosen_by: str = "cross-validation"
+    pooling: str = "last"
+    """What the head reads of the layer's output (model.pooling): `last` or `mean`."""
+    mean_scores: list[float] = field(default_factory=list)
+    """The candidates' scores with mean pooling, where it was scored too (`scores`: the last token's)."""
 
     def info(self) -> dict[str, Any]:
         """What run_info.json records (a reloaded run cuts the model at `layer` again)."""
@@ -45,6 +53,8 @@ class LayerChoice:
             "chosen_by": self.chosen_by,
             "candidates": self.candidates,
             "scores": [round(s, 4) for s in self.scores],
+            "pooling": self.pooling,
+            "mean_scores": [round(s, 4) for s in self.mean_scores],
         }
 
 
@@ -55,29 +65,40 @@ def candidate_layers(total: int) -> list[int]:
 
 @torch.inference_mode()
 def layer_states(
-    model: Any, ids: list[list[int]], layers: list[int], pad_id: int, batch_size: int | str = "auto"
+    model: Any,
+    ids: list[list[int]],
+    layers: list[int],
+    pad_id: int,
+    batch_size: int | str = "auto",
+    poolings: tuple[str, ...] = ("last",),
 ) -> np.ndarray:
-    """(len(layers), len(ids), hidden) float32: each listed layer's output at each text's last real token,
-    through the final norm. Layers above the highest listed one are not run."""
+    """(len(poolings) * len(layers), len(ids), hidden) float32, pooling-major: each listed layer's output
+    through the final norm, pooled per text (`pooling.pool`: the last real token, or the mean of the real
+    tokens). Layers above the highest listed one are not run."""
     decoder = decoder_of(model)
     wanted = {layer - 1: k for k, layer in enumerate(layers)}  # 0-based module index -> row
-    captured: dict[int, torch.Tensor] = {}
-    last = torch.zeros(0, dtype=torch.long)  # each text's last real position in the current batch
+    captured: dict[tuple[int, str], torch.Tensor] = {}
+    mask = torch.zeros(0, 0, dtype=torch.long)  # the current batch's attention mask
+    norm = decoder.norm.forward  # its own computation, without any pooling hook on the module
 
     def keep(index: int) -> Any:
         def hook(_module: Any, _args: Any, output: Any) -> None:
             states = output[0] if isinstance(output, tuple) else output  # (batch, seq, hidden)
-            # pooled at once, so a batch holds one (batch, hidden) row per candidate, not its whole output
-            captured[index] = states[torch.arange(len(last)), last.to(states.device)]
+            on = mask.to(states.device)
+            for name in poolings:  # pooled at once: a batch holds one (batch, hidden) row per candidate
+                # the last token alone is normed (cheap); the mean is of the normed tokens, as the head reads
+                captured[index, name] = (
+                    norm(pool(states, on, name)) if name == "last" else pool(norm(states), on, name)
+                )
 
         return hook
 
     handles = [decoder.layers[i].register_forward_hook(keep(i)) for i in wanted]
     stop = max(layers)
-    kept_layers, kept_norm = decoder.layers, decoder.norm
+    kept_layers = decoder.layers
     decoder.layers = kept_layers[:stop]  # the layers above the highest candidate are never needed
     device = next(model.parameters()).device
-    out = np.zeros((len(layers), len(ids), decoder.config.hidden_size), dtype=np.float32)
+    out = np.zeros((len(poolings) * len(layers), len(ids), decoder.config.hidden_size), dtype=np.float32)
     try:
         for idx in length_batches([len(i) for i in ids], batch_size, device):
             width = max(len(ids[i]) for i in idx)
@@ -85,10 +106,10 @@ def layer_states(
             mask = torch.zeros((len(idx), width), dtype=torch.long)
             for row, i in enumerate(idx):  # right padding, as the activation cache
                 batch[row, : len(ids[i])], mask[row, : len(ids[i])] = torch.tensor(ids[i]), 1
-            last = mask.sum(dim=1) - 1
             decoder(input_ids=batch.to(device), attention_mask=mask.to(device), use_cache=False)
-            for index, k in wanted.items():
-                out[k, idx] = kept_norm(captured[index]).float().cpu().numpy()  # (batch, hidden)
+            for p, name in enumerate(poolings):
+                for index, k in wanted.items():
+                    out[p * len(layers) + k, idx] = captured[index, name].float().cpu().numpy()
     finally:
         decoder.layers = kept_layers
         for handle in handles:
@@ -140,13 +161,32 @@ def quantile_bins(targets: np.ndarray, bins: int = 10) -> np.ndarray:
 
 
 def choose(
-    states: np.ndarray, labels: np.ndarray, candidates: list[int], total: int, *, regression: bool = False
+    states: np.ndarray,
+    labels: np.ndarray,
+    candidates: list[int],
+    total: int,
+    *,
+    regression: bool = False,
+    poolings: tuple[str, ...] = ("last",),
 ) -> LayerChoice:
-    """The candidate whose states score best (the deeper one on a tie); `labels` are numbers for
-    `regression`."""
+    """The best-scoring layer (the deeper one on a tie) of the best pooling: the mean of the tokens only
+    where it beats the last token by MEAN_MARGIN. `states`: (len(poolings) * len(candidates), n, hidden),
+    pooling-major as `layer_states` gives them; `labels` are numbers for `regression`."""
     scores = score_layers_regression(states, labels) if regression else score_layers(states, labels)
-    best = max(range(len(candidates)), key=lambda k: (scores[k], candidates[k]))
-    return LayerChoice(candidates[best], total, candidates, scores)
+    n = len(candidates)
+    by_pooling = {name: scores[p * n : (p + 1) * n] for p, name in enumerate(poolings)}
+    margin = {name: MEAN_MARGIN if name == "mean" and len(poolings) > 1 else 0.0 for name in poolings}
+    pooling = max(poolings, key=lambda name: max(by_pooling[name]) - margin[name])
+    row = by_pooling[pooling]
+    best = max(range(n), key=lambda k: (row[k], candidates[k]))
+    return LayerChoice(
+        candidates[best],
+        total,
+        candidates,
+        by_pooling.get("last", []),
+        pooling=pooling,
+        mean_scores=by_pooling.get("mean", []),
+    )
 
 
 def sample_rows(labels: np.ndarray, limit: int, seed: int) -> np.ndarray:

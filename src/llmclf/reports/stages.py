@@ -172,8 +172,17 @@ def layer_sentence(info: dict) -> str:
     """Which layer the head reads and why, where the run chose or was given one."""
     chosen = _dict(info.get("feature_layer"))
     layer, total = chosen.get("layer"), chosen.get("of")
+    pooled = (
+        " It reads the mean of the text's token states, not the last token's (model.pooling)."
+        if info.get("pooling") == "mean"
+        else ""
+    )
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in (layer, total)):
-        return ""
+        return pooled
+    return _layer_why(chosen, layer, total) + pooled
+
+
+def _layer_why(chosen: dict, layer: int, total: int) -> str:
     why = (
         "the layer whose state a cross-validated probe on the training texts scored best"
         if chosen.get("chosen_by") == "cross-validation"

@@ -41,7 +41,7 @@ CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 # The validation interval and the patience do: they choose the kept checkpoint and when training stops.
 RESULT_SETTINGS = {
     "data": ["max_length"],
-    "model": ["precision", "prompt_template", "feature_layer"],
+    "model": ["precision", "prompt_template", "feature_layer", "pooling"],
     "lora": ["r", "alpha", "dropout", "targets", "layers"],
     "train": [
         "epochs",
@@ -70,6 +70,10 @@ def splits_digest(splits: Any) -> str:
             payload["pair"] = frame["pair"].tolist()
         h.update(json.dumps(payload, ensure_ascii=False).encode("utf-8"))
     return h.hexdigest()
+
+
+SINCE = {"model.pooling": ("auto", "last")}
+"""Settings added to RESULT_SETTINGS later: the values that do what runs written before them did."""
 
 
 def run_fingerprint(config: Any, splits: Any, source: str, quantized: bool) -> dict[str, Any]:
@@ -102,8 +106,11 @@ def fingerprint_differences(saved: dict[str, Any], current: dict[str, Any]) -> l
             f"{new_model['source']!r}, {'4-bit' if new_model['quantized'] else 'full precision'})"
         )
     for key, value in current["settings"].items():
-        if saved.get("settings", {}).get(key) != value:
-            out.append(f"setting {key} differs (run: {saved.get('settings', {}).get(key)!r}; now: {value!r})")
+        settings = saved.get("settings", {})
+        if key not in settings and value in SINCE.get(key, ()):
+            continue  # a run written before the setting existed ran as these values do
+        if settings.get(key) != value:
+            out.append(f"setting {key} differs (run: {settings.get(key)!r}; now: {value!r})")
     return out
 
 

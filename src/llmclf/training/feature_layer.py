@@ -23,6 +23,7 @@ from llmclf.model.layer_choice import (
     sample_rows,
     truncate,
 )
+from llmclf.model.pooling import POOLINGS, check_pooling
 from llmclf.training import fsdp
 from llmclf.training.backend import Encoded
 
@@ -36,6 +37,8 @@ class FeatureLayer:
 
     choice: LayerChoice | None
     zero_shot_probs: np.ndarray | None = None
+    pooling: str = "last"
+    """What the head reads of the layer's output (model.pooling resolved): `last` or `mean`."""
 
 
 def pick_feature_layer(
@@ -43,6 +46,7 @@ def pick_feature_layer(
     model: Any,
     encoded: Encoded,
     *,
+    pooling: str = "auto",
     pad_id: int,
     zero_shot: torch.Tensor | None,
     precision: str,
@@ -51,42 +55,72 @@ def pick_feature_layer(
     recorded: dict | None = None,
     regression: bool = False,
 ) -> FeatureLayer:
-    """Resolve `setting` (auto, last, a layer number) on this model and cut the model after the layer.
+    """Resolve `setting` (auto, last, a layer number) and `pooling` (auto, last, mean) on this model and
+    cut the model after the layer. `auto` pooling is chosen with the layer where layers are scored, else
+    the last token.
 
     `zero_shot`: the label words' head (labels, hidden), scored on the whole model's last-layer test
     states while they are at hand, since the cut model no longer computes them (None: not needed).
     `recorded`: the choice an interrupted run made (a resumed run takes it instead of choosing again).
     `regression`: the training targets are numbers (or multi-hot rows), scored by a ridge regression's
     error."""
-    if not _applies(setting, model):
-        return FeatureLayer(None)
+    fixed = "last" if pooling == "auto" else pooling  # where nothing is scored
+    if fixed == "mean":
+        if fsdp.requested():
+            raise LlmclfError(
+                "--pooling mean: under FSDP the head reads the last token. Give --pooling auto or last, or "
+                "train without FSDP."
+            )
+        check_pooling(model, fixed)
+    applies = _applies(setting, model)
+    candidates = candidate_layers(num_layers(model)) if setting == "auto" and applies else []
+    if not applies or (setting == "auto" and len(candidates) == 1):  # nothing to choose, no cut
+        probs = None
+        if fixed == "mean":  # the head will not read the last token, where the label words are scored
+            probs = _zero_shot_probs(model, encoded, zero_shot, precision, pad_id, batch_size)
+        return FeatureLayer(None, probs, fixed)
     total = num_layers(model)
     if setting == "auto":
-        candidates = candidate_layers(total)
-        if len(candidates) == 1:  # nothing to choose between
-            return FeatureLayer(None)
         if recorded is not None:
-            choice = recorded_choice(recorded, total, candidates)
+            choice = recorded_choice(recorded, total, candidates, pooling)
             log.info("Reusing the feature layer chosen by the interrupted run (layer %d).", choice.layer)
         else:
+            poolings = tuple(POOLINGS) if pooling == "auto" else (pooling,)
             choice = _choose_layer(
-                model, encoded, candidates, pad_id, precision, batch_size, seed, regression
+                model, encoded, candidates, pad_id, precision, batch_size, seed, regression, poolings
             )
     elif 1 <= int(setting) <= total:
-        choice = LayerChoice(int(setting), total, chosen_by="config")
+        choice = LayerChoice(int(setting), total, chosen_by="config", pooling=fixed)
     else:
         raise LlmclfError(
             f"--feature-layer {setting}: this model has {total} decoder layers; give 1 .. {total}, last or auto."
         )
     probs = None
-    if zero_shot is not None and choice.layer < total:  # the whole model's last states, before the cut
-        with runtime.autocast(precision):
-            last = layer_states(model, encoded.ids["test"], [total], pad_id, batch_size)[0]
-        logits = torch.from_numpy(last) @ zero_shot.float().T  # (test, labels)
-        probs = torch.softmax(logits, dim=-1).double().numpy()
+    if choice.layer < total or choice.pooling == "mean":  # the whole model's last token, before the cut
+        probs = _zero_shot_probs(model, encoded, zero_shot, precision, pad_id, batch_size)
     removed = truncate(model, choice.layer)
     log.info("%s", describe(choice, removed))
-    return FeatureLayer(choice, probs)
+    return FeatureLayer(choice, probs, choice.pooling)
+
+
+def _zero_shot_probs(
+    model: Any,
+    encoded: Encoded,
+    zero_shot: torch.Tensor | None,
+    precision: str,
+    pad_id: int,
+    batch_size: int | str,
+) -> np.ndarray | None:
+    """The label words' zero-shot test probabilities (test rows, labels), scored on the whole model's last
+    token (the next-word position), for where the head will not read that state itself: the model is
+    about to be cut, or the head reads the mean of the tokens. None without label words."""
+    if zero_shot is None:
+        return None
+    total = num_layers(model)
+    with runtime.autocast(precision):
+        last = layer_states(model, encoded.ids["test"], [total], pad_id, batch_size)[0]
+    logits = torch.from_numpy(last) @ zero_shot.float().T  # (test, labels)
+    return torch.softmax(logits, dim=-1).double().numpy()
 
 
 def _choose_layer(
@@ -98,8 +132,9 @@ def _choose_layer(
     batch_size: int | str,
     seed: int,
     regression: bool = False,
+    poolings: tuple[str, ...] = ("last",),
 ) -> LayerChoice:
-    """Score the candidates on a sample of the training texts. Under a launcher each process runs its
+    """Score the candidates (each layer, pooled each way) on a sample of the training texts. Under a launcher each process runs its
     share of the texts and all of them score the gathered states, so every process cuts at one layer."""
     labels = np.asarray(encoded.labels["train"])
     if labels.ndim == 2:  # multi-hot rows (multi-label): sampled by each text's first label
@@ -109,35 +144,57 @@ def _choose_layer(
     rows = sample_rows(strata, MAX_TEXTS, seed)  # enough to rank layers; the pass costs one per text
     world, rank = distributed.world_size(), distributed.rank()
     share = f" (a share on each of {world} processes)" if world > 1 else ""
-    log.info("Scoring %d layers' states on %d training texts%s ...", len(candidates), len(rows), share)
+    pooled = " (last token and mean)" if len(poolings) > 1 else ""
+    log.info(
+        "Scoring %d layers' states%s on %d training texts%s ...", len(candidates), pooled, len(rows), share
+    )
     mine = [encoded.ids["train"][i] for i in rows[rank::world]]
     with runtime.autocast(precision):
-        part = layer_states(model, mine, candidates, pad_id, batch_size)  # (candidates, my rows, hidden)
-    states = np.empty((len(candidates), len(rows), part.shape[2]), dtype=np.float32)
+        # (poolings * candidates, my rows, hidden)
+        part = layer_states(model, mine, candidates, pad_id, batch_size, poolings)
+    states = np.empty((part.shape[0], len(rows), part.shape[2]), dtype=np.float32)
     for r, gathered in enumerate(distributed.all_gather(part)):
         states[:, r::world] = gathered
-    return choose(states, labels[rows], candidates, num_layers(model), regression=regression)
+    return choose(
+        states, labels[rows], candidates, num_layers(model), regression=regression, poolings=poolings
+    )
 
 
-def recorded_choice(recorded: dict, total: int, candidates: list[int]) -> LayerChoice:
-    """The interrupted run's choice (its feature_layer.json, untrusted), checked against this model."""
+def recorded_choice(recorded: dict, total: int, candidates: list[int], setting: str = "auto") -> LayerChoice:
+    """The interrupted run's choice (its feature_layer.json, untrusted), checked against this model and
+    the pooling `setting` (auto: either)."""
     layer, scores = recorded.get("layer"), recorded.get("scores")
+    pooling, mean_scores = recorded.get("pooling", "last"), recorded.get("mean_scores", [])
     ok = (
         recorded.get("of") == total
         and recorded.get("candidates") == candidates
         and isinstance(layer, int)
         and layer in candidates
-        and isinstance(scores, list)
-        and len(scores) == len(candidates)
-        and all(isinstance(s, int | float) and not isinstance(s, bool) for s in scores)
+        and pooling in POOLINGS
+        and setting in ("auto", pooling)
+        and all(_scores_ok(row, len(candidates)) for row in (scores, mean_scores))
+        and len({"last": scores, "mean": mean_scores}[pooling]) == len(candidates)  # the chosen one's scores
     )
     if not ok:
         raise LlmclfError(
             f"Cannot resume: the run folder's feature_layer.json records layer {layer!r} of "
-            f"{recorded.get('of')!r}, not one of this model's candidates {candidates} (of {total}). "
-            "Start a new run (another --output, or --overwrite)."
+            f"{recorded.get('of')!r} read by pooling {str(pooling)[:20]!r}, which is not one of this model's "
+            f"candidates {candidates} (of {total}) with its scores, or not --pooling {setting}. Start a new "
+            "run (another --output, or --overwrite)."
         )
-    return LayerChoice(layer, total, candidates, [float(s) for s in scores])
+    numbers = [float(s) for s in mean_scores]
+    return LayerChoice(
+        layer, total, candidates, [float(s) for s in scores], pooling=pooling, mean_scores=numbers
+    )
+
+
+def _scores_ok(row: Any, n: int) -> bool:
+    """A recorded list of scores: one number per candidate, or none (that pooling was not scored)."""
+    return (
+        isinstance(row, list)
+        and len(row) in (0, n)
+        and all(isinstance(s, int | float) and not isinstance(s, bool) for s in row)
+    )
 
 
 def _applies(setting: int | str, model: Any) -> bool:
@@ -173,9 +230,15 @@ def describe(choice: LayerChoice, removed: int) -> str:
     """One line for the log: which layer, why, and what it saves."""
     why = ""
     if choice.chosen_by == "cross-validation":
-        best = max(choice.scores)
-        last = choice.scores[choice.candidates.index(choice.total)]
-        why = f" (cross-validated probe: {best:.3f}, last layer {last:.3f})"
+        best = max(choice.scores + choice.mean_scores)
+        last = choice.scores[choice.candidates.index(choice.total)] if choice.scores else None
+        why = (
+            f" (cross-validated probe: {best:.3f}"
+            + ("" if last is None else f", last layer's last token {last:.3f}")
+            + ")"
+        )
+    if choice.pooling == "mean":
+        why += ", the mean of each text's tokens (`llmclf export` refuses such runs; --pooling last exports)"
     if removed:
         return (
             f"Features from layer {choice.layer} of {choice.total}{why}: the {removed} layers above are "

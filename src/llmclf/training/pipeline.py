@@ -34,6 +34,7 @@ from llmclf.model.anatomy import num_layers, resolve_top_layers, trainable_head
 from llmclf.model.label_words import zero_shot_head
 from llmclf.model.layer_choice import MAX_TEXTS
 from llmclf.model.loading import add_lora, load_classifier, resolve_quantize
+from llmclf.model.pooling import use_pooling
 from llmclf.model.prompt import apply_template, resolve_template, separate_pairs
 from llmclf.model.provenance import identify
 from llmclf.model.sources import resolve_model_source
@@ -168,8 +169,7 @@ def _run(
         info.update(task_info(task, config))
         info["lexical"] = None if lexical is None else {"weight": lexical.weight, **lexical.info}
         info["data_in_memory"] = save_memory_copies(out, memory)
-        info["before_training"] = "zero-shot" if zero_shot is not None else "random head"
-        info["feature_layer"] = None if layer.choice is None else layer.choice.info()
+        info.update(head_input_info(layer, zero_shot))
         if lexical is not None and lexical.weight > 0:
             lexical.save(out / runfolder.LEXICAL)
         save_run(out, config, trainer, tokenizer, state, splits, weights, encoded, metrics, probs, info, task)
@@ -350,7 +350,8 @@ def cut_at_feature_layer(
 ) -> tuple[torch.Tensor | None, FeatureLayer]:
     """The label words' zero-shot head (None where it does not apply), then the model cut after its
     feature layer (model.feature_layer), which scores that head on the whole model first. A resumed run
-    takes the layer and the metrics before training that the interrupted run saved."""
+    takes the layer and the metrics before training that the interrupted run saved. The head then reads
+    the pooling chosen with the layer (model.pooling)."""
     zero_shot = (
         None
         if task.name != SINGLE_LABEL
@@ -362,6 +363,7 @@ def cut_at_feature_layer(
         config.model.feature_layer,
         model,
         encoded,
+        pooling=config.model.pooling,
         pad_id=tokenizer.pad_token_id,
         zero_shot=zero_shot if start.before is None else None,
         precision=choice.precision,
@@ -370,7 +372,17 @@ def cut_at_feature_layer(
         recorded=start.layer,
         regression=task.name != SINGLE_LABEL,  # numbers, or multi-hot rows: scored by ridge regression
     )
+    use_pooling(model, layer.pooling)  # before anything reads the head's input (cache, probe, training)
     return zero_shot, layer
+
+
+def head_input_info(layer: FeatureLayer, zero_shot: torch.Tensor | None) -> dict:
+    """run_info's record of what the head reads (layer, pooling) and of the evaluation before training."""
+    return {
+        "before_training": "zero-shot" if zero_shot is not None else "random head",
+        "feature_layer": None if layer.choice is None else layer.choice.info(),
+        "pooling": layer.pooling,
+    }
 
 
 def adapt(model: Any, config: RunConfig) -> tuple[Any, int | None]:
