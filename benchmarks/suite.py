@@ -254,6 +254,7 @@ def run_llmclf(entry: dict, overlay: dict[str, Any], runs_dir: Path) -> dict:
         "split_counts": {k: sum(v.values()) for k, v in summary["counts"].items()},
         "precision": info.get("precision"),
         "feature_layer": info.get("feature_layer"),
+        "pooling": info.get("pooling"),
         "lexical_weight": (info.get("lexical") or {}).get("weight"),
         "output": str(result.output),
     }
@@ -307,7 +308,8 @@ def _num(value: float | None, fmt: str) -> str:
 
 def table_header(baselines: Sequence[str]) -> str:
     titles = [BASELINE_TITLES[b] for b in baselines]
-    head = ["dataset", "metric", "train/test", "llmclf before", "llmclf after", "probe acc", *titles]
+    head = ["dataset", "metric", "train/test", "llmclf before", "llmclf after", "probe acc", "head reads"]
+    head += titles
     head += ["gap to best", "llmclf s", *(f"{t} s" for t in titles)]
     return "| " + " | ".join(head) + " |\n|" + "|".join("---" for _ in head) + "|"
 
@@ -316,11 +318,19 @@ def table_row(row: dict, baselines: Sequence[str]) -> str:
     llm = row.get("llmclf") or {}
     cells = [row["dataset"], row["metric"], f"{row['n_train']}/{row['n_test']}"]
     cells += [_num(llm.get("before"), ".3f"), _num(llm.get("after"), ".3f")]
-    cells += [_num(llm.get("probe_test_accuracy"), ".3f")]
+    cells += [_num(llm.get("probe_test_accuracy"), ".3f"), head_reads(llm)]
     cells += [_num((row.get(b) or {}).get("score"), ".3f") for b in baselines]
     cells += [_num(row.get("gap"), "+.3f"), _num(llm.get("seconds"), ".0f")]
     cells += [_num((row.get(b) or {}).get("seconds"), ".0f") for b in baselines]
     return "| " + " | ".join(cells) + " |"
+
+
+def head_reads(llm: dict) -> str:
+    """`L30 last`, `L20 mean`: the layer (of the base model's) and the pooling the run's head reads."""
+    layer = (llm.get("feature_layer") or {}).get("layer")
+    if not llm.get("pooling"):
+        return "-"
+    return f"{'L' + str(layer) + ' ' if layer else ''}{llm['pooling']}"
 
 
 def summary_line(s: dict) -> str:

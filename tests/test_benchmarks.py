@@ -171,6 +171,7 @@ def test_suite_runs_llmclf_and_tfidf_per_dataset_and_summarises_the_gaps(tmp_pat
         assert llm["seconds"] > 0 and tfidf["seconds"] >= 0
         assert row["gap"] == pytest.approx(llm["after"] - tfidf["score"])
         assert llm["split_counts"]["test"] == row["n_test"]  # the test file is llmclf's whole test split
+        assert llm["pooling"] == "last"  # the 2-layer model: no layer pass, the last token
         assert (tmp_path / "runs" / row["dataset"] / "metrics.json").is_file()
     gaps = {name: r["gap"] for name, r in rows.items()}
     summary = report["summary"]
@@ -184,6 +185,7 @@ def test_suite_runs_llmclf_and_tfidf_per_dataset_and_summarises_the_gaps(tmp_pat
     assert (
         f"on {summary['wins']} of 2 datasets" in done.stdout
         and "| topics | accuracy | 120/40 |" in done.stdout
+        and "| head reads |" in done.stdout
     )
 
     # Again on one dataset with the first output as the baselines cache: same subsample, TF-IDF not rerun.
