@@ -134,8 +134,9 @@ def _choose_layer(
     regression: bool = False,
     poolings: tuple[str, ...] = ("last",),
 ) -> LayerChoice:
-    """Score the candidates (each layer, pooled each way) on a sample of the training texts. Under a launcher each process runs its
-    share of the texts and all of them score the gathered states, so every process cuts at one layer."""
+    """Score the candidates (each layer, pooled each way) on a sample of the training texts. Under a
+    launcher each process runs its share of the texts and all of them score the gathered states, so every
+    process cuts at one layer."""
     labels = np.asarray(encoded.labels["train"])
     if labels.ndim == 2:  # multi-hot rows (multi-label): sampled by each text's first label
         strata = labels.argmax(axis=1)
