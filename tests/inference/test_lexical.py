@@ -14,6 +14,7 @@ from llmclf.errors import LlmclfError
 from llmclf.inference.lexical import (
     GUARD_SE,
     MIX_WEIGHT,
+    WORDS_ONLY,
     LexicalHead,
     choose_weight,
     fit_lexical,
@@ -172,16 +173,88 @@ def test_save_and_load_round_trip(tmp_path):
     np.testing.assert_allclose(loaded.log_proba(texts), head.log_proba(texts), atol=1e-6)
 
 
+def test_character_ngrams_match_the_spellings_words_miss():
+    """A keyword seen only inflected in training ("refunded") is still matched in a new form ("refunds"):
+    the word part alone has no feature for it, the character n-grams do."""
+    fillers = ["please help me with my account", "my account today please", "help with my account today"]
+    forms = {0: ["refunded", "refunding"], 1: ["delivered", "delivering"]}
+    texts, labels = [], []
+    for label, words in forms.items():
+        for k in range(24):  # every filler with every form, equally in both classes: only the form tells
+            texts.append(f"{fillers[k % 3]} {words[k % 2]}")
+            labels.append(label)
+    new = ["my refunds please", "the delivery today"]
+    both = fit_lexical(texts, labels, 2, None, seed=0)
+    assert both.log_proba(new).argmax(axis=1).tolist() == [0, 1]
+    plain = fit_lexical(texts, labels, 2, None, seed=0, features=WORDS_ONLY)
+    np.testing.assert_allclose(np.exp(plain.log_proba(new)), 0.5, atol=0.05)  # no word of `new` was seen
+
+
+def test_the_lexical_part_reads_the_first_max_chars_of_a_huge_text():
+    from llmclf.inference.lexical import MAX_CHARS, lexical_inputs
+
+    texts, labels = planted(20, seed=0)
+    head = fit_lexical(texts, labels, 3, None, seed=0)
+    start = "the goal of the match " * (MAX_CHARS // 22 + 1)  # longer than the cut: class 1's keywords
+    huge = start + "stocks market profit bank " * 40_000  # 1 MB of class 0's keywords beyond the cut
+    (read,) = lexical_inputs([huge])
+    assert read == huge[:MAX_CHARS]
+    assert head.log_proba([read]).argmax() == 1
+    pair = lexical_inputs(["short"], [huge])[0]
+    assert pair == "short\n" + huge[:MAX_CHARS]
+
+
+def test_a_format_1_lexical_part_still_loads(tmp_path):
+    """Run folders written before the character n-grams hold the word part alone, in format 1."""
+    from safetensors.numpy import save_file
+
+    texts, labels = planted(20, seed=0)
+    head = fit_lexical(texts, labels, 3, None, seed=0)
+    word = dict(head.vectorizer.transformer_list)["word"]
+    size = len(word.vocabulary_)
+    terms = sorted(word.vocabulary_, key=word.vocabulary_.get)
+    folder = tmp_path / "lexical"
+    folder.mkdir()
+    settings = {"format": 1, "ngrams": [1, 2], "weight": 0.5, "info": {}}
+    (folder / "lexical.json").write_text(json.dumps(settings))
+    (folder / "vocabulary.json").write_text(json.dumps(terms))
+    arrays = {"idf": word.idf_, "coef": head.coef[:, :size], "intercept": head.intercept}
+    save_file(
+        {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in arrays.items()},
+        str(folder / "weights.safetensors"),
+    )
+    loaded = LexicalHead.load(folder, num_labels=3)
+    assert [name for name, _ in loaded.vectorizer.transformer_list] == ["word"] and loaded.weight == 0.5
+    x = word.transform(texts) @ head.coef[:, :size].T + head.intercept  # the word part's own logits
+    expected = x - np.log(np.exp(x).sum(axis=1, keepdims=True))
+    np.testing.assert_allclose(loaded.log_proba(texts), expected, atol=1e-5)
+
+
+def _edit(path, **changes):
+    data = json.loads(path.read_text())
+    path.write_text(json.dumps({**data, **changes}))
+
+
 @pytest.mark.parametrize(
     "damage",
     [
-        lambda d: (d / "lexical.json").write_text(json.dumps({"format": 1, "ngrams": [1, 2], "weight": 7})),
-        lambda d: (d / "lexical.json").write_text(json.dumps({"format": 1, "ngrams": [1, 9], "weight": 0.5})),
-        lambda d: (d / "vocabulary.json").write_text(json.dumps(["a", "a"])),
-        lambda d: (d / "vocabulary.json").write_text(json.dumps(["only", "three", "terms"])),
+        lambda d: _edit(d / "lexical.json", weight=7),
+        lambda d: _edit(d / "lexical.json", features=[["word", 1, 9], ["char_wb", 2, 5]]),
+        lambda d: _edit(d / "lexical.json", format=1),  # format 1 without its n-grams
+        lambda d: _edit(d / "vocabulary.json", word=["a", "a"]),
+        lambda d: _edit(d / "vocabulary.json", char_wb=["only", "three", "terms"]),
+        lambda d: (d / "vocabulary.json").write_text(json.dumps(["a", "list", "of", "format", "1"])),
         lambda d: (d / "weights.safetensors").write_bytes(b"not safetensors"),
     ],
-    ids=["weight-out-of-range", "other-ngrams", "repeated-terms", "vocabulary-shape", "not-safetensors"],
+    ids=[
+        "weight-out-of-range",
+        "other-ngrams",
+        "format-1-settings",
+        "repeated-terms",
+        "vocabulary-shape",
+        "vocabulary-not-by-part",
+        "not-safetensors",
+    ],
 )
 def test_load_refuses_damaged_files_with_a_clear_error(tmp_path, damage):
     texts, labels = planted(20, seed=0)
@@ -257,7 +330,10 @@ def test_report_and_model_card_show_each_part(keyword_run, tmp_path):
 
     assert main(["--quiet", "report", str(keyword_run)]) == 0
     report = (keyword_run / "report.md").read_text()
-    assert "TF-IDF + logistic regression alone" in report and "with the TF-IDF part (weight 0.5)" in report
+    assert (
+        "TF-IDF + logistic regression alone" in report
+        and f"with the TF-IDF part (weight {MIX_WEIGHT})" in report
+    )
     out = tmp_path / "export"
     assert main(["--quiet", "export", str(keyword_run), "--output", str(out)]) == 0
     card = (out / "README.md").read_text()

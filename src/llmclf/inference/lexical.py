@@ -1,12 +1,14 @@
-"""The lexical part of a classifier: TF-IDF of word 1-2-grams + logistic regression, mixed with the model.
+"""The lexical part of a classifier: TF-IDF of word 1-2-grams and character 2-5-grams + logistic
+regression, mixed with the model.
 
 A fine-tuned LLM on a few thousand texts can still lose to keyword matching on keyword-heavy data
 (docs/accuracy.md). Training therefore also fits TF-IDF + LR on the training split and mixes the two
-log-linearly, p ∝ p_model^(1-w) · p_lexical^w, with w = 0.5, or 0 where the validation split shows the
+log-linearly, p ∝ p_model^(1-w) · p_lexical^w, with w = 0.4, or 0 where the validation split shows the
 mix clearly worse than the model alone.
 
-Saved in the run folder's `lexical/` as data only: the vocabulary (JSON), idf, coefficients and
-intercepts (safetensors) and the mixing weight; the vectoriser is rebuilt from fixed settings.
+Saved in the run folder's `lexical/` as data only: each part's vocabulary (JSON), its idf, the
+coefficients and intercepts (safetensors) and the mixing weight; the vectorisers are rebuilt from fixed
+settings. Format 1 (word 1-2-grams alone, runs before 2026-12-03) still loads.
 """
 
 from __future__ import annotations
@@ -27,14 +29,18 @@ SETTINGS = "lexical.json"
 VOCABULARY = "vocabulary.json"
 WEIGHTS = "weights.safetensors"
 FILES = (SETTINGS, VOCABULARY, WEIGHTS)
-FORMAT = 1
-NGRAMS = (1, 2)
+FORMAT = 2
+FEATURES = (("word", 1, 2), ("char_wb", 2, 5))
+"""The TF-IDF parts, (analyzer, shortest, longest n-gram): character n-grams within words catch the
+spellings, stems and typos of short texts that whole words miss (docs/accuracy.md#the-lexical-features)."""
+WORDS_ONLY = (("word", 1, 2),)
+"""The word part alone: format 1's only part (runs before 2026-12-03), and an option of `fit_lexical`."""
 MAX_FEATURES = 100_000
-"""Most frequent n-grams kept: bounds the saved vocabulary (the suite's datasets stay under it)."""
+"""Most frequent n-grams kept per part: bounds the saved vocabulary (the suite's datasets stay under it)."""
 C_GRID = (0.1, 1.0, 10.0, 100.0)
 MIX_GRID = tuple(i / 10 for i in range(11))
-MIX_WEIGHT = 0.5
-"""The lexical part's share in the mix: equal to the model's (chosen on the benchmark suite)."""
+MIX_WEIGHT = 0.4
+"""The lexical part's share in the mix (chosen on the benchmark suite's nine datasets)."""
 GUARD_SE = 2.0
 """The mix is dropped where its validation balanced accuracy is this many standard errors of the paired
 difference below the model's: a drop the validation texts show, not their noise (on 25 texts two
@@ -42,21 +48,39 @@ disagreements are 0.08 of balanced accuracy; docs/accuracy.md)."""
 EPS = 1e-12
 
 
+MAX_CHARS = 20_000
+"""Characters of a text (of each text of a pair) the lexical part reads, in training and at inference
+alike: a few thousand words are plenty for TF-IDF, and a 1 MB request then costs no more than a long one."""
+
+
 def lexical_inputs(texts: list[str], pairs: list[str] | None = None) -> list[str]:
-    """What TF-IDF reads: the text, or a pair's two texts on two lines (their words counted together)."""
-    return list(texts) if pairs is None else [f"{a}\n{b}" for a, b in zip(texts, pairs, strict=True)]
+    """What TF-IDF reads: the text, or a pair's two texts on two lines (their words counted together),
+    each cut to its first MAX_CHARS characters."""
+    if pairs is None:
+        return [text[:MAX_CHARS] for text in texts]
+    return [f"{a[:MAX_CHARS]}\n{b[:MAX_CHARS]}" for a, b in zip(texts, pairs, strict=True)]
 
 
-def _vectorizer(vocabulary: dict[str, int] | None = None) -> Any:
+def _vectorizer(features: tuple = FEATURES, vocabularies: dict[str, dict[str, int]] | None = None) -> Any:
+    """The TF-IDF parts side by side: (n, sum of the vocabularies) sparse rows, one part per analyzer."""
     from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.pipeline import FeatureUnion
 
-    return TfidfVectorizer(
-        ngram_range=NGRAMS,
-        sublinear_tf=True,
-        max_features=MAX_FEATURES,
-        vocabulary=vocabulary,
-        dtype=np.float32,
-    )
+    parts = [
+        (
+            analyzer,
+            TfidfVectorizer(
+                analyzer=analyzer,
+                ngram_range=(low, high),
+                sublinear_tf=True,
+                max_features=MAX_FEATURES,
+                vocabulary=None if vocabularies is None else vocabularies[analyzer],
+                dtype=np.float32,
+            ),
+        )
+        for analyzer, low, high in features
+    ]
+    return FeatureUnion(parts)
 
 
 @dataclass
@@ -64,8 +88,9 @@ class LexicalHead:
     """TF-IDF + a linear layer over it, and the weight of its log-probabilities in the mix."""
 
     vectorizer: Any
+    """The TF-IDF parts (`_vectorizer`), fitted."""
     coef: np.ndarray
-    """(labels, vocabulary) weights on the TF-IDF features."""
+    """(labels, vocabulary) weights on the TF-IDF features, the parts' vocabularies one after the other."""
     intercept: np.ndarray
     """(labels,) biases."""
     weight: float = 0.0
@@ -89,14 +114,17 @@ class LexicalHead:
         return np.exp(log_softmax(mixed, axis=1))
 
     def save(self, folder: Path) -> None:
-        """Write `folder` (a run's `lexical/`): settings, vocabulary and arrays, each atomically."""
+        """Write `folder` (a run's `lexical/`): settings, vocabularies and arrays, each atomically."""
         from safetensors.numpy import save_file
 
-        terms = [""] * len(self.vectorizer.vocabulary_)
-        for term, i in self.vectorizer.vocabulary_.items():
-            terms[i] = term
-        settings = {"format": FORMAT, "ngrams": list(NGRAMS), "weight": self.weight, "info": self.info}
-        arrays = {"idf": self.vectorizer.idf_, "coef": self.coef, "intercept": self.intercept}
+        terms, arrays = {}, {"coef": self.coef, "intercept": self.intercept}
+        for analyzer, part in self.vectorizer.transformer_list:
+            terms[analyzer] = [""] * len(part.vocabulary_)
+            for term, i in part.vocabulary_.items():
+                terms[analyzer][i] = term
+            arrays[f"idf_{analyzer}"] = part.idf_
+        features = [[a, *part.ngram_range] for a, part in self.vectorizer.transformer_list]
+        settings = {"format": FORMAT, "features": features, "weight": self.weight, "info": self.info}
         arrays = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in arrays.items()}
         write_json(folder / SETTINGS, settings)
         atomic_write(
@@ -123,24 +151,45 @@ class LexicalHead:
         except Exception as exc:  # any parse failure of an untrusted file is the same answer
             raise bad(f"cannot be read ({type(exc).__name__})") from None
         weight = settings.get("weight") if isinstance(settings, dict) else None
-        if settings.get("format") != FORMAT or settings.get("ngrams") != list(NGRAMS):
-            raise bad(f"{SETTINGS} is not format {FORMAT} with n-grams {list(NGRAMS)}")
+        features, terms, arrays = _parts(settings, terms, arrays, bad)
         if not isinstance(weight, int | float) or isinstance(weight, bool) or not 0 <= weight <= 1:
             raise bad(f"{SETTINGS} holds weight={weight!r}, not a number in [0, 1]")
-        if (
-            not isinstance(terms, list)
-            or not all(isinstance(t, str) for t in terms)
-            or len(set(terms)) != len(terms)
-        ):
-            raise bad(f"{VOCABULARY} is not a list of distinct strings")
-        size = len(terms)
-        shapes = {"idf": (size,), "coef": (num_labels, size), "intercept": (num_labels,)}
+        for analyzer, part in terms.items():
+            if (
+                not isinstance(part, list)
+                or not all(isinstance(t, str) for t in part)
+                or len(set(part)) != len(part)
+            ):
+                raise bad(f"{VOCABULARY}: the {analyzer} part is not a list of distinct strings")
+        size = sum(len(part) for part in terms.values())
+        shapes = {f"idf_{a}": (len(part),) for a, part in terms.items()}
+        shapes |= {"coef": (num_labels, size), "intercept": (num_labels,)}
         for name, shape in shapes.items():
             if name not in arrays or arrays[name].shape != shape or not np.isfinite(arrays[name]).all():
                 raise bad(f"{WEIGHTS}: '{name}' is not a finite array of shape {shape}")
-        vectorizer = _vectorizer({t: i for i, t in enumerate(terms)})
-        vectorizer.idf_ = arrays["idf"]
+        vocabularies = {a: {t: i for i, t in enumerate(part)} for a, part in terms.items()}
+        vectorizer = _vectorizer(features, vocabularies)
+        for analyzer, part in vectorizer.transformer_list:
+            part.idf_ = arrays[f"idf_{analyzer}"]
         return cls(vectorizer, arrays["coef"], arrays["intercept"], float(weight), settings.get("info") or {})
+
+
+def _parts(settings: Any, terms: Any, arrays: dict, bad: Any) -> tuple[tuple, dict, dict]:
+    """The saved parts' settings, vocabularies by analyzer and arrays (idf per analyzer), read as this
+    format: format 1 held one word part (its vocabulary a list, its idf `idf`)."""
+    if not isinstance(settings, dict):
+        raise bad(f"{SETTINGS} is not a JSON object")
+    if settings.get("format") == 1 and settings.get("ngrams") == [1, 2]:
+        arrays = {("idf_word" if k == "idf" else k): v for k, v in arrays.items()}
+        return WORDS_ONLY, {"word": terms}, arrays
+    known = {tuple(tuple(f) for f in features): features for features in (FEATURES, WORDS_ONLY)}
+    features = known.get(tuple(map(tuple, settings.get("features") or [])))
+    if settings.get("format") != FORMAT or features is None:
+        raise bad(f"{SETTINGS} is not format {FORMAT} with the TF-IDF parts {[list(f) for f in FEATURES]}")
+    names = [f[0] for f in features]
+    if not isinstance(terms, dict) or sorted(terms) != sorted(names):
+        raise bad(f"{VOCABULARY} does not hold one vocabulary per part ({', '.join(names)})")
+    return features, terms, arrays
 
 
 def sklearn_class_weight(class_weights: list[float] | None) -> dict[int, float] | None:
@@ -154,13 +203,19 @@ def sklearn_class_weight(class_weights: list[float] | None) -> dict[int, float] 
 
 
 def fit_lexical(
-    texts: list[str], label_ids: list[int], num_labels: int, class_weights: list[float] | None, seed: int
+    texts: list[str],
+    label_ids: list[int],
+    num_labels: int,
+    class_weights: list[float] | None,
+    seed: int,
+    features: tuple = FEATURES,
 ) -> LexicalHead:
-    """TF-IDF + logistic regression on the training split, C chosen by cross-validated log-loss."""
+    """TF-IDF (`features`: its parts) + logistic regression on the training split, C chosen by
+    cross-validated log-loss."""
     from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
     from sklearn.model_selection import StratifiedKFold
 
-    vectorizer = _vectorizer()
+    vectorizer = _vectorizer(features)
     x = vectorizer.fit_transform(texts)  # (n, vocabulary)
     y = np.asarray(label_ids)
     weight = sklearn_class_weight(class_weights)
