@@ -290,10 +290,10 @@ class TrainConfig:
     """`probe`: start the head from a logistic regression fitted on the frozen model's features of the
     training split (nearly free with the activation cache); `random`: transformers' random head."""
     lexical: str = "auto"
-    """`auto`: also fit TF-IDF (word 1-2-grams) + logistic regression on the training split and mix its
-    log-probabilities with the model's, in equal shares (dropped where the validation split shows the
-    mix clearly worse than the model alone; single-label tasks only, as it mixes class probabilities);
-    `off`: the model alone."""
+    """`auto`: also fit TF-IDF (word 1-2-grams and character 2-5-grams) + logistic regression on the
+    training split and mix its log-probabilities with the model's, with weight 0.4 (dropped where the
+    validation split shows the mix clearly worse than the model alone; single-label tasks only, as it
+    mixes class probabilities); `off`: the model alone."""
     activation_cache: str = "memory"
     """Where the frozen layers' outputs are kept when only the top layers are adapted (lora.layers):
     `memory`, also on `disk` (bf16, reused by later runs on the same model and texts), or `off` (run the

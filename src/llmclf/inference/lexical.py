@@ -258,7 +258,7 @@ def choose_weight(
     on the validation split falls below the model's own by more than GUARD_SE standard errors of the
     paired difference. Records the scores of every weight of MIX_GRID in `head.info`.
 
-    A fixed equal mix, not a weight tuned on validation: on the suite's datasets, a few hundred
+    A fixed mix, not a weight tuned on validation: on the suite's datasets, a few hundred
     validation texts chose weights that did worse on test than the fixed mix (docs/accuracy.md)."""
     from sklearn.metrics import balanced_accuracy_score
 
