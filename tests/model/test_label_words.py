@@ -106,3 +106,6 @@ def test_zero_shot_reads_the_next_word_position_when_the_head_reads_the_mean(tmp
     info = json.loads((out / "run_info.json").read_text())
     assert info["pooling"] == "mean" and info["before_training"] == "zero-shot"
     assert json.loads((out / "metrics.json").read_text())["before"]["accuracy"] >= 0.9
+    # the zero-shot pass ran the test texts through the whole model: the cache took their lower states
+    test_rows = sum(json.loads((out / "data_summary.json").read_text())["counts"]["test"].values())
+    assert info["activation_cache"]["rows_from_layer_choice"] == test_rows

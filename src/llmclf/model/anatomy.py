@@ -89,7 +89,13 @@ def resolve_top_layers(model: Any, layers: int | str | None) -> int | None:
                 getattr(unwrap(model).config, "model_type", "?"),
             )
         return None  # not a supported decoder: adapt every layer, no cache
-    return max(1, math.ceil(total / 5))
+    return top_layers_of(total, layers)
+
+
+def top_layers_of(total: int, layers: int | str | None) -> int | None:
+    """How many of a supported decoder's `total` layers LoRA adapts for the setting lora.layers (None:
+    all): `auto` is the top fifth."""
+    return max(1, math.ceil(total / 5)) if layers == "auto" else layers  # type: ignore[return-value]
 
 
 def check_layers(model: Any, top: int) -> int:

@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -93,14 +94,26 @@ def logits_from_states(
     return head_of(model)(pooled_from_states(model, states, attention_mask, start))
 
 
+@dataclass
+class LowerStates:
+    """Lower-layer states of some texts, computed by another pass that ran those layers anyway (the layer
+    choice's): the activation cache takes them instead of running the layers again."""
+
+    start: int
+    """The first layer above them: each state is the input of layer `start`."""
+    rows: dict[int, torch.Tensor]
+    """The cache's row -> that text's states, (tokens, hidden)."""
+
+
 class ActivationCache:
     """Lower-layer states of many texts, kept as one flat tensor (total_tokens, hidden) plus offsets.
 
     Row i's states are `flat[offsets[i]:offsets[i + 1]]`, shape (len(input_ids[i]), hidden).
     """
 
-    def __init__(self, flat: torch.Tensor, offsets: torch.Tensor, start: int) -> None:
+    def __init__(self, flat: torch.Tensor, offsets: torch.Tensor, start: int, kept: int = 0) -> None:
         self.flat, self.offsets, self.start = flat, offsets, start
+        self.kept = kept  # rows taken from another pass (`build`'s `known`) rather than run here
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -136,19 +149,32 @@ class ActivationCache:
         batch_size: int | str = "auto",
         dtype: torch.dtype = torch.bfloat16,
         progress: Any = None,
+        known: LowerStates | None = None,
     ) -> ActivationCache:
-        """Run layers 0 .. start-1 once over every text (longest first, batches padded on the right)."""
+        """Run layers 0 .. start-1 once over every text (longest first, batches padded on the right);
+        `known`: states another pass computed, taken as they are where they start at `start`."""
         device = next(model.parameters()).device
         lengths = np.array([len(ids) for ids in input_ids])
         offsets = torch.zeros(len(input_ids) + 1, dtype=torch.long)
         offsets[1:] = torch.from_numpy(np.cumsum(lengths))
         hidden = unwrap(model).config.get_text_config().hidden_size
         flat = torch.empty(int(offsets[-1]), hidden, dtype=dtype)
+        given = known.rows if known is not None and known.start == start else {}
+        for i, states in given.items():
+            if tuple(states.shape) != (lengths[i], hidden):
+                raise ValueError(
+                    f"row {i}: states of shape {tuple(states.shape)}, {(lengths[i], hidden)} expected"
+                )
+            flat[offsets[i] : offsets[i + 1]] = states.to(dtype)
+        if given and progress is not None:
+            progress(len(given))
+        rest = np.array([i for i in range(len(input_ids)) if i not in given], dtype=np.int64)
         was_training = model.training
         model.eval()
         try:
             with torch.inference_mode():  # mixed precision, if any, is the caller's autocast context
-                for idx in length_batches(lengths, batch_size, device):
+                for batch in length_batches(lengths[rest], batch_size, device):
+                    idx = rest[batch]
                     longest = int(lengths[idx].max())
                     ids = torch.full((len(idx), longest), pad_id, dtype=torch.long)
                     mask = torch.zeros(len(idx), longest, dtype=torch.long)
@@ -162,7 +188,7 @@ class ActivationCache:
                         progress(len(idx))
         finally:
             model.train(was_training)
-        return cls(flat, offsets, start)
+        return cls(flat, offsets, start, kept=len(given))
 
     # ----------------------------------------------------------------------------------- on disk
     def save(self, path: Path) -> None:
@@ -324,12 +350,13 @@ def cached_or_built(
     quantized: bool,
     revision: str | None = None,
     progress: Any = None,
+    known: LowerStates | None = None,
 ) -> tuple[ActivationCache, bool]:
     """The cache for these texts: from `disk_dir` when an identical one was saved, else built (and saved
     there when `disk_dir` is given). Returns (cache, reused). `precision` only keys the disk cache: the
     caller runs this under its own autocast context for that precision. `revision`: a hub model's commit
     (default: the one transformers recorded when loading it). A saved file that does not verify is
-    rebuilt, with a note."""
+    rebuilt, with a note. `known`: states of some texts another pass computed (`ActivationCache.build`)."""
     path = None
     if disk_dir is not None:
         config = unwrap(model).config
@@ -357,6 +384,7 @@ def cached_or_built(
         batch_size=batch_size,
         dtype=dtype,
         progress=progress,
+        known=known,
     )
     if path is not None:
         cache.save(path)

@@ -71,14 +71,20 @@ def layer_states(
     pad_id: int,
     batch_size: int | str = "auto",
     poolings: tuple[str, ...] = ("last",),
+    inputs_of: dict[int, list[torch.Tensor | None]] | None = None,
 ) -> np.ndarray:
     """(len(poolings) * len(layers), len(ids), hidden) float32, pooling-major: each listed layer's output
     through the final norm, pooled per text (`pooling.pool`: the last real token, or the mean of the real
-    tokens). Layers above the highest listed one are not run."""
+    tokens). Layers above the highest listed one are not run.
+
+    `inputs_of`: {layer index s (0-based, 0 < s < the highest listed layer): a list of len(ids)}, filled
+    in place with each text's input to layer s, (tokens, hidden) in bf16 on the CPU: the activation
+    cache's states, kept from this pass instead of run again."""
     decoder = decoder_of(model)
     wanted = {layer - 1: k for k, layer in enumerate(layers)}  # 0-based module index -> row
     captured: dict[tuple[int, str], torch.Tensor] = {}
     mask = torch.zeros(0, 0, dtype=torch.long)  # the current batch's attention mask
+    batch_rows: list[int] = []  # the current batch's texts, by their index in `ids`
     norm = decoder.norm.forward  # its own computation, without any pooling hook on the module
 
     def keep(index: int) -> Any:
@@ -93,7 +99,18 @@ def layer_states(
 
         return hook
 
+    def keep_input(start: int) -> Any:
+        def hook(_module: Any, _args: Any, output: Any) -> None:
+            states = output[0] if isinstance(output, tuple) else output  # (batch, seq, hidden)
+            kept = states.to(torch.bfloat16).cpu()
+            for row, i in enumerate(batch_rows):
+                inputs_of[start][i] = kept[row, : len(ids[i])].clone()
+
+        return hook
+
     handles = [decoder.layers[i].register_forward_hook(keep(i)) for i in wanted]
+    for start in inputs_of or {}:  # the input of layer `start` is the output of layer `start - 1`
+        handles.append(decoder.layers[start - 1].register_forward_hook(keep_input(start)))
     stop = max(layers)
     kept_layers = decoder.layers
     decoder.layers = kept_layers[:stop]  # the layers above the highest candidate are never needed
@@ -106,6 +123,7 @@ def layer_states(
             mask = torch.zeros((len(idx), width), dtype=torch.long)
             for row, i in enumerate(idx):  # right padding, as the activation cache
                 batch[row, : len(ids[i])], mask[row, : len(ids[i])] = torch.tensor(ids[i]), 1
+            batch_rows = [int(i) for i in idx]
             decoder(input_ids=batch.to(device), attention_mask=mask.to(device), use_cache=False)
             for p, name in enumerate(poolings):
                 for index, k in wanted.items():

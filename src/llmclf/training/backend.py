@@ -24,7 +24,13 @@ from llmclf import distributed, runtime
 from llmclf.config import TrainConfig
 from llmclf.inference.predict import head_inputs, sharded_predict_proba
 from llmclf.model.anatomy import check_layers, is_encoder
-from llmclf.model.layer_cache import ActivationCache, cached_or_built, pooled_features, predict_proba_cached
+from llmclf.model.layer_cache import (
+    ActivationCache,
+    LowerStates,
+    cached_or_built,
+    pooled_features,
+    predict_proba_cached,
+)
 from llmclf.progress import Timings
 from llmclf.training import fsdp
 from llmclf.training.trainer import resolve_step_tokens
@@ -163,8 +169,10 @@ def choose(
     train: TrainConfig,
     quiet: bool,
     timings: Timings,
+    known: LowerStates | None = None,
 ) -> Backend:
-    """The backend of this run; builds the activation cache (timed as `cache`) when the run uses one."""
+    """The backend of this run; builds the activation cache (timed as `cache`) when the run uses one,
+    taking the `known` states the layer choice's passes kept."""
     args = (model, tokenizer, precision, train.eval_batch_size, quiet)
     if fsdp.requested():
         if top_layers is not None and train.activation_cache != "off":
@@ -194,13 +202,15 @@ def choose(
             disk_dir=runtime.cache_dir() / "activations" if train.activation_cache == "disk" else None,
             model_source=source,
             quantized=quantized,
+            known=known,
         )
     runtime.release_memory()
     log.info(
-        "Frozen layers 0-%d %s for %d texts (%.0f MiB, %.0f s)",
+        "Frozen layers 0-%d %s for %d texts%s (%.0f MiB, %.0f s)",
         first_layer - 1,
         "read from the disk cache" if reused else "run once",
         len(cache),
+        f" ({cache.kept} of them kept from the layer choice's pass)" if cache.kept else "",
         cache.nbytes / 2**20,
         timings.seconds["cache"],
     )

@@ -4,6 +4,7 @@ there, before LoRA is added: the layers above are then never trained, cached, ru
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,6 +14,7 @@ import torch
 from llmclf import distributed, runtime
 from llmclf.errors import LlmclfError
 from llmclf.model.anatomy import decoder_of, is_encoder, num_layers
+from llmclf.model.layer_cache import LowerStates
 from llmclf.model.layer_choice import (
     MAX_TEXTS,
     LayerChoice,
@@ -28,6 +30,9 @@ from llmclf.training import fsdp
 from llmclf.training.backend import Encoded
 
 log = logging.getLogger("llmclf")
+SHARED_BYTES = 2 << 30
+"""At most this much memory (bf16) for the activation cache's states that the layer pass keeps for every
+candidate's first adapted layer; beyond it (long texts, a wide model) the cache runs its own pass."""
 
 
 @dataclass
@@ -39,6 +44,13 @@ class FeatureLayer:
     zero_shot_probs: np.ndarray | None = None
     pooling: str = "last"
     """What the head reads of the layer's output (model.pooling resolved): `last` or `mean`."""
+    lower: LowerStates | None = None
+    """The activation cache's states of the texts the step ran (training sample, test), kept for it."""
+
+    def take_lower(self) -> LowerStates | None:
+        """`lower`, handed over once: the cache takes the states, so they are not held twice."""
+        lower, self.lower = self.lower, None
+        return lower
 
 
 def pick_feature_layer(
@@ -54,6 +66,7 @@ def pick_feature_layer(
     seed: int,
     recorded: dict | None = None,
     regression: bool = False,
+    start_of: Callable[[int], int | None] | None = None,
 ) -> FeatureLayer:
     """Resolve `setting` (auto, last, a layer number) and `pooling` (auto, last, mean) on this model and
     cut the model after the layer. `auto` pooling is chosen with the layer where layers are scored, else
@@ -63,7 +76,8 @@ def pick_feature_layer(
     states while they are at hand, since the cut model no longer computes them (None: not needed).
     `recorded`: the choice an interrupted run made (a resumed run takes it instead of choosing again).
     `regression`: the training targets are numbers (or multi-hot rows), scored by a ridge regression's
-    error."""
+    error. `start_of`: the activation cache's first layer were the model cut after layer L (None where
+    there is no cache): the passes of this step keep those states for it (`FeatureLayer.lower`)."""
     fixed = "last" if pooling == "auto" else pooling  # where nothing is scored
     if fixed == "mean":
         if fsdp.requested():
@@ -75,19 +89,30 @@ def pick_feature_layer(
     applies = _applies(setting, model)
     candidates = candidate_layers(num_layers(model)) if setting == "auto" and applies else []
     if not applies or (setting == "auto" and len(candidates) == 1):  # nothing to choose, no cut
-        probs = None
+        probs = lower = None
         if fixed == "mean":  # the head will not read the last token, where the label words are scored
-            probs = _zero_shot_probs(model, encoded, zero_shot, precision, pad_id, batch_size)
-        return FeatureLayer(None, probs, fixed)
+            start = start_of(num_layers(model)) if start_of is not None else None
+            probs, lower = _zero_shot_probs(model, encoded, zero_shot, precision, pad_id, batch_size, start)
+        return FeatureLayer(None, probs, fixed, lower)
     total = num_layers(model)
+    lower = None
     if setting == "auto":
         if recorded is not None:
             choice = recorded_choice(recorded, total, candidates, pooling)
             log.info("Reusing the feature layer chosen by the interrupted run (layer %d).", choice.layer)
         else:
             poolings = tuple(POOLINGS) if pooling == "auto" else (pooling,)
-            choice = _choose_layer(
-                model, encoded, candidates, pad_id, precision, batch_size, seed, regression, poolings
+            choice, lower = _choose_layer(
+                model,
+                encoded,
+                candidates,
+                pad_id,
+                precision,
+                batch_size,
+                seed,
+                regression,
+                poolings,
+                start_of,
             )
     elif 1 <= int(setting) <= total:
         choice = LayerChoice(int(setting), total, chosen_by="config", pooling=fixed)
@@ -96,11 +121,15 @@ def pick_feature_layer(
             f"--feature-layer {setting}: this model has {total} decoder layers; give 1 .. {total}, last or auto."
         )
     probs = None
+    start = start_of(choice.layer) if start_of is not None else None
     if choice.layer < total or choice.pooling == "mean":  # the whole model's last token, before the cut
-        probs = _zero_shot_probs(model, encoded, zero_shot, precision, pad_id, batch_size)
+        probs, tested = _zero_shot_probs(model, encoded, zero_shot, precision, pad_id, batch_size, start)
+        if tested is not None:  # the same start as the training sample's: both are start_of(choice.layer)
+            sampled = lower.rows if lower is not None and lower.start == tested.start else {}
+            lower = LowerStates(tested.start, {**sampled, **tested.rows})
     removed = truncate(model, choice.layer)
     log.info("%s", describe(choice, removed))
-    return FeatureLayer(choice, probs, choice.pooling)
+    return FeatureLayer(choice, probs, choice.pooling, lower)
 
 
 def _zero_shot_probs(
@@ -110,17 +139,22 @@ def _zero_shot_probs(
     precision: str,
     pad_id: int,
     batch_size: int | str,
-) -> np.ndarray | None:
+    start: int | None = None,
+) -> tuple[np.ndarray | None, LowerStates | None]:
     """The label words' zero-shot test probabilities (test rows, labels), scored on the whole model's last
     token (the next-word position), for where the head will not read that state itself: the model is
-    about to be cut, or the head reads the mean of the tokens. None without label words."""
+    about to be cut, or the head reads the mean of the tokens. None without label words. With `start`
+    (the activation cache's first layer), also the test texts' states at it."""
     if zero_shot is None:
-        return None
+        return None, None
     total = num_layers(model)
+    ids = encoded.ids["test"]
+    keep = {start: [None] * len(ids)} if start is not None and 0 < start < total else None
     with runtime.autocast(precision):
-        last = layer_states(model, encoded.ids["test"], [total], pad_id, batch_size)[0]
+        last = layer_states(model, ids, [total], pad_id, batch_size, inputs_of=keep)[0]
     logits = torch.from_numpy(last) @ zero_shot.float().T  # (test, labels)
-    return torch.softmax(logits, dim=-1).double().numpy()
+    lower = None if keep is None else LowerStates(start, dict(zip(encoded.rows["test"], keep[start])))
+    return torch.softmax(logits, dim=-1).double().numpy(), lower
 
 
 def _choose_layer(
@@ -133,10 +167,12 @@ def _choose_layer(
     seed: int,
     regression: bool = False,
     poolings: tuple[str, ...] = ("last",),
-) -> LayerChoice:
+    start_of: Callable[[int], int | None] | None = None,
+) -> tuple[LayerChoice, LowerStates | None]:
     """Score the candidates (each layer, pooled each way) on a sample of the training texts. Under a
     launcher each process runs its share of the texts and all of them score the gathered states, so every
-    process cuts at one layer."""
+    process cuts at one layer. With `start_of`, the pass also keeps the sample's states at each
+    candidate's cache start, and returns those of the chosen one."""
     labels = np.asarray(encoded.labels["train"])
     if labels.ndim == 2:  # multi-hot rows (multi-label): sampled by each text's first label
         strata = labels.argmax(axis=1)
@@ -150,15 +186,35 @@ def _choose_layer(
         "Scoring %d layers' states%s on %d training texts%s ...", len(candidates), pooled, len(rows), share
     )
     mine = [encoded.ids["train"][i] for i in rows[rank::world]]
+    keep = _starts_to_keep(model, mine, candidates, start_of) if world == 1 else None
     with runtime.autocast(precision):
         # (poolings * candidates, my rows, hidden)
-        part = layer_states(model, mine, candidates, pad_id, batch_size, poolings)
+        part = layer_states(model, mine, candidates, pad_id, batch_size, poolings, inputs_of=keep)
     states = np.empty((part.shape[0], len(rows), part.shape[2]), dtype=np.float32)
     for r, gathered in enumerate(distributed.all_gather(part)):
         states[:, r::world] = gathered
-    return choose(
+    choice = choose(
         states, labels[rows], candidates, num_layers(model), regression=regression, poolings=poolings
     )
+    start = start_of(choice.layer) if start_of is not None else None
+    if not keep or start not in keep:
+        return choice, None
+    cache_rows = [encoded.rows["train"][i] for i in rows]
+    return choice, LowerStates(start, dict(zip(cache_rows, keep[start])))
+
+
+def _starts_to_keep(
+    model: Any, ids: list[list[int]], candidates: list[int], start_of: Callable[[int], int | None] | None
+) -> dict[int, list] | None:
+    """{each candidate's cache start: a list to fill}, where they fit SHARED_BYTES (else None)."""
+    if start_of is None:
+        return None
+    starts = {s for layer in candidates if (s := start_of(layer)) is not None and 0 < s < layer}
+    hidden = decoder_of(model).config.hidden_size
+    needed = len(starts) * sum(len(i) for i in ids) * hidden * 2  # bf16
+    if not starts or needed > SHARED_BYTES:
+        return None
+    return {s: [None] * len(ids) for s in sorted(starts)}
 
 
 def recorded_choice(recorded: dict, total: int, candidates: list[int], setting: str = "auto") -> LayerChoice:

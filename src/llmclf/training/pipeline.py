@@ -15,6 +15,7 @@ import math
 import random
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from llmclf.errors import LlmclfError
 from llmclf.inference.task import Task
 from llmclf.labelsets import pos_weights
 from llmclf.model.adapter import merge_in_place, merged_at_inference
-from llmclf.model.anatomy import num_layers, resolve_top_layers, trainable_head
+from llmclf.model.anatomy import is_encoder, num_layers, resolve_top_layers, top_layers_of, trainable_head
 from llmclf.model.label_words import zero_shot_head
 from llmclf.model.layer_choice import MAX_TEXTS
 from llmclf.model.loading import add_lora, load_classifier, resolve_quantize
@@ -136,6 +137,7 @@ def _run(
         train=tc,
         quiet=quiet,
         timings=timings,
+        known=layer.take_lower(),
     )
     trainer = new_trainer(backend, encoded, weights, config, task, choice.precision, out, fingerprint, quiet)
     backend.adopt(trainer)  # under FSDP the Trainer shards the model here, before anything runs it
@@ -371,9 +373,29 @@ def cut_at_feature_layer(
         seed=config.train.seed,
         recorded=start.layer,
         regression=task.name != SINGLE_LABEL,  # numbers, or multi-hot rows: scored by ridge regression
+        start_of=cache_start_of(model, config),
     )
     use_pooling(model, layer.pooling)  # before anything reads the head's input (cache, probe, training)
     return zero_shot, layer
+
+
+def cache_start_of(model: Any, config: RunConfig) -> Callable[[int], int | None] | None:
+    """The activation cache's first layer were the model cut after layer L (None for an L where every
+    layer is adapted), where this run will build a cache; None where it will not."""
+    layers = config.lora.layers
+    if config.train.activation_cache == "off" or fsdp.requested() or distributed.world_size() > 1:
+        return None
+    try:
+        if is_encoder(model) or top_layers_of(num_layers(model), layers) is None:
+            return None
+    except LlmclfError:  # not a decoder the cache supports
+        return None
+
+    def start_of(layer: int) -> int | None:
+        top = top_layers_of(layer, layers)
+        return layer - top if top is not None and top < layer else None
+
+    return start_of
 
 
 def head_input_info(layer: FeatureLayer, zero_shot: torch.Tensor | None) -> dict:
@@ -549,7 +571,7 @@ def run_info(
         "log_history": trainer.state.log_history,
         "activation_cache": None
         if cache is None
-        else {"start_layer": cache.start, "mib": cache.nbytes / 2**20},
+        else {"start_layer": cache.start, "mib": cache.nbytes / 2**20, "rows_from_layer_choice": cache.kept},
         "probe": probe,
         "timings_s": timings.seconds,
     }

@@ -1,0 +1,92 @@
+"""The layer choice's pass keeps the activation cache's states of the texts it runs, so the cache runs its
+frozen layers only over the other texts: the states are those the cache computes, and a run gives the
+results it gives without the sharing."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import build_tiny_model, train_tiny
+from llmclf.model import layer_cache
+from llmclf.model.layer_cache import ActivationCache, LowerStates, lower_states
+from llmclf.model.layer_choice import layer_states
+
+IDS = [[5, 9, 11, 40, 7], [8, 3], [100, 101, 102], [12, 13, 14, 15, 16, 17, 18], [60]]
+
+
+@pytest.fixture(scope="module")
+def six_layers(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-6"), layers=6)
+
+
+@pytest.fixture(scope="module")
+def model(six_layers):
+    from transformers import AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification.from_pretrained(six_layers, num_labels=3).eval()
+
+
+def _alone(model, ids, start):
+    """A text's input to layer `start` as the cache computes it, the text alone in its batch, in bf16."""
+    with torch.inference_mode():
+        states = lower_states(model, torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long), start)
+    return states[0].to(torch.bfloat16)
+
+
+def test_the_layer_pass_keeps_each_texts_input_to_the_asked_layers(model):
+    keep = {1: [None] * len(IDS), 4: [None] * len(IDS)}
+    layer_states(model, IDS, [4, 6], pad_id=0, batch_size=2, inputs_of=keep)
+    for start, rows in keep.items():
+        for ids, kept in zip(IDS, rows, strict=True):
+            assert kept.dtype == torch.bfloat16 and kept.shape == (len(ids), 64)  # its own tokens, no padding
+            torch.testing.assert_close(kept, _alone(model, ids, start), atol=2e-2, rtol=2e-2)
+
+
+def test_the_cache_takes_the_known_rows_and_runs_its_layers_over_the_others(model, monkeypatch):
+    ran: list[int] = []
+    real = layer_cache.lower_states
+
+    def counted(model, input_ids, attention_mask, start):
+        ran.append(input_ids.shape[0])
+        return real(model, input_ids, attention_mask, start)
+
+    plain = ActivationCache.build(model, IDS, 3, pad_id=0, batch_size=2)
+    monkeypatch.setattr(layer_cache, "lower_states", counted)
+    known = LowerStates(3, {0: plain.rows([0])[0] + 1, 3: plain.rows([3])[0] + 1})  # marked: +1
+    shared = ActivationCache.build(model, IDS, 3, pad_id=0, batch_size=2, known=known)
+    assert sum(ran) == len(IDS) - 2 and shared.kept == 2
+    for i in range(len(IDS)):
+        expected = plain.rows([i])[0] + (1 if i in known.rows else 0)
+        assert torch.equal(shared.rows([i])[0], expected)
+    ran.clear()
+    other_start = ActivationCache.build(model, IDS, 2, pad_id=0, batch_size=2, known=known)
+    assert sum(ran) == len(IDS) and other_start.kept == 0  # states of another layer are not taken
+
+
+def _probs(run):
+    frame = pd.read_csv(run / "predictions_test.csv")
+    return frame[[c for c in frame.columns if c.startswith("prob_")]].to_numpy()
+
+
+def test_a_run_shares_the_pass_and_gives_the_results_it_gives_without(
+    six_layers, small_csv, tmp_path, monkeypatch
+):
+    from llmclf.training import feature_layer
+
+    shared = tmp_path / "shared"
+    assert train_tiny(small_csv, six_layers, shared, "--lora-layers", "1", "--lexical", "off") == 0
+    monkeypatch.setattr(feature_layer, "SHARED_BYTES", 0)  # nothing fits: the cache runs every text
+    alone = tmp_path / "alone"
+    assert train_tiny(small_csv, six_layers, alone, "--lora-layers", "1", "--lexical", "off") == 0
+    info = {run.name: json.loads((run / "run_info.json").read_text()) for run in (shared, alone)}
+    counts = json.loads((shared / "data_summary.json").read_text())["counts"]
+    train_rows = sum(counts["train"].values())
+    assert info["shared"]["feature_layer"] == info["alone"]["feature_layer"]
+    assert info["shared"]["activation_cache"]["rows_from_layer_choice"] == train_rows  # the sampled texts
+    assert info["alone"]["activation_cache"]["rows_from_layer_choice"] == 0
+    np.testing.assert_allclose(_probs(shared), _probs(alone), atol=1e-3)
