@@ -68,6 +68,18 @@ def test_the_cache_takes_the_known_rows_and_runs_its_layers_over_the_others(mode
     assert sum(ran) == len(IDS) and other_start.kept == 0  # states of another layer are not taken
 
 
+def test_the_deepest_candidates_starts_are_kept_within_the_memory_budget(model, monkeypatch):
+    from llmclf.training import feature_layer
+
+    ids = [[1, 2, 3], [4, 5]]  # 5 tokens: one start's states are 5 x 64 x 2 bytes
+    start_of = {2: 1, 4: 3, 6: 5}.get
+    for budget, kept in ((10**6, [5, 3, 1]), (2 * 5 * 64 * 2, [5, 3]), (5 * 64 * 2 - 1, None)):
+        monkeypatch.setattr(feature_layer, "SHARED_BYTES", budget)
+        keep = feature_layer._starts_to_keep(model, ids, [2, 4, 6], start_of)
+        assert (None if keep is None else list(keep)) == kept
+        assert keep is None or all(rows == [None, None] for rows in keep.values())
+
+
 def _probs(run):
     frame = pd.read_csv(run / "predictions_test.csv")
     return frame[[c for c in frame.columns if c.startswith("prob_")]].to_numpy()

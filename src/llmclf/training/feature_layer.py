@@ -30,9 +30,10 @@ from llmclf.training import fsdp
 from llmclf.training.backend import Encoded
 
 log = logging.getLogger("llmclf")
-SHARED_BYTES = 2 << 30
-"""At most this much memory (bf16) for the activation cache's states that the layer pass keeps for every
-candidate's first adapted layer; beyond it (long texts, a wide model) the cache runs its own pass."""
+SHARED_BYTES = 1 << 30
+"""At most this much memory (bf16) for the activation cache's states that the layer pass keeps: those of
+the deepest candidates' first adapted layers that fit (the chosen layer is most often a deep one); where
+the chosen one's were not kept (long texts, a wide model), the cache runs its own pass."""
 
 
 @dataclass
@@ -206,15 +207,14 @@ def _choose_layer(
 def _starts_to_keep(
     model: Any, ids: list[list[int]], candidates: list[int], start_of: Callable[[int], int | None] | None
 ) -> dict[int, list] | None:
-    """{each candidate's cache start: a list to fill}, where they fit SHARED_BYTES (else None)."""
+    """{a candidate's cache start: a list to fill}, for the deepest candidates' starts that fit
+    SHARED_BYTES (None where none fits)."""
     if start_of is None:
         return None
-    starts = {s for layer in candidates if (s := start_of(layer)) is not None and 0 < s < layer}
-    hidden = decoder_of(model).config.hidden_size
-    needed = len(starts) * sum(len(i) for i in ids) * hidden * 2  # bf16
-    if not starts or needed > SHARED_BYTES:
-        return None
-    return {s: [None] * len(ids) for s in sorted(starts)}
+    starts = [s for layer in candidates if (s := start_of(layer)) is not None and 0 < s < layer]
+    each = sum(len(i) for i in ids) * decoder_of(model).config.hidden_size * 2  # bf16, one start's states
+    kept = sorted(set(starts), reverse=True)[: SHARED_BYTES // max(each, 1)]
+    return {s: [None] * len(ids) for s in kept} or None
 
 
 def recorded_choice(recorded: dict, total: int, candidates: list[int], setting: str = "auto") -> LayerChoice:
