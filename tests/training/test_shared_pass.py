@@ -102,3 +102,32 @@ def test_a_run_shares_the_pass_and_gives_the_results_it_gives_without(
     assert info["shared"]["activation_cache"]["rows_from_layer_choice"] == train_rows  # the sampled texts
     assert info["alone"]["activation_cache"]["rows_from_layer_choice"] == 0
     np.testing.assert_allclose(_probs(shared), _probs(alone), atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("cache", "world", "fsdp_on", "layers", "expected"),
+    [
+        ("memory", 1, False, 2, "cached"),
+        ("off", 1, False, 2, "uncached"),
+        ("memory", 1, False, "all", "uncached"),
+        ("memory", 2, False, 2, "launched"),
+        ("memory", 1, True, 2, "launched"),
+    ],
+)
+def test_the_layer_pass_keeps_states_only_where_the_backend_builds_a_cache(
+    model, monkeypatch, cache, world, fsdp_on, layers, expected
+):
+    from llmclf import distributed
+    from llmclf.config import load_config
+    from llmclf.training import backend, fsdp
+    from llmclf.training.pipeline import cache_start_of
+
+    monkeypatch.setattr(distributed, "world_size", lambda: world)
+    monkeypatch.setattr(fsdp, "requested", lambda: fsdp_on)
+    config = load_config(overrides={"lora": {"layers": layers}, "train": {"activation_cache": cache}})
+    top = None if layers == "all" else layers
+    assert backend.cache_use(top, config.train) == expected
+    start_of = cache_start_of(model, config)  # one decision: the pass keeps states iff a cache is built
+    assert (start_of is not None) == (expected == "cached")
+    if start_of is not None:
+        assert start_of(6) == 4 and start_of(2) is None  # cut after layer 6: layers 4-5 adapted

@@ -157,6 +157,18 @@ class FsdpBackend(Backend):
         return fsdp.trainable_state_dict(self.trainer.model)
 
 
+CACHED, UNCACHED, LAUNCHED = "cached", "uncached", "launched"
+
+
+def cache_use(top_layers: int | None, train: TrainConfig) -> str:
+    """Whether a run that adapts `top_layers` (None: every layer) keeps its frozen layers' outputs:
+    CACHED; UNCACHED where nothing is frozen or train.activation_cache is off; LAUNCHED where one would
+    pay but the run is under a launcher or FSDP (a cached forward would bypass the gradient sync)."""
+    if top_layers is None or train.activation_cache == "off":
+        return UNCACHED
+    return LAUNCHED if fsdp.requested() or distributed.world_size() > 1 else CACHED
+
+
 def choose(
     model: Any,
     tokenizer: Any,
@@ -174,20 +186,16 @@ def choose(
     """The backend of this run; builds the activation cache (timed as `cache`) when the run uses one,
     taking the `known` states the layer choice's passes kept."""
     args = (model, tokenizer, precision, train.eval_batch_size, quiet)
+    use = cache_use(top_layers, train)
+    if use == LAUNCHED:
+        log.info("note: the activation cache runs in one process; under a launcher every step runs the model")
     if fsdp.requested():
-        if top_layers is not None and train.activation_cache != "off":
-            log.info(
-                "note: the activation cache runs in one process; under a launcher every step runs the model"
-            )
         return FsdpBackend(*args)
     if top_layers is None and is_encoder(model):
         return EncoderBackend(
             *args, ids=[ids for name in ("train", "val", "test") for ids in encoded.ids[name]]
         )
-    if top_layers is None or train.activation_cache == "off":
-        return Backend(*args)
-    if distributed.world_size() > 1:  # a cached forward would bypass DDP's gradient sync
-        log.info("note: the activation cache runs in one process; under a launcher every step runs the model")
+    if use != CACHED:
         return Backend(*args)
     with timings("cache"), runtime.autocast(precision):
         first_layer = check_layers(model, top_layers)

@@ -383,10 +383,11 @@ def cache_start_of(model: Any, config: RunConfig) -> Callable[[int], int | None]
     """The activation cache's first layer were the model cut after layer L (None for an L where every
     layer is adapted), where this run will build a cache; None where it will not."""
     layers = config.lora.layers
-    if config.train.activation_cache == "off" or fsdp.requested() or distributed.world_size() > 1:
-        return None
     try:
-        if is_encoder(model) or top_layers_of(num_layers(model), layers) is None:
+        if (
+            is_encoder(model)
+            or backends.cache_use(top_layers_of(num_layers(model), layers), config.train) != backends.CACHED
+        ):
             return None
     except LlmclfError:  # not a decoder the cache supports
         return None
