@@ -127,7 +127,7 @@ def test_the_layer_pass_keeps_states_only_where_the_backend_builds_a_cache(
     config = load_config(overrides={"lora": {"layers": layers}, "train": {"activation_cache": cache}})
     top = None if layers == "all" else layers
     assert backend.cache_use(top, config.train) == expected
-    start_of = cache_start_of(model, config)  # one decision: the pass keeps states iff a cache is built
+    start_of = cache_start_of(model, config, 0.2)  # one decision: the pass keeps states iff a cache is built
     assert (start_of is not None) == (expected == "cached")
     if start_of is not None:
         assert start_of(6) == 4 and start_of(2) is None  # cut after layer 6: layers 4-5 adapted

@@ -72,8 +72,22 @@ def num_layers(model: Any) -> int:
     return len(decoder_of(model).layers)
 
 
-def resolve_top_layers(model: Any, layers: int | str | None) -> int | None:
-    """How many top layers LoRA adapts: None = all; `auto` = the top fifth where caching is supported.
+AUTO_SHARE = 0.2
+"""`lora.layers auto` adapts at least the top fifth of the layers ..."""
+MAX_AUTO_SHARE = 0.5
+"""... and at most the top half ..."""
+SHARE_TOKENS = 20_000
+"""... as much as keeps (adapted share x training tokens) at the top fifth of 100,000 tokens: a LoRA
+step's compute grows with both, so a shorter training split is adapted deeper for the same time."""
+
+
+def auto_share(train_tokens: int) -> float:
+    """The share of the layers `lora.layers auto` adapts for a training split of `train_tokens` tokens."""
+    return min(MAX_AUTO_SHARE, max(AUTO_SHARE, SHARE_TOKENS / max(1, train_tokens)))
+
+
+def resolve_top_layers(model: Any, layers: int | str | None, share: float = AUTO_SHARE) -> int | None:
+    """How many top layers LoRA adapts: None = all; `auto` = the top `share` where caching is supported.
 
     The one place that decides: an encoder (or another unsupported family) adapts every layer and runs
     without the activation cache; an explicit N there is refused (`check_layers`)."""
@@ -89,13 +103,15 @@ def resolve_top_layers(model: Any, layers: int | str | None) -> int | None:
                 getattr(unwrap(model).config, "model_type", "?"),
             )
         return None  # not a supported decoder: adapt every layer, no cache
-    return top_layers_of(total, layers)
+    return top_layers_of(total, layers, share)
 
 
-def top_layers_of(total: int, layers: int | str | None) -> int | None:
+def top_layers_of(total: int, layers: int | str | None, share: float = AUTO_SHARE) -> int | None:
     """How many of a supported decoder's `total` layers LoRA adapts for the setting lora.layers (None:
-    all): `auto` is the top fifth."""
-    return max(1, math.ceil(total / 5)) if layers == "auto" else layers  # type: ignore[return-value]
+    all): `auto` is the top `share` (`auto_share`), rounded up."""
+    if layers != "auto":
+        return layers  # type: ignore[return-value]
+    return max(1, math.ceil(round(total * share, 6)))  # round: 30 x 0.2 is 6.000000000000001 in floats
 
 
 def check_layers(model: Any, top: int) -> int:

@@ -31,7 +31,14 @@ from llmclf.errors import LlmclfError
 from llmclf.inference.task import Task
 from llmclf.labelsets import pos_weights
 from llmclf.model.adapter import merge_in_place, merged_at_inference
-from llmclf.model.anatomy import is_encoder, num_layers, resolve_top_layers, top_layers_of, trainable_head
+from llmclf.model.anatomy import (
+    auto_share,
+    is_encoder,
+    num_layers,
+    resolve_top_layers,
+    top_layers_of,
+    trainable_head,
+)
 from llmclf.model.label_words import zero_shot_head
 from llmclf.model.layer_choice import MAX_TEXTS
 from llmclf.model.loading import add_lora, load_classifier, resolve_quantize
@@ -119,13 +126,14 @@ def _run(
     runtime.release_memory()  # the loading's transient copies
     with timings("tokenise"):
         encoded = tokenise(tokenizer, splits, config.data.max_length, task)
+    depth = auto_share(sum(len(ids) for ids in encoded.ids["train"]))  # lora.layers auto, decided once
     if distributed.is_main():
-        estimate.announce(planned_work(model, encoded, config), choice.precision)
+        estimate.announce(planned_work(model, encoded, config, depth), choice.precision)
     with timings("feature_layer"):
-        zero_shot, layer = cut_at_feature_layer(config, model, tokenizer, encoded, task, choice, start)
+        zero_shot, layer = cut_at_feature_layer(config, model, tokenizer, encoded, task, choice, start, depth)
     if layer.choice is not None and distributed.is_main():
         checkpoints.save_layer(out, layer.choice.info())  # a resumed run cuts where this one did
-    model, top_layers = adapt(model, config)
+    model, top_layers = adapt(model, config, depth)
     backend = backends.choose(
         model,
         tokenizer,
@@ -172,6 +180,7 @@ def _run(
         info["lexical"] = None if lexical is None else {"weight": lexical.weight, **lexical.info}
         info["data_in_memory"] = save_memory_copies(out, memory)
         info.update(head_input_info(layer, zero_shot))
+        info["lora_layers"] = {"adapted": top_layers, "setting": config.lora.layers, "auto_share": depth}
         if lexical is not None and lexical.weight > 0:
             lexical.save(out / runfolder.LEXICAL)
         save_run(out, config, trainer, tokenizer, state, splits, weights, encoded, metrics, probs, info, task)
@@ -349,6 +358,7 @@ def cut_at_feature_layer(
     task: Task,
     choice: ModelChoice,
     start: checkpoints.ResumePoint,
+    depth: float,
 ) -> tuple[torch.Tensor | None, FeatureLayer]:
     """The label words' zero-shot head (None where it does not apply), then the model cut after its
     feature layer (model.feature_layer), which scores that head on the whole model first. A resumed run
@@ -373,27 +383,29 @@ def cut_at_feature_layer(
         seed=config.train.seed,
         recorded=start.layer,
         regression=task.name != SINGLE_LABEL,  # numbers, or multi-hot rows: scored by ridge regression
-        start_of=cache_start_of(model, config),
+        start_of=cache_start_of(model, config, depth),
     )
     use_pooling(model, layer.pooling)  # before anything reads the head's input (cache, probe, training)
     return zero_shot, layer
 
 
-def cache_start_of(model: Any, config: RunConfig) -> Callable[[int], int | None] | None:
+def cache_start_of(model: Any, config: RunConfig, depth: float) -> Callable[[int], int | None] | None:
     """The activation cache's first layer were the model cut after layer L (None for an L where every
-    layer is adapted), where this run will build a cache; None where it will not."""
+    layer is adapted), where this run will build a cache; None where it will not. `depth`: the share of
+    the layers `lora.layers auto` adapts."""
     layers = config.lora.layers
     try:
         if (
             is_encoder(model)
-            or backends.cache_use(top_layers_of(num_layers(model), layers), config.train) != backends.CACHED
+            or backends.cache_use(top_layers_of(num_layers(model), layers, depth), config.train)
+            != backends.CACHED
         ):
             return None
     except LlmclfError:  # not a decoder the cache supports
         return None
 
     def start_of(layer: int) -> int | None:
-        top = top_layers_of(layer, layers)
+        top = top_layers_of(layer, layers, depth)
         return layer - top if top is not None and top < layer else None
 
     return start_of
@@ -408,10 +420,11 @@ def head_input_info(layer: FeatureLayer, zero_shot: torch.Tensor | None) -> dict
     }
 
 
-def adapt(model: Any, config: RunConfig) -> tuple[Any, int | None]:
-    """LoRA on the (possibly cut) model. Returns it and how many top layers LoRA adapts (None: all)."""
+def adapt(model: Any, config: RunConfig, depth: float) -> tuple[Any, int | None]:
+    """LoRA on the (possibly cut) model, `depth` its share of the layers under `lora.layers auto`. Returns
+    it and how many top layers LoRA adapts (None: all)."""
     lc = config.lora
-    top_layers = resolve_top_layers(model, lc.layers)
+    top_layers = resolve_top_layers(model, lc.layers, depth)
     model = add_lora(
         model,
         r=lc.r,
@@ -424,11 +437,11 @@ def adapt(model: Any, config: RunConfig) -> tuple[Any, int | None]:
     return model, top_layers
 
 
-def planned_work(model: Any, encoded: Encoded, config: RunConfig) -> estimate.Work:
+def planned_work(model: Any, encoded: Encoded, config: RunConfig, depth: float) -> estimate.Work:
     """What the run will compute, for the time estimate: base parameters (4-bit ones count as two,
     being packed in pairs), tokens per split, the adapted share of the layers, the layer choice's pass
     (the whole model left uncut: an upper bound)."""
-    top_layers = resolve_top_layers(model, config.lora.layers)
+    top_layers = resolve_top_layers(model, config.lora.layers, depth)
     epochs = config.train.epochs
     parameters = sum(
         p.numel() * (2 if hasattr(p, "quant_state") else 1)
