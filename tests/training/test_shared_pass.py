@@ -131,3 +131,27 @@ def test_the_layer_pass_keeps_states_only_where_the_backend_builds_a_cache(
     assert (start_of is not None) == (expected == "cached")
     if start_of is not None:
         assert start_of(6) == 4 and start_of(2) is None  # cut after layer 6: layers 4-5 adapted
+
+
+def test_auto_depth_adapts_a_short_training_split_deeper_and_the_cache_starts_below_it(
+    tmp_path, monkeypatch, small_csv, six_layers
+):
+    from llmclf.model import anatomy
+
+    assert anatomy.auto_share(100_000) == anatomy.auto_share(10**6) == 0.2  # long splits: the top fifth
+    assert anatomy.auto_share(40_000) == 0.5 and anatomy.auto_share(50_000) == 0.4
+    assert anatomy.auto_share(1) == 0.5  # at most half
+    assert anatomy.top_layers_of(30, "auto", 0.2) == 6 and anatomy.top_layers_of(30, "auto", 0.4) == 12
+    assert anatomy.top_layers_of(30, 4, 0.5) == 4  # a number given stays as given
+
+    def run(name):
+        out = tmp_path / name
+        assert train_tiny(small_csv, six_layers, out, "--feature-layer", "last", "--lexical", "off") == 0
+        return json.loads((out / "run_info.json").read_text())
+
+    short = run("short")  # the small csv: a few hundred tokens, so the top half
+    assert short["lora_layers"]["adapted"] == 3 and short["lora_layers"]["auto_share"] == 0.5
+    assert short["activation_cache"]["start_layer"] == 3
+    monkeypatch.setattr(anatomy, "SHARE_TOKENS", 1)  # as if the split were long: the top fifth
+    long = run("long")
+    assert long["lora_layers"]["adapted"] == 2 and long["activation_cache"]["start_layer"] == 4

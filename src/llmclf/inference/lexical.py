@@ -98,6 +98,10 @@ class LexicalHead:
     info: dict = field(default_factory=dict)
     """How it was fitted and chosen (C, cross-validated score, the validation scores per weight)."""
 
+    def record(self) -> dict:
+        """run_info's record: the mixing weight and what the fit and the validation check found."""
+        return {"weight": self.weight, **self.info}
+
     def log_proba(self, texts: list[str]) -> np.ndarray:
         """(n, labels) log-probabilities of the lexical model alone."""
         if not texts:  # scikit-learn refuses an empty batch

@@ -176,11 +176,9 @@ def _run(
     if main:  # the others wait for its writes when the session ends
         timings.seconds["total"] = time.perf_counter() - started
         info = run_info(config, choice, identity, trainer, train_output, backend, probe, timings, merged)
-        info.update(task_info(task, config))
-        info["lexical"] = None if lexical is None else {"weight": lexical.weight, **lexical.info}
+        info.update(task_info(task, config), lexical=None if lexical is None else lexical.record())
         info["data_in_memory"] = save_memory_copies(out, memory)
-        info.update(head_input_info(layer, zero_shot))
-        info["lora_layers"] = {"adapted": top_layers, "setting": config.lora.layers, "auto_share": depth}
+        info.update(head_input_info(layer, zero_shot), lora_layers=lora_info(top_layers, config, depth))
         if lexical is not None and lexical.weight > 0:
             lexical.save(out / runfolder.LEXICAL)
         save_run(out, config, trainer, tokenizer, state, splits, weights, encoded, metrics, probs, info, task)
@@ -409,6 +407,11 @@ def cache_start_of(model: Any, config: RunConfig, depth: float) -> Callable[[int
         return layer - top if top is not None and top < layer else None
 
     return start_of
+
+
+def lora_info(top_layers: int | None, config: RunConfig, depth: float) -> dict:
+    """run_info's record of the layers LoRA adapted (None: all) and the share `lora.layers auto` chose."""
+    return {"adapted": top_layers, "setting": config.lora.layers, "auto_share": depth}
 
 
 def head_input_info(layer: FeatureLayer, zero_shot: torch.Tensor | None) -> dict:
