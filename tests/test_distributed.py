@@ -266,7 +266,7 @@ LAYER_PASS = textwrap.dedent(
         rng = np.random.default_rng(0)
         ids = [rng.integers(5, 200, size=int(rng.integers(3, 12))).tolist() for _ in range(41)]
         encoded = Encoded({"train": ids}, {"train": [i % 2 for i in range(41)]}, {}, {})
-        choice, _ = feature_layer._choose_layer(model, encoded, [2, 4], 0, "fp32", 8, 7)
+        choice, _, _ = feature_layer._choose_layer(model, encoded, [2, 4], 0, "fp32", 8, 7)
         rank = distributed.rank()
     np.save(f"{out}/states-{rank}.npy", kept["states"])
     with open(f"{out}/choice-{rank}.json", "w") as f:

@@ -155,3 +155,40 @@ def test_auto_depth_adapts_a_short_training_split_deeper_and_the_cache_starts_be
     monkeypatch.setattr(anatomy, "SHARE_TOKENS", 1)  # as if the split were long: the top fifth
     long = run("long")
     assert long["lora_layers"]["adapted"] == 2 and long["activation_cache"]["start_layer"] == 4
+
+
+def test_the_probe_is_fitted_on_the_layer_pass_features_without_running_the_layers_again(
+    six_layers, small_csv, tmp_path, monkeypatch
+):
+    from llmclf.training import backend, feature_layer
+
+    real_choose = feature_layer._choose_layer
+    ran: list[int] = []
+    real_features = backend.CachedBackend.features
+
+    def counted(self, ids, rows):
+        ran.append(len(ids))
+        return real_features(self, ids, rows)
+
+    monkeypatch.setattr(backend.CachedBackend, "features", counted)
+    args = ("--lora-layers", "2", "--lexical", "off")
+    shared = tmp_path / "shared"
+    assert train_tiny(small_csv, six_layers, shared, *args) == 0
+    assert ran == []  # every training text was in the layer pass: its features were taken
+
+    def without_features(*a, **k):
+        choice, lower, _ = real_choose(*a, **k)
+        return choice, lower, None
+
+    monkeypatch.setattr(feature_layer, "_choose_layer", without_features)
+    alone = tmp_path / "alone"
+    assert train_tiny(small_csv, six_layers, alone, *args) == 0
+    counts = json.loads((alone / "data_summary.json").read_text())["counts"]
+    assert ran == [sum(counts["train"].values())]  # the cache's top layers ran over the training split
+    info = {run.name: json.loads((run / "run_info.json").read_text()) for run in (shared, alone)}
+    assert info["shared"]["feature_layer"] == info["alone"]["feature_layer"]
+    # fp32, but the cache holds bf16 states: the two ways' features differ by that rounding
+    for key in ("train_accuracy", "cv_log_loss", "temperature"):
+        assert info["shared"]["probe"][key] == pytest.approx(info["alone"]["probe"][key], rel=1e-2, abs=1e-3)
+    np.testing.assert_allclose(_probs(shared), _probs(alone), atol=5e-3)
+    assert (_probs(shared).argmax(1) == _probs(alone).argmax(1)).all()

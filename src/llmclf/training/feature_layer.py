@@ -47,6 +47,9 @@ class FeatureLayer:
     """What the head reads of the layer's output (model.pooling resolved): `last` or `mean`."""
     lower: LowerStates | None = None
     """The activation cache's states of the texts the step ran (training sample, test), kept for it."""
+    train_features: np.ndarray | None = None
+    """(train, hidden): the head's input for every training text, in order, where the layer pass ran
+    them all (one process): the probe is fitted on these instead of running the layers again."""
 
     def take_lower(self) -> LowerStates | None:
         """`lower`, handed over once: the cache takes the states, so they are not held twice."""
@@ -96,14 +99,14 @@ def pick_feature_layer(
             probs, lower = _zero_shot_probs(model, encoded, zero_shot, precision, pad_id, batch_size, start)
         return FeatureLayer(None, probs, fixed, lower)
     total = num_layers(model)
-    lower = None
+    lower = features = None
     if setting == "auto":
         if recorded is not None:
             choice = recorded_choice(recorded, total, candidates, pooling)
             log.info("Reusing the feature layer chosen by the interrupted run (layer %d).", choice.layer)
         else:
             poolings = tuple(POOLINGS) if pooling == "auto" else (pooling,)
-            choice, lower = _choose_layer(
+            choice, lower, features = _choose_layer(
                 model,
                 encoded,
                 candidates,
@@ -130,7 +133,7 @@ def pick_feature_layer(
             lower = LowerStates(tested.start, {**sampled, **tested.rows})
     removed = truncate(model, choice.layer)
     log.info("%s", describe(choice, removed))
-    return FeatureLayer(choice, probs, choice.pooling, lower)
+    return FeatureLayer(choice, probs, choice.pooling, lower, features)
 
 
 def _zero_shot_probs(
@@ -169,11 +172,12 @@ def _choose_layer(
     regression: bool = False,
     poolings: tuple[str, ...] = ("last",),
     start_of: Callable[[int], int | None] | None = None,
-) -> tuple[LayerChoice, LowerStates | None]:
+) -> tuple[LayerChoice, LowerStates | None, np.ndarray | None]:
     """Score the candidates (each layer, pooled each way) on a sample of the training texts. Under a
     launcher each process runs its share of the texts and all of them score the gathered states, so every
     process cuts at one layer. With `start_of`, the pass also keeps the sample's states at each
-    candidate's cache start, and returns those of the chosen one."""
+    candidate's cache start, and returns those of the chosen one. Also returns the chosen layer and
+    pooling's states of every training text where the sample is all of them, in one process (else None)."""
     labels = np.asarray(encoded.labels["train"])
     if labels.ndim == 2:  # multi-hot rows (multi-label): sampled by each text's first label
         strata = labels.argmax(axis=1)
@@ -197,11 +201,14 @@ def _choose_layer(
     choice = choose(
         states, labels[rows], candidates, num_layers(model), regression=regression, poolings=poolings
     )
+    whole = world == 1 and len(rows) == len(labels)  # rows: sorted, so in training order
+    at = list(poolings).index(choice.pooling) * len(candidates) + candidates.index(choice.layer)
+    features = states[at].copy() if whole else None  # a copy: the other layers' states are let go
     start = start_of(choice.layer) if start_of is not None else None
     if not keep or start not in keep:
-        return choice, None
+        return choice, None, features
     cache_rows = [encoded.rows["train"][i] for i in rows]
-    return choice, LowerStates(start, dict(zip(cache_rows, keep[start])))
+    return choice, LowerStates(start, dict(zip(cache_rows, keep[start]))), features
 
 
 def _starts_to_keep(

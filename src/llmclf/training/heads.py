@@ -61,9 +61,17 @@ def evaluate_before(
     return before
 
 
-def fit_probe(backend: Backend, encoded: Encoded, weights: list[float] | None, seed: int, task: Task) -> dict:
-    """Start the head from a linear probe on the frozen features instead of from random weights."""
-    features = backend.features(encoded.ids["train"], encoded.rows["train"])
+def fit_probe(
+    backend: Backend,
+    encoded: Encoded,
+    weights: list[float] | None,
+    seed: int,
+    task: Task,
+    known: np.ndarray | None = None,
+) -> dict:
+    """Start the head from a linear probe on the frozen features instead of from random weights.
+    `known`: the training texts' features where the layer choice's pass computed them all."""
+    features = known if known is not None else backend.features(encoded.ids["train"], encoded.rows["train"])
     if task.regression:
         return fit_ridge(backend, encoded, features, task)
     if task.multi_label:

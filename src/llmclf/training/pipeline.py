@@ -154,7 +154,7 @@ def _run(
     probe = None
     if tc.head_init == "probe":
         with timings("probe"):
-            probe = fit_probe(backend, encoded, weights, tc.seed, task)
+            probe = fit_probe(backend, encoded, weights, tc.seed, task, layer.train_features)
         runtime.release_memory()  # the features and scikit-learn's copies of them
     with timings("train"):
         train_output = fine_tune(backend, trainer, start.checkpoint)
