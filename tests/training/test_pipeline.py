@@ -198,7 +198,7 @@ def test_the_python_api_trains_like_the_command_and_prints_nothing(tmp_path, tin
 
 
 def test_a_lone_fingerprint_of_a_failed_run_does_not_block_the_retry(tmp_path):
-    from llmclf.training.pipeline import prepare_output
+    from llmclf.training.data_steps import prepare_output
 
     run = tmp_path / "run"
     run.mkdir()

@@ -120,7 +120,7 @@ def test_the_layer_pass_keeps_states_only_where_the_backend_builds_a_cache(
     from llmclf import distributed
     from llmclf.config import load_config
     from llmclf.training import backend, fsdp
-    from llmclf.training.pipeline import cache_start_of
+    from llmclf.training.model_steps import cache_start_of
 
     monkeypatch.setattr(distributed, "world_size", lambda: world)
     monkeypatch.setattr(fsdp, "requested", lambda: fsdp_on)
@@ -192,3 +192,12 @@ def test_the_probe_is_fitted_on_the_layer_pass_features_without_running_the_laye
         assert info["shared"]["probe"][key] == pytest.approx(info["alone"]["probe"][key], rel=1e-2, abs=1e-3)
     np.testing.assert_allclose(_probs(shared), _probs(alone), atol=5e-3)
     assert (_probs(shared).argmax(1) == _probs(alone).argmax(1)).all()
+
+
+def test_the_layer_pass_features_are_handed_over_once():
+    from llmclf.training.feature_layer import FeatureLayer
+
+    features = np.ones((3, 4), dtype=np.float32)
+    layer = FeatureLayer(None, train_features=features)
+    assert layer.take_train_features() is features
+    assert layer.take_train_features() is None and layer.train_features is None  # not held past the probe

@@ -56,6 +56,11 @@ class FeatureLayer:
         lower, self.lower = self.lower, None
         return lower
 
+    def take_train_features(self) -> np.ndarray | None:
+        """`train_features`, handed over once: not held past the probe step."""
+        features, self.train_features = self.train_features, None
+        return features
+
 
 def pick_feature_layer(
     setting: int | str,
