@@ -345,3 +345,37 @@ def test_importing_llmclf_caps_the_kernel_caches_unless_the_user_set_them(preset
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
     ).stdout
     assert out.split() == ["64", preset or "64"]
+
+
+def test_the_probe_and_lexical_fits_run_blas_on_one_thread(monkeypatch):
+    """scikit-learn's fits on a run's small matrices run with BLAS on one thread, whatever the process
+    uses elsewhere, and the process's own setting is back afterwards."""
+    from sklearn.linear_model import LogisticRegressionCV
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from llmclf.inference.lexical import fit_lexical
+    from llmclf.training.probe import _fit
+
+    def blas_threads() -> set[int]:
+        return {d["num_threads"] for d in threadpool_info() if d["user_api"] == "blas"}
+
+    seen: list[set[int]] = []
+    real = LogisticRegressionCV.fit
+
+    def spy(self, *args, **kwargs):
+        seen.append(blas_threads())
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(LogisticRegressionCV, "fit", spy)
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1, 2], 10)
+    x = rng.normal(size=(30, 8)) + y[:, None]
+    texts = [f"{['red', 'green', 'blue'][k]} thing number {i}" for i, k in enumerate(y)]
+    with threadpool_limits(limits=2, user_api="blas"):
+        outside = blas_threads()
+        if outside != {2}:
+            pytest.skip(f"BLAS cannot be set to two threads here ({outside})")
+        _fit(x, y, None, False, 0)
+        fit_lexical(texts, y.tolist(), 3, None, 0)
+        assert blas_threads() == {2}  # restored
+    assert seen == [{1}, {1}]

@@ -44,6 +44,16 @@ def set_threads() -> None:
     torch.set_num_threads(n)
 
 
+@contextlib.contextmanager
+def one_blas_thread() -> Iterator[None]:
+    """BLAS on one thread for scikit-learn's iterative fits on a run's matrices (a few thousand rows):
+    at that size OpenBLAS's threads cost more than they share out (docs/performance.md)."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
+
+
 LIBRARY_LOGGERS = ("transformers", "peft", "bitsandbytes", "accelerate", "huggingface_hub")
 """Loggers whose records `library_output_to_log` routes to llmclf's log while a model loads."""
 _verbose_libraries = False  # set by quiet_libraries(verbose=True): the command line's --verbose

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 from scipy.special import log_softmax
 
+from llmclf import runtime
 from llmclf.errors import LlmclfError
 from llmclf.runfolder import atomic_write, write_json
 
@@ -237,12 +238,13 @@ def fit_lexical(
             max_iter=3000,
             random_state=seed,
         )
-        with warnings.catch_warnings():  # scikit-learn 1.9 announces changes to this class's defaults
+        with warnings.catch_warnings(), runtime.one_blas_thread():  # 1.9 announces changes to its defaults
             warnings.simplefilter("ignore", FutureWarning)
             lr.fit(x, y)
         info["C"] = float(np.ravel(lr.C_)[0])
     else:  # a class with one training text: no folds to choose C on
-        lr = LogisticRegression(C=10.0, class_weight=weight, max_iter=3000).fit(x, y)
+        with runtime.one_blas_thread():
+            lr = LogisticRegression(C=10.0, class_weight=weight, max_iter=3000).fit(x, y)
         info["C"] = 10.0
     coef = np.zeros((num_labels, x.shape[1]), dtype=np.float32)
     intercept = np.full(num_labels, -30.0, dtype=np.float32)  # a label absent from training: never likely

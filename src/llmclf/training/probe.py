@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from llmclf import runtime
 from llmclf.inference.lexical import sklearn_class_weight
 from llmclf.model.anatomy import trainable_head
 from llmclf.training import fsdp
@@ -137,7 +138,7 @@ def _fit(x: np.ndarray, y: np.ndarray, class_weights: list[float] | None, interc
         )
     else:
         probe = LogisticRegression(C=1e-3, max_iter=2000, fit_intercept=intercept, class_weight=weight)
-    with warnings.catch_warnings():  # scikit-learn 1.9 announces changes to these classes' defaults
+    with warnings.catch_warnings(), runtime.one_blas_thread():  # 1.9 announces changes to their defaults
         warnings.simplefilter("ignore", FutureWarning)
         return probe.fit(x, y)
 
