@@ -613,3 +613,25 @@ def test_nesting_depth_is_counted_outside_strings_only():
     assert not too_deep(b"[" * MAX_JSON_DEPTH + b"]" * MAX_JSON_DEPTH)
     assert too_deep(b"[" * (MAX_JSON_DEPTH + 1) + b"]" * (MAX_JSON_DEPTH + 1))
     assert too_deep(b'{"a": ' * 70 + b"1" + b"}" * 70)
+
+
+def test_the_server_loads_the_model_in_a_thread_that_ends_before_serving(monkeypatch, tmp_path):
+    """The batcher thread must be the only one whose OpenMP team computes: the load runs in a thread of
+    its own, which is gone before the server starts, and its errors reach the caller as they are."""
+    from llmclf.serve import app as serve_app
+
+    class Loaded(Exception):
+        pass
+
+    seen: list[tuple[bool, str]] = []
+
+    def load(path, **kwargs):
+        thread = threading.current_thread()
+        seen.append((thread is threading.main_thread(), thread.name))
+        raise Loaded(path)
+
+    monkeypatch.setattr(Classifier, "load", load)
+    with pytest.raises(Loaded):
+        serve_app.run_server(str(tmp_path), serve_app.ServeOptions(), quiet=True)
+    assert len(seen) == 1 and seen[0][0] is False and seen[0][1].startswith("llmclf-load")
+    assert not [t for t in threading.enumerate() if t.name.startswith("llmclf-load")]  # ended with the load

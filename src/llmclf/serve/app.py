@@ -509,6 +509,17 @@ def _add_status_routes(app: FastAPI, service: Service, options: ServeOptions) ->
         }
 
 
+def load_off_main_thread(path: str, loading: dict) -> Any:
+    """`Classifier.load` in a thread of its own that ends with it. torch's OpenMP threads belong to the
+    thread that starts a parallel region: had the main thread loaded (its matmuls and weight packing),
+    its idle team would share the cores with the batcher thread's, and libgomp then sleeps between
+    parallel regions instead of spinning: passes 2x slower on 2 cores (docs/serving.md)."""
+    from llmclf.inference.classifier import Classifier
+
+    with ThreadPoolExecutor(1, thread_name_prefix="llmclf-load") as pool:
+        return pool.submit(Classifier.load, path, **loading).result()
+
+
 def run_server(
     run_dir: str,
     options: ServeOptions,
@@ -521,12 +532,10 @@ def run_server(
     SIGTERM/SIGINT, drain, return 0."""
     import uvicorn
 
-    from llmclf.inference.classifier import Classifier
-
     path = os.path.realpath(os.path.expanduser(run_dir))
     if not quiet:
         print(f"Loading classifier from {path} ...", file=sys.stderr, flush=True)
-    clf = Classifier.load(path, **(loading or {}))
+    clf = load_off_main_thread(path, loading or {})
     options.max_length = options.max_length or clf.max_length
     predictor = ClassifierPredictor(clf, options.max_length, options.pass_overhead_tokens)
     app = create_app(clf.labels, predictor, options)
