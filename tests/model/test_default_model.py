@@ -96,9 +96,12 @@ def test_train_reload_and_export_on_the_default_model(tmp_path):
         [sys.executable, "-c", script, json.dumps(preds["text"].tolist())], check=True, timeout=600
     )
     got = json.loads((tmp_path / "p.json").read_text())
-    np.testing.assert_allclose(got["reloaded"], expected, atol=1e-5)  # computes as training did
+    precision = json.loads((run / "run_info.json").read_text())["precision"]
+    # Computes as training did: exactly in fp32; in bf16 to the rounding of a batch of another make-up,
+    # which AMX kernels (Intel Xeon) round by shape, up to 6e-2 (docs/performance.md), AVX-512 ones not.
+    np.testing.assert_allclose(got["reloaded"], expected, atol=1e-5 if precision == "fp32" else 1e-2)
     # `auto` is bf16 on a CPU with native bf16: the export is then bf16 weights with LoRA merged in
     # (rounded), run by plain transformers in bf16 without autocast: agreement to bf16's 3 digits.
-    precision = json.loads((run / "run_info.json").read_text())["precision"]
-    # The export is the model part alone (the lexical part stays with llmclf).
-    np.testing.assert_allclose(got["exported"], got["model"], atol=1e-4 if precision == "fp32" else 4e-3)
+    # The export is the model part alone (the lexical part stays with llmclf). bf16 kernels round by
+    # CPU: 4e-3 apart on an AMD EPYC, 5.8e-3 on an Intel Xeon with AMX (whose own batch noise is 6e-2).
+    np.testing.assert_allclose(got["exported"], got["model"], atol=1e-4 if precision == "fp32" else 1e-2)
