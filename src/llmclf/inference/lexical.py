@@ -238,14 +238,12 @@ def fit_lexical(
             max_iter=3000,
             random_state=seed,
         )
-        with warnings.catch_warnings(), runtime.one_blas_thread():  # 1.9 announces changes to its defaults
-            warnings.simplefilter("ignore", FutureWarning)
-            lr.fit(x, y)
-        info["C"] = float(np.ravel(lr.C_)[0])
     else:  # a class with one training text: no folds to choose C on
-        with runtime.one_blas_thread():
-            lr = LogisticRegression(C=10.0, class_weight=weight, max_iter=3000).fit(x, y)
-        info["C"] = 10.0
+        lr = LogisticRegression(C=10.0, class_weight=weight, max_iter=3000)
+    with warnings.catch_warnings(), runtime.one_blas_thread():  # 1.9 announces changes to their defaults
+        warnings.simplefilter("ignore", FutureWarning)
+        lr.fit(x, y)
+    info["C"] = float(np.ravel(lr.C_)[0]) if folds >= 2 else 10.0
     coef = np.zeros((num_labels, x.shape[1]), dtype=np.float32)
     intercept = np.full(num_labels, -30.0, dtype=np.float32)  # a label absent from training: never likely
     if lr.coef_.shape[0] == 1:  # binary: sklearn keeps one vector for p(class 1) = sigmoid(w.x + b)
